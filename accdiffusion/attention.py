@@ -1,0 +1,145 @@
+"""Record per-token cross-attention maps during the first pass.
+
+A recorder attaches to the ``attn2`` modules of a UNet (ldm / sgm ``CrossAttention``: ``to_q``,
+``to_k``, ``heads``, called with ``context=``) by setting an instance-level ``forward``. The
+wrapper resolves the class ``forward`` at call time, so the WebUI's class-level swaps (SDP,
+xformers, sub-quadratic) still run, and it only reads: outputs are untouched.
+
+Only layers whose query length equals the chosen grid (gh·gw) are kept; softmax(QKᵀ/√d) is
+averaged over heads and added into a running per-image, per-token sum: memory is
+images × tokens × gh·gw, whatever the number of steps and layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+_NO_INSTANCE_FORWARD = object()
+
+
+def is_cross_attention(module: nn.Module) -> bool:
+    return all(hasattr(module, name) for name in ("to_q", "to_k", "heads"))
+
+
+def find_cross_attention(unet: nn.Module) -> list[nn.Module]:
+    """Every ``attn2`` (cross-attention) module of a UNet, in module order."""
+    return [m for name, m in unet.named_modules()
+            if name.split(".")[-1] == "attn2" and is_cross_attention(m)]
+
+
+def downsampled_size(length: int, factor: int) -> int:
+    """Size after the UNet's stride-2 downsamplings (each rounds up, like a 3×3 conv with pad 1)."""
+    for _ in range(int(round(math.log2(factor)))):
+        length = (length + 1) // 2
+    return length
+
+
+class AttentionRecorder:
+    """Running per-token attention sums for the positive-prompt rows of one generation job.
+
+    ``row_images`` must be set before each UNet call: for every batch row, the index of the image
+    whose positive prompt it carries, or None (negative prompt, AND sub-prompt, ...). Rows marked
+    None are not recorded.
+    """
+
+    def __init__(self, latent_size: tuple[int, int], num_images: int, downsample: int = 4):
+        self.grid = (downsampled_size(latent_size[0], downsample), downsampled_size(latent_size[1], downsample))
+        self.num_images = num_images
+        self.row_images: Sequence[int | None] = ()
+        self.sums: torch.Tensor | None = None  # [images, tokens, gh*gw], float32
+        self.counts = torch.zeros(num_images, dtype=torch.long)
+        self._attached: list[tuple[nn.Module, Any]] = []
+
+    # --- attach / detach ----------------------------------------------------------------------
+    def attach(self, modules: Iterable[nn.Module]) -> "AttentionRecorder":
+        for module in modules:
+            previous = module.__dict__.get("forward", _NO_INSTANCE_FORWARD)
+            self._attached.append((module, previous))
+            module.forward = self._make_forward(module, previous)
+        return self
+
+    def detach(self) -> None:
+        """Leave every module exactly as it was (including someone else's instance forward)."""
+        while self._attached:
+            module, previous = self._attached.pop()
+            if previous is _NO_INSTANCE_FORWARD:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+
+    def __enter__(self) -> "AttentionRecorder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._attached)
+
+    def _make_forward(self, module: nn.Module, previous: Any):
+        recorder = self
+
+        def forward(*args: Any, **kwargs: Any):
+            # ldm/sgm call attn2(x, context=...); diffusers passes encoder_hidden_states
+            x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+            context = kwargs.get("context", kwargs.get("encoder_hidden_states"))
+            if context is None and len(args) > 1:
+                context = args[1]
+            if (context is not None and x is not None and x.ndim == 3
+                    and x.shape[1] == recorder.grid[0] * recorder.grid[1]):
+                recorder.observe(module, x, context)
+            if previous is not _NO_INSTANCE_FORWARD:
+                return previous(*args, **kwargs)
+            return type(module).forward(module, *args, **kwargs)
+
+        return forward
+
+    # --- recording ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, module: nn.Module, x: torch.Tensor, context: torch.Tensor) -> None:
+        rows = [(r, img) for r, img in enumerate(self.row_images)
+                if img is not None and r < x.shape[0]]
+        if not rows:
+            return
+        index = torch.tensor([r for r, _ in rows], device=x.device)
+        q = module.to_q(x.index_select(0, index)).float()
+        k = module.to_k(context.index_select(0, index)).float()
+        heads = module.heads
+        b, n, inner = q.shape
+        dim_head = inner // heads
+        q = q.view(b, n, heads, dim_head).transpose(1, 2)
+        k = k.view(b, k.shape[1], heads, dim_head).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * dim_head ** -0.5, dim=-1)  # [b, h, n, m]
+        token_maps = probs.mean(dim=1).transpose(1, 2).cpu()  # [b, m, n]
+        self._accumulate([img for _, img in rows], token_maps)
+
+    def _accumulate(self, images: list[int], token_maps: torch.Tensor) -> None:
+        tokens = token_maps.shape[1]
+        if self.sums is None:
+            self.sums = torch.zeros(self.num_images, tokens, token_maps.shape[2])
+        elif self.sums.shape[1] < tokens:  # a longer context than seen so far (prompt editing)
+            grown = torch.zeros(self.num_images, tokens, self.sums.shape[2])
+            grown[:, : self.sums.shape[1]] = self.sums
+            self.sums = grown
+        for row, img in enumerate(images):
+            self.sums[img, :tokens] += token_maps[row]
+            self.counts[img] += 1
+
+    # --- results ------------------------------------------------------------------------------
+    def maps(self, image: int) -> torch.Tensor | None:
+        """[tokens, gh, gw] mean attention of one image, or None if nothing was recorded."""
+        if self.sums is None or self.counts[image] == 0:
+            return None
+        return (self.sums[image] / self.counts[image]).view(-1, *self.grid)
+
+    def nbytes(self) -> int:
+        return 0 if self.sums is None else self.sums.numel() * self.sums.element_size()
+
+    def clear(self) -> None:
+        self.sums = None
+        self.counts.zero_()

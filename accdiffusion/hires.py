@@ -1,0 +1,294 @@
+"""The progressive hires pass: stages, the fused denoiser, skip residual, latent helpers, decode.
+
+The denoiser hooks the sampler at the denoised (x0) output, which every k-diffusion sampler —
+first or second order, ancestral or not — turns into its next state the same way. It fuses
+  local  : overlapping windows, each with its own tile prompt, averaged (MultiDiffusion);
+  dilated: sub-latents x[..., i::s, j::s] of a blurred copy, shuffled position-wise by a seeded
+           bijection (window interaction), denoised, un-shuffled; the prediction is re-expressed
+           against the unblurred latent, i.e. denoised = D(x_blur) + (x − x_blur);
+mixed as (1 − c2)·local + c2·dilated. The skip residual changes the sampler's own state in place
+(see :meth:`StageDenoiser.skip_residual_`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from .dilated import (blur_restandardised, gather_sublatents, scatter_sublatents, seeded_generator,
+                      shuffle_sublatents, unshuffle_sublatents, window_permutation)
+from .schedule import SigmaToT, StepFactors, step_factors, timestep_of
+from .settings import AccDiffusionSettings
+from .tiles import Window, window_grid
+
+C = TypeVar("C")  # a host's per-row conditioning
+# (x [N, C, h, w], sigma [N], one conditioning per row) -> denoised x0 [N, C, h, w]
+RowModel = Callable[[torch.Tensor, torch.Tensor, Sequence[Any]], torch.Tensor]
+
+
+class AccDiffusionError(RuntimeError):
+    """A problem the user can act on; the message says what to change."""
+
+
+# --- stages ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    index: int  # 1 for the first hires stage
+    scale: float  # relative to the first pass
+    size: tuple[int, int]  # latent (H, W)
+    dilation: int  # s: the dilated branch takes s² sub-latents
+
+
+def dilation_for(scale: float) -> int:
+    """s for a stage: sub-latents of at most ~1.25× the first-pass size (s = ⌈scale − ¼⌉, at
+    least 2), so 1.5× → 2, 2× → 2, 2.5× → 3, 3× → 3, 4× → 4."""
+    return max(2, math.ceil(scale - 0.25))
+
+
+def plan_stages(base: tuple[int, int], target: tuple[int, int], progressive: bool = True) -> list[Stage]:
+    """Stages from the first-pass latent size to the target. Progressive: every whole multiple of
+    the base (2×, 3×, …) at least ½ below the target scale, then the target itself; so 4× runs
+    2×, 3×, 4×; 2.5× runs 2×, 2.5×; 1.5× and 2.2× run one stage."""
+    h, w = base
+    th, tw = target
+    if min(h, w, th, tw) <= 0:
+        raise AccDiffusionError(f"AccDiffusion: invalid sizes {base} → {target}")
+    scale = max(th / h, tw / w)
+    if scale <= 1.0:
+        raise AccDiffusionError(
+            f"AccDiffusion: the hires size ({tw * 8}×{th * 8}) must be larger than the first pass "
+            f"({w * 8}×{h * 8}); raise 'Upscale by' above 1")
+    scales = [float(k) for k in range(2, math.floor(scale) + 1) if scale - k >= 0.5] if progressive else []
+    scales.append(scale)
+    stages = []
+    for i, k in enumerate(scales, start=1):
+        size = (th, tw) if i == len(scales) else (round(th * k / scale), round(tw * k / scale))
+        stages.append(Stage(index=i, scale=k, size=size, dilation=dilation_for(k)))
+    return stages
+
+
+def stage_windows(stage: Stage, base: tuple[int, int], settings: AccDiffusionSettings) -> list[Window]:
+    """The exact local windows of a stage: ``window_size`` (0 = the first-pass latent size) and
+    ``stride`` (0 = half the window, per side)."""
+    win = (settings.window_size, settings.window_size) if settings.window_size else base
+    win = (min(win[0], stage.size[0]), min(win[1], stage.size[1]))
+    if settings.stride:
+        stride = (min(settings.stride, win[0]), min(settings.stride, win[1]))
+    else:
+        stride = (max(1, win[0] // 2), max(1, win[1] // 2))
+    return window_grid(stage.size[0], stage.size[1], win, stride)
+
+
+# --- latent helpers ----------------------------------------------------------------------------
+def upscale_latent(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(x.float(), size=size, mode=mode, **kwargs).to(x.dtype)
+
+
+def latent_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image mean and std, shaped to broadcast over [B, C, H, W]."""
+    dims = tuple(range(1, x.ndim))
+    return x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
+
+
+def restandardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Give x (per image) the given mean/std: upscaling smooths the latent and lowers its
+    variance, which the next stage's sampler would read as missing signal."""
+    x_mean, x_std = latent_stats(x)
+    return (x - x_mean) / x_std.clamp_min(1e-8) * std + mean
+
+
+# --- the fused denoiser ----------------------------------------------------------------------
+@dataclass
+class StageStats:
+    unet_calls: int = 0
+    window_evals: int = 0  # per-row window / sub-latent evaluations
+    latent_pixels: int = 0
+    steps: int = 0
+
+
+@dataclass
+class StageDenoiser(Generic[C]):
+    """Everything one stage needs; call it from the host's wrapped model."""
+    stage: Stage
+    windows: list[Window]
+    settings: AccDiffusionSettings
+    seed: int
+    sigma_to_t: SigmaToT
+    size_multiple: int = 8  # sub-latents padded to a size the UNet accepts
+    reference: torch.Tensor | None = None  # upscaled previous latent (clean), [B, C, H, W]
+    noise: torch.Tensor | None = None  # the stage's starting noise, [B, C, H, W]
+    stats: StageStats = field(default_factory=StageStats)
+    _step_of_sigma: dict[float, int] = field(default_factory=dict)
+
+    def factors(self, sigma: torch.Tensor | float) -> StepFactors:
+        s = self.settings
+        return step_factors(timestep_of(sigma, self.sigma_to_t),
+                            s.cosine_scale_1, s.cosine_scale_2, s.cosine_scale_3)
+
+    def step_index(self, sigma: torch.Tensor | float) -> int:
+        """Index of a sigma in the order first seen: every call at the same noise level (cond and
+        uncond split, AND prompts) shares the step's permutation."""
+        key = round(float(torch.as_tensor(sigma).reshape(-1)[0]), 6)
+        if key not in self._step_of_sigma:
+            self._step_of_sigma[key] = len(self._step_of_sigma)
+            self.stats.steps += 1
+        return self._step_of_sigma[key]
+
+    @torch.no_grad()
+    def skip_residual_(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """x ← (1 − c1)·x + c1·(reference + σ·noise), in place on the sampler's own tensor, so
+        the state it continues from changes, not only a copy the model sees."""
+        if not self.settings.skip_residual or self.reference is None or self.noise is None:
+            return x
+        sigma_value = float(torch.as_tensor(sigma).reshape(-1)[0])
+        c1 = self.factors(sigma_value).c1
+        renoised = self.reference.to(x) + self.noise.to(x) * sigma_value
+        x.mul_(1.0 - c1).add_(renoised, alpha=c1)
+        return x
+
+    def __call__(self, model: RowModel, x: torch.Tensor, sigma: torch.Tensor, row_conds: Sequence[C],
+                 row_tile_conds: Sequence[Sequence[C] | None] | None = None) -> torch.Tensor:
+        """Fused denoised latent for the rows of x (any mix of cond/uncond/AND rows).
+        ``row_tile_conds[r]`` holds one conditioning per window for row r, or None to use
+        ``row_conds[r]`` in every window."""
+        if x.shape[-2:] != torch.Size(self.stage.size):
+            raise AccDiffusionError(
+                f"AccDiffusion: latent {tuple(x.shape[-2:])} does not match stage size {self.stage.size}")
+        sigma = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma
+        row_tile_conds = row_tile_conds or [None] * x.shape[0]
+        local = self._local(model, x, sigma, row_conds, row_tile_conds)
+        if not self.settings.dilated_sampling:
+            return local
+        factors = self.factors(sigma[0])
+        dilated = self._dilated(model, x, sigma, row_conds, factors, self.step_index(sigma[0]))
+        return torch.lerp(local, dilated, factors.c2)
+
+    def _run(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any],
+             rows_per_item: int) -> torch.Tensor:
+        """Evaluate items in chunks of ``tile_batch_size`` windows (× rows)."""
+        chunk = self.settings.tile_batch_size * rows_per_item
+        outs = []
+        for start in range(0, xs.shape[0], chunk):
+            part = slice(start, start + chunk)
+            outs.append(model(xs[part], sigmas[part], conds[part]))
+            self.stats.unet_calls += 1
+            self.stats.window_evals += xs[part].shape[0]
+            self.stats.latent_pixels += xs[part].shape[0] * xs.shape[-2] * xs.shape[-1]
+        return torch.cat(outs)
+
+    def _local(self, model: RowModel, x: torch.Tensor, sigma: torch.Tensor, row_conds: Sequence[C],
+               row_tile_conds: Sequence[Sequence[C] | None]) -> torch.Tensor:
+        rows = x.shape[0]
+        total = torch.zeros_like(x)
+        count = x.new_zeros(x.shape[-2:])
+        # windows of one size are batched together (edge windows of a smaller latent may differ)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, win in enumerate(self.windows):
+            by_size.setdefault((win.height, win.width), []).append(i)
+        for indices in by_size.values():
+            xs = torch.cat([x[(..., *self.windows[i].slices)] for i in indices])
+            sigmas = sigma.repeat(len(indices))
+            conds = [row_tile_conds[r][i] if row_tile_conds[r] is not None else row_conds[r]
+                     for i in indices for r in range(rows)]
+            out = self._run(model, xs, sigmas, conds, rows)
+            for n, i in enumerate(indices):
+                sl = self.windows[i].slices
+                total[(..., *sl)] += out[n * rows:(n + 1) * rows]
+                count[sl] += 1
+        return total / count
+
+    def _dilated(self, model: RowModel, x: torch.Tensor, sigma: torch.Tensor, row_conds: Sequence[C],
+                 factors: StepFactors, step: int) -> torch.Tensor:
+        s = self.stage.dilation
+        x_blur = blur_restandardised(x, 2 * s - 1, self.settings.sigma * factors.c3)
+        sub = gather_sublatents(x_blur, s, self.size_multiple)  # [R, K, C, h, w]
+        rows, count = sub.shape[:2]
+        perm = None
+        if self.settings.window_interaction:
+            perm = window_permutation(count, sub.shape[-2], sub.shape[-1],
+                                      seeded_generator(self.seed, self.stage.index, step))
+            sub = shuffle_sublatents(sub, perm)
+        xs = sub.transpose(0, 1).reshape(count * rows, *sub.shape[2:])  # item = (k, row)
+        conds = [row_conds[r] for _ in range(count) for r in range(rows)]
+        out = self._run(model, xs, sigma.repeat(count), conds, rows)
+        out = out.reshape(count, rows, *sub.shape[2:]).transpose(0, 1)
+        if perm is not None:
+            out = unshuffle_sublatents(out, perm)
+        denoised_blur = scatter_sublatents(out, s, tuple(x.shape[-2:]))
+        return denoised_blur + (x - x_blur)
+
+
+# --- tiled decode --------------------------------------------------------------------------------
+def should_tile_decode(mode: str, latent_size: tuple[int, int], threshold: int = 128 * 128) -> bool:
+    """auto: tiled once the latent exceeds 128×128 (1024² px), where a full VAE decode starts to
+    need several GB."""
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    return latent_size[0] * latent_size[1] > threshold
+
+
+def _ramp(length: int, overlap: int, fade_start: bool, fade_end: bool) -> torch.Tensor:
+    weight = torch.ones(length)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
+        if fade_start:
+            weight[:overlap] = torch.minimum(weight[:overlap], ramp)
+        if fade_end:
+            weight[-overlap:] = torch.minimum(weight[-overlap:], ramp.flip(0))
+    return weight
+
+
+def tiled_decode(latent: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], tile: int = 64,
+                 overlap: int = 16) -> torch.Tensor:
+    """Decode [B, C, H, W] in overlapping latent tiles and blend them with linear ramps, so peak
+    memory follows the tile, not the image. ``decode`` maps a latent tile to pixels."""
+    h, w = latent.shape[-2:]
+    tile = min(tile, max(h, w))
+    overlap = min(overlap, tile // 2)
+    windows = window_grid(h, w, (tile, tile), (tile - overlap, tile - overlap))
+    out = weight_sum = None
+    factor = None
+    for win in windows:
+        pixels = decode(latent[(..., *win.slices)])
+        if out is None:
+            factor = pixels.shape[-1] // win.width
+            out = pixels.new_zeros(*pixels.shape[:2], h * factor, w * factor)
+            weight_sum = pixels.new_zeros(h * factor, w * factor)
+        f = factor
+        wy = _ramp(win.height * f, overlap * f, win.top > 0, win.top + win.height < h)
+        wx = _ramp(win.width * f, overlap * f, win.left > 0, win.left + win.width < w)
+        weight = (wy[:, None] * wx[None, :]).to(pixels)
+        ys = slice(win.top * f, (win.top + win.height) * f)
+        xs = slice(win.left * f, (win.left + win.width) * f)
+        out[..., ys, xs] += pixels * weight
+        weight_sum[ys, xs] += weight
+    return out / weight_sum
+
+
+# --- prompt encoding cache -----------------------------------------------------------------------
+class EncodeCache(Generic[C]):
+    """Each distinct prompt is encoded once per job, however many tiles or stages use it; the
+    missing ones of a request go to the encoder together."""
+
+    def __init__(self, encode: Callable[[list[str]], Sequence[C]]):
+        self._encode = encode
+        self._cache: dict[str, C] = {}
+        self.encodes = 0
+
+    def get(self, prompts: Sequence[str]) -> list[C]:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            for prompt, cond in zip(missing, self._encode(missing)):
+                self._cache[prompt] = cond
+            self.encodes += len(missing)
+        return [self._cache[p] for p in prompts]
+
+    def clear(self) -> None:
+        self._cache.clear()

@@ -1,0 +1,140 @@
+"""Patch-content-aware prompts (paper §3.3): attention maps → word masks → per-tile prompts.
+
+For each word: pixels above the word's mean attention form its mask (Eq. 5); a morphological
+opening (erode, then dilate; Eq. 7) removes specks; the mask is resized to a stage's latent grid
+and cut with exactly the windows the denoiser uses; the word goes into a tile's prompt when its
+mask covers more than ``c`` of the tile (Eq. 8). A tile whose share test keeps no word gets the
+empty prompt "" — the dilated branch and the skip residual still carry the global content there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tiles import Window
+from .words import Word, compose_prompt
+
+
+def word_maps(token_maps: torch.Tensor, word_positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[tokens, gh, gw] → [words, gh, gw]: a word's map is the mean of its tokens' maps (sub-word
+    pieces merged). A word without positions gets a map of NaN (never thresholded)."""
+    gh, gw = token_maps.shape[-2:]
+    out = torch.full((len(word_positions), gh, gw), float("nan"))
+    for i, positions in enumerate(word_positions):
+        positions = [p for p in positions if p < token_maps.shape[0]]
+        if positions:
+            out[i] = token_maps[positions].float().mean(0)
+    return out
+
+
+def threshold_masks(maps: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: a pixel belongs to a word when its attention is strictly above the word's mean."""
+    mean = maps.mean(dim=(-2, -1), keepdim=True)
+    return maps > mean
+
+
+def opening_iterations(rows: int) -> int:
+    """The reference opens a 32-row map twice (rows // 16); small maps still get one pass."""
+    return max(1, rows // 16)
+
+
+def open_masks(masks: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
+    """Eq. 7: erode then dilate each mask with a 3×3 square (OpenCV), removing specks smaller
+    than the kernel while keeping larger regions' extent."""
+    if iterations is None:
+        iterations = opening_iterations(masks.shape[-2])
+    kernel = np.ones((3, 3), np.uint8)
+    out = []
+    for mask in masks.cpu().numpy().astype(np.uint8):
+        eroded = cv2.erode(mask, kernel, iterations=iterations)
+        out.append(cv2.dilate(eroded, kernel, iterations=iterations))
+    if not out:
+        return masks.bool()
+    return torch.from_numpy(np.stack(out)).bool()
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of [words, h, w] masks to a latent grid (H, W)."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size), dtype=torch.bool)
+    return F.interpolate(masks[None].float(), size=size, mode="nearest")[0] > 0.5
+
+
+def window_shares(masks: torch.Tensor, windows: Sequence[Window]) -> torch.Tensor:
+    """[windows, words]: the share of each window covered by each word's mask (integral image)."""
+    n_words, h, w = masks.shape
+    integral = F.pad(masks.double().cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    shares = torch.empty(len(windows), n_words, dtype=torch.float64)
+    for i, win in enumerate(windows):
+        t, l, b, r = win.top, win.left, win.top + win.height, win.left + win.width
+        area = integral[:, b, r] - integral[:, t, r] - integral[:, b, l] + integral[:, t, l]
+        shares[i] = area / (win.height * win.width)
+    return shares
+
+
+@dataclass(frozen=True)
+class WordMasks:
+    """Opened masks of one image's words at the attention grid; ``located[i]`` is False for a
+    word without a map (kept in every tile)."""
+    masks: torch.Tensor  # [words, gh, gw] bool
+    located: torch.Tensor  # [words] bool
+
+
+def build_word_masks(token_maps: torch.Tensor, word_positions: Sequence[Sequence[int]]) -> WordMasks:
+    maps = word_maps(token_maps, word_positions)
+    located = ~torch.isnan(maps).flatten(1).any(1)
+    masks = open_masks(threshold_masks(torch.nan_to_num(maps, nan=0.0)))
+    return WordMasks(masks=masks, located=located)
+
+
+def tile_keep(word_masks: WordMasks, latent_size: tuple[int, int], windows: Sequence[Window],
+              threshold: float) -> torch.Tensor:
+    """[windows, words] bool: Eq. 8, share > c; words without a map are always kept."""
+    shares = window_shares(resize_masks(word_masks.masks, latent_size), windows)
+    return (shares > threshold) | ~word_masks.located[None, :]
+
+
+def tile_prompts(prompt: str, words: Sequence[Word], keep: torch.Tensor) -> list[str]:
+    """One prompt per window, keeping the kept words in their original order and syntax."""
+    return [compose_prompt(prompt, words, row.tolist()) for row in keep]
+
+
+# --- per image plans ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImagePromptPlan:
+    """The hires prompt of one image, its words, and each word's mask from the first pass.
+
+    When the hires prompt differs from the first-pass prompt, its words are matched by text to the
+    first prompt's words and take their masks; words the first prompt did not have have no map
+    and are kept in every tile."""
+    prompt: str
+    words: list[Word]
+    masks: WordMasks
+
+    @staticmethod
+    def build(first_prompt_words: Sequence[Word], first_word_positions: Sequence[Sequence[int]],
+              token_maps: torch.Tensor, hires_prompt: str, hires_words: Sequence[Word]) -> "ImagePromptPlan":
+        from .words import match_words
+
+        first = build_word_masks(token_maps, first_word_positions)
+        match = match_words(hires_words, first_prompt_words)
+        gh, gw = first.masks.shape[-2:]
+        masks = torch.zeros(len(hires_words), gh, gw, dtype=torch.bool)
+        located = torch.zeros(len(hires_words), dtype=torch.bool)
+        for i, j in enumerate(match):
+            if j is not None:
+                masks[i], located[i] = first.masks[j], first.located[j]
+        return ImagePromptPlan(hires_prompt, list(hires_words), WordMasks(masks, located))
+
+    def tile_prompts(self, latent_size: tuple[int, int], windows: Sequence[Window],
+                     threshold: float) -> list[str]:
+        if not self.words:
+            return [self.prompt] * len(windows)
+        return tile_prompts(self.prompt, self.words,
+                            tile_keep(self.masks, latent_size, windows, threshold))

@@ -1,0 +1,270 @@
+"""A minimal host for the engine: real ldm ``UNetModel`` + real k-diffusion samplers, no WebUI.
+
+The tests and the benchmark drive the engine through it, and it shows an adapter's job in one
+page: record maps in the first pass, build tile conditioning per stage, and wrap the sampler's
+model call (skip residual on the sampler's x, then the fused denoiser on the CFG rows).
+Needs ``stable-diffusion-sdkit`` (ldm), ``k-diffusion`` and ``transformers`` (CLIP tokenizer).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .attention import AttentionRecorder, find_cross_attention
+from .hires import (EncodeCache, Stage, StageDenoiser, StageStats, latent_stats, plan_stages,
+                    restandardise, stage_windows, upscale_latent)
+from .prompts import ImagePromptPlan
+from .settings import AccDiffusionSettings
+from .words import align_words, split_words
+
+CHUNK = 75  # tokens per chunk between BOS and EOS, as in the WebUI
+
+
+def sd_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+UNET_CONFIGS: dict[str, dict[str, Any]] = {
+    # SD1 layout (attention at ds 1, 2, 4), tiny widths
+    "sd1": dict(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
+                num_res_blocks=1, channel_mult=[1, 2, 4, 4], num_heads=2, use_spatial_transformer=True,
+                transformer_depth=1, context_dim=64, legacy=False),
+    # SDXL layout (channel_mult 1,2,4; attention at ds 2, 4; linear proj; vector conditioning)
+    "sdxl": dict(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2],
+                 num_res_blocks=1, channel_mult=[1, 2, 4], num_head_channels=16,
+                 use_spatial_transformer=True, use_linear_in_transformer=True, transformer_depth=2,
+                 context_dim=[96, 96], num_classes="continuous", legacy=False),
+    # SDXL widths (320/640/1280, head dim 64, context 2048); ldm takes one transformer depth for
+    # all levels, so depth 2 stands in for SDXL's 2/10
+    "sdxl-size": dict(in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2],
+                      num_res_blocks=2, channel_mult=[1, 2, 4], num_head_channels=64,
+                      use_spatial_transformer=True, use_linear_in_transformer=True,
+                      transformer_depth=2, context_dim=[2048, 2048], num_classes="continuous", legacy=False),
+}
+
+
+def reinit_zero_layers(module: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Random-weight UNets have zero-initialised output layers and predict exactly 0, which makes
+    every with/without comparison vacuous; give those layers small random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim > 0 and bool((p == 0).all()):
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return module
+
+
+def build_unet(kind: str = "sd1", seed: int = 0) -> nn.Module:
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(seed)
+    unet = UNetModel(image_size=32, **UNET_CONFIGS[kind])
+    return reinit_zero_layers(unet, seed).eval()
+
+
+@dataclass(frozen=True)
+class RowCond:
+    context: torch.Tensor  # [tokens, dim]
+    vector: torch.Tensor | None = None  # SDXL-like models: [1]
+
+
+@dataclass
+class Host:
+    """A UNet, a toy text encoder over the real CLIP tokenizer, and k-diffusion's wrapper."""
+    unet: nn.Module
+    tokenizer: Any
+    vector_conditioning: bool = False
+    embed_seed: int = 0
+    _embedding: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        from k_diffusion.external import DiscreteEpsDDPMDenoiser
+
+        def eps(x: torch.Tensor, t: torch.Tensor, cond: RowCond | list[RowCond] = None) -> torch.Tensor:
+            return self._eps(x, t, cond)
+
+        self.denoiser = DiscreteEpsDDPMDenoiser(eps, sd_alphas_cumprod(), quantize=False)
+        dim = self.context_dim
+        g = torch.Generator().manual_seed(self.embed_seed)
+        self._embedding = torch.randn(len(self.tokenizer), dim, generator=g)
+
+    @property
+    def transformer_depth(self) -> int:
+        return max(len(m.transformer_blocks) for m in self.unet.modules() if hasattr(m, "transformer_blocks"))
+
+    @property
+    def context_dim(self) -> int:
+        return find_cross_attention(self.unet)[0].to_k.in_features
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # --- text -----------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+
+    def context_ids(self, prompt: str) -> list[int]:
+        """BOS + 75 + EOS per chunk, a new chunk at BREAK, like the WebUI (syntax stripped)."""
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        ids: list[int] = []
+        for part in prompt.split("BREAK"):
+            text = re.sub(r":\s*[\d.]+\s*(?=[)\]])", " ", part)
+            tokens = self.tokenize(re.sub(r"[()\[\]]", " ", text))
+            for start in range(0, max(len(tokens), 1), CHUNK):
+                chunk = tokens[start:start + CHUNK]
+                ids += [bos] + chunk + [eos] * (CHUNK + 1 - len(chunk))
+        return ids
+
+    def encode(self, prompts: Sequence[str], vector: float = 0.0) -> list[RowCond]:
+        out = []
+        for prompt in prompts:
+            ids = torch.tensor(self.context_ids(prompt))
+            context = self._embedding[ids] + 0.1 * torch.arange(len(ids))[:, None].sin()
+            vec = torch.tensor([vector]) if self.vector_conditioning else None
+            out.append(RowCond(context.to(self.device), vec))
+        return out
+
+    # --- model ----------------------------------------------------------------------------------
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, conds: Sequence[RowCond]) -> torch.Tensor:
+        tokens = max(c.context.shape[0] for c in conds)
+        context = torch.stack([_pad_context(c.context, tokens) for c in conds]).to(x)
+        y = torch.stack([c.vector for c in conds]).to(x) if self.vector_conditioning else None
+        # ldm 2.1's SpatialTransformer indexes one context per transformer block
+        return self.unet(x, timesteps=t, context=[context] * self.transformer_depth, y=y)
+
+    def row_model(self, x: torch.Tensor, sigma: torch.Tensor, conds: Sequence[RowCond]) -> torch.Tensor:
+        return self.denoiser(x, sigma, cond=list(conds))
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.sigma_to_t(sigma.to(self.denoiser.sigmas.device))
+
+    def img2img_sigmas(self, steps: int, denoise: float) -> torch.Tensor:
+        """The last ``steps`` of a schedule of ⌊steps / denoise⌋ steps, as the WebUI does."""
+        total = max(steps, int(steps / denoise))
+        return self.denoiser.get_sigmas(total)[-(steps + 1):]
+
+
+def _pad_context(context: torch.Tensor, tokens: int) -> torch.Tensor:
+    if context.shape[0] == tokens:
+        return context
+    return torch.cat([context, context[-1:].expand(tokens - context.shape[0], -1)])
+
+
+def load_tokenizer(path: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(path)
+
+
+SAMPLERS = {"Euler": "sample_euler", "Euler a": "sample_euler_ancestral", "DPM++ 2M": "sample_dpmpp_2m",
+            "Heun": "sample_heun", "DPM++ 2S a": "sample_dpmpp_2s_ancestral"}
+
+
+@dataclass
+class JobResult:
+    latent: torch.Tensor
+    stages: list[Stage]
+    stage_stats: list[StageStats]
+    stage_encodes: list[int]
+    tile_prompts: list[list[list[str]]]  # [stage][image][window]
+    recorder_bytes: int = 0
+    maps: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[int, int], steps: int,
+               seed: int, cfg_scale: float = 7.0, record: bool = True, sampler: str = "Euler"
+               ) -> tuple[torch.Tensor, AttentionRecorder | None]:
+    from k_diffusion import sampling
+
+    torch.manual_seed(seed)
+    n = len(prompts)
+    x = torch.randn(n, 4, *size, device=host.device)
+    sigmas = host.denoiser.get_sigmas(steps).to(host.device)
+    conds = host.encode(prompts) + host.encode([negative] * n)
+    recorder = AttentionRecorder(size, n) if record else None
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if recorder:
+            recorder.row_images = list(range(n)) + [None] * n
+        den = host.row_model(torch.cat([x, x]), torch.cat([sigma, sigma]), conds)
+        cond, uncond = den.chunk(2)
+        return uncond + (cond - uncond) * cfg_scale
+
+    try:
+        if recorder:
+            recorder.attach(find_cross_attention(host.unet))
+        with torch.no_grad():
+            latent = getattr(sampling, SAMPLERS[sampler])(model, x * sigmas[0], sigmas, disable=True)
+    finally:
+        if recorder:
+            recorder.detach()
+    return latent, recorder
+
+
+def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], negative: str,
+               recorder: AttentionRecorder | None, settings: AccDiffusionSettings,
+               target: tuple[int, int], steps: int, denoise: float, seed: int,
+               cfg_scale: float = 7.0, sampler: str = "Euler",
+               hires_prompts: Sequence[str] | None = None) -> JobResult:
+    from k_diffusion import sampling
+
+    base = tuple(first_latent.shape[-2:])
+    n = len(prompts)
+    hires_prompts = list(hires_prompts or prompts)
+    plans: list[ImagePromptPlan | None] = []
+    for i in range(n):
+        maps = recorder.maps(i) if recorder else None
+        if maps is None or not settings.patch_prompts:
+            plans.append(None)
+            continue
+        words = split_words(prompts[i])
+        positions = align_words(words, host.context_ids(prompts[i]), host.special_ids, host.tokenize)
+        plans.append(ImagePromptPlan.build(words, positions, maps, hires_prompts[i], split_words(hires_prompts[i])))
+
+    cache: EncodeCache[RowCond] = EncodeCache(host.encode)
+    global_conds = cache.get(hires_prompts) + cache.get([negative] * n)
+    mean, std = latent_stats(first_latent)
+    stages = plan_stages(base, target, settings.progressive)
+    result = JobResult(first_latent, stages, [], [], [], recorder.nbytes() if recorder else 0)
+    latent = first_latent
+    for stage in stages:
+        windows = stage_windows(stage, base, settings)
+        before = cache.encodes
+        prompts_per_image = [plan.tile_prompts(stage.size, windows, settings.patch_prompt_threshold)
+                             if plan else None for plan in plans]
+        tile_conds = [cache.get(p) if p else None for p in prompts_per_image]
+        result.stage_encodes.append(cache.encodes - before)
+        result.tile_prompts.append([p or [] for p in prompts_per_image])
+
+        x_up = restandardise(upscale_latent(latent, stage.size), mean, std)
+        generator = torch.Generator().manual_seed(seed + stage.index)
+        noise = torch.randn(x_up.shape, generator=generator).to(x_up)
+        denoiser: StageDenoiser[RowCond] = StageDenoiser(stage, windows, settings, seed, host.sigma_to_t,
+                                                         reference=x_up, noise=noise)
+        row_tile_conds = tile_conds + [None] * n
+
+        def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            denoiser.skip_residual_(x, sigma)
+            den = denoiser(host.row_model, torch.cat([x, x]), torch.cat([sigma, sigma]),
+                           global_conds, row_tile_conds)
+            cond, uncond = den.chunk(2)
+            return uncond + (cond - uncond) * cfg_scale
+
+        sigmas = host.img2img_sigmas(steps, denoise).to(x_up.device)
+        torch.manual_seed(seed + 1000 + stage.index)  # ancestral samplers draw from the global RNG
+        with torch.no_grad():
+            latent = getattr(sampling, SAMPLERS[sampler])(model, x_up + noise * sigmas[0], sigmas, disable=True)
+        result.stage_stats.append(denoiser.stats)
+    result.latent = latent
+    return result

@@ -1,0 +1,78 @@
+"""Window grids that cover a latent exactly, and MultiDiffusion-style averaging fusion."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Window:
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
+
+def axis_starts(length: int, window: int, stride: int, jitter: int = 0,
+                generator: torch.Generator | None = None) -> list[int]:
+    """Start offsets of windows along one axis: first at 0, last flush with the end, evenly
+    spaced in between at no more than ``stride``. Jitter moves inner windows by up to ``jitter``
+    while keeping every gap below ``window``, so coverage is never lost."""
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
+    if window >= length:
+        return [0]
+    count = math.ceil((length - window) / stride) + 1
+    span = length - window
+    starts = [round(i * span / (count - 1)) for i in range(count)]
+    if jitter and count > 2:
+        gap = span / (count - 1)
+        jitter = min(jitter, max(0, int((window - gap) // 2)))
+        offsets = torch.randint(-jitter, jitter + 1, (count - 2,), generator=generator).tolist()
+        starts = [starts[0]] + [min(max(s + o, 0), span) for s, o in zip(starts[1:-1], offsets)] + [span]
+    return starts
+
+
+def window_grid(height: int, width: int, window: tuple[int, int], stride: tuple[int, int],
+                jitter: int = 0, generator: torch.Generator | None = None) -> list[Window]:
+    """Row-major windows covering a ``height``×``width`` latent; windows larger than the latent
+    shrink to it."""
+    win_h, win_w = min(window[0], height), min(window[1], width)
+    rows = axis_starts(height, win_h, stride[0], jitter, generator)
+    cols = axis_starts(width, win_w, stride[1], jitter, generator)
+    return [Window(r, c, win_h, win_w) for r in rows for c in cols]
+
+
+def coverage(height: int, width: int, windows: Sequence[Window]) -> torch.Tensor:
+    """How many windows cover each latent pixel."""
+    count = torch.zeros(height, width)
+    for w in windows:
+        count[w.slices] += 1
+    return count
+
+
+def fuse_windows(outputs: Sequence[torch.Tensor], windows: Sequence[Window],
+                 shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Average overlapping window outputs ([..., h, w] each) into one [..., H, W] tensor."""
+    total = outputs[0].new_zeros(shape)
+    count = outputs[0].new_zeros(shape[-2:])
+    for out, w in zip(outputs, windows):
+        total[(..., *w.slices)] += out
+        count[w.slices] += 1
+    if bool((count == 0).any()):
+        raise ValueError("windows leave latent pixels uncovered")
+    return total / count
+
+
+def map_windows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                windows: Sequence[Window]) -> torch.Tensor:
+    """Apply ``fn`` window by window and average: a reference for the batched denoiser."""
+    return fuse_windows([fn(x[(..., *w.slices)]) for w in windows], windows, x.shape)
