@@ -80,14 +80,17 @@ def match_words(words: Sequence[Word], reference: Sequence[Word]) -> list[int | 
     order; None where the word is new. Used when the hires prompt differs from the first one."""
     out: list[int | None] = []
     cursor = 0
+    used: set[int] = set()
     ref_norm = [normalise(w.text) for w in reference]
     for word in words:
         key = normalise(word.text)
-        hit = next((j for j in range(cursor, len(ref_norm)) if ref_norm[j] == key), None)
-        if hit is None:  # out of order: take any unused earlier occurrence
-            hit = next((j for j in range(0, cursor) if ref_norm[j] == key), None)
+        hit = next((j for j in range(cursor, len(ref_norm)) if ref_norm[j] == key and j not in used), None)
+        if hit is None:  # out of order: take an unused earlier occurrence
+            hit = next((j for j in range(cursor) if ref_norm[j] == key and j not in used), None)
         else:
             cursor = hit + 1
+        if hit is not None:
+            used.add(hit)
         out.append(hit)
     return out
 
