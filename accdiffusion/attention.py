@@ -13,7 +13,7 @@ images × tokens × gh·gw, whatever the number of steps and layers.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ class AttentionRecorder:
         self.grid = (downsampled_size(latent_size[0], downsample), downsampled_size(latent_size[1], downsample))
         self.num_images = num_images
         self.row_images: Sequence[int | None] = ()
+        # optional: derive row_images from each call's context (hosts whose batch layout varies)
+        self.resolve_rows: Callable[[torch.Tensor], Sequence[int | None]] | None = None
         self.sums: torch.Tensor | None = None  # [images, tokens, gh*gw], float32
         self.counts = torch.zeros(num_images, dtype=torch.long)
         self._attached: list[tuple[nn.Module, Any]] = []
@@ -102,7 +104,7 @@ class AttentionRecorder:
     # --- recording ----------------------------------------------------------------------------
     @torch.no_grad()
     def observe(self, module: nn.Module, x: torch.Tensor, context: torch.Tensor) -> None:
-        rows = [(r, img) for r, img in enumerate(self.row_images)
+        rows = [(r, img) for r, img in enumerate(self._rows_for(context))
                 if img is not None and r < x.shape[0]]
         if not rows:
             return
@@ -117,6 +119,11 @@ class AttentionRecorder:
         probs = torch.softmax(q @ k.transpose(-1, -2) * dim_head ** -0.5, dim=-1)  # [b, h, n, m]
         token_maps = probs.mean(dim=1).transpose(1, 2).cpu()  # [b, m, n]
         self._accumulate([img for _, img in rows], token_maps)
+
+    def _rows_for(self, context: torch.Tensor) -> Sequence[int | None]:
+        # resolved on every call (a few row comparisons): a cache keyed on the tensor could be
+        # fooled by the next call's context reusing the same memory
+        return self.row_images if self.resolve_rows is None else self.resolve_rows(context)
 
     def _accumulate(self, images: list[int], token_maps: torch.Tensor) -> None:
         tokens = token_maps.shape[1]

@@ -4,7 +4,7 @@ Prints, per target scale: UNet calls and latent pixels per stage against the for
 ((2s−1)² + s²)·steps (per CFG row), tile-prompt encodes per stage, time and peak memory; plus the
 first pass's time with and without attention recording and the recorder's size.
 
-CPU default: the tiny SD1-like UNet. On a GPU: ``--device cuda --model sdxl-size --base 128``
+CPU default: the tiny SD1-like UNet. On a GPU: ``--device cuda --model sdxl-real --base 128`` (needs diffusers)
 times a 1024² → 2048² / 4096² pass with SDXL widths (random weights).
 """
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     here = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="sd1", choices=["sd1", "sdxl", "sdxl-size"])
+    parser.add_argument("--model", default="sd1", choices=["sd1", "sdxl", "sdxl-size", "sdxl-real"])
     parser.add_argument("--base", type=int, default=32, help="first-pass latent side (image px / 8)")
     parser.add_argument("--scales", default="2,3,4")
     parser.add_argument("--steps", type=int, default=4, help="hires steps per stage")

@@ -23,7 +23,7 @@ from .dilated import (blur_restandardised, gather_sublatents, scatter_sublatents
                       shuffle_sublatents, unshuffle_sublatents, window_permutation)
 from .schedule import SigmaToT, StepFactors, step_factors, timestep_of
 from .settings import AccDiffusionSettings
-from .tiles import Window, window_grid
+from .tiles import Window, cover_resize, window_grid
 
 C = TypeVar("C")  # a host's per-row conditioning
 # (x [N, C, h, w], sigma [N], one conditioning per row) -> denoised x0 [N, C, h, w]
@@ -85,8 +85,8 @@ def stage_windows(stage: Stage, base: tuple[int, int], settings: AccDiffusionSet
 
 # --- latent helpers ----------------------------------------------------------------------------
 def upscale_latent(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(x.float(), size=size, mode=mode, **kwargs).to(x.dtype)
+    """Upscale a latent to a stage size (centre-cropping when the aspect ratio changes)."""
+    return cover_resize(x, size, mode)
 
 
 def latent_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .tiles import Window
+from .tiles import Window, cover_resize
 from .words import Word, compose_prompt
 
 
@@ -60,10 +60,11 @@ def open_masks(masks: torch.Tensor, iterations: int | None = None) -> torch.Tens
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of [words, h, w] masks to a latent grid (H, W)."""
+    """Nearest-neighbour resize of [words, h, w] masks to a latent grid (H, W), with the same
+    cover-and-crop geometry as the latent itself."""
     if masks.shape[0] == 0:
         return masks.new_zeros((0, *size), dtype=torch.bool)
-    return F.interpolate(masks[None].float(), size=size, mode="nearest")[0] > 0.5
+    return cover_resize(masks.float(), size, "nearest") > 0.5
 
 
 def window_shares(masks: torch.Tensor, windows: Sequence[Window]) -> torch.Tensor:

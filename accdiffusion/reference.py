@@ -60,10 +60,26 @@ def reinit_zero_layers(module: nn.Module, seed: int = 0, std: float = 0.02) -> n
     return module
 
 
+# The real SDXL UNet configuration (transformer depth 1/2/10 per level, 2.6 B parameters), built
+# with diffusers' UNet2DConditionModel because ldm 2.1 takes one depth for all levels.
+SDXL_DIFFUSERS_CONFIG: dict[str, Any] = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
+
+
 def build_unet(kind: str = "sd1", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "sdxl-real":
+        from diffusers import UNet2DConditionModel
+
+        return reinit_zero_layers(UNet2DConditionModel(**SDXL_DIFFUSERS_CONFIG), seed).eval()
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    torch.manual_seed(seed)
     unet = UNetModel(image_size=32, **UNET_CONFIGS[kind])
     return reinit_zero_layers(unet, seed).eval()
 
@@ -140,6 +156,10 @@ class Host:
         tokens = max(c.context.shape[0] for c in conds)
         context = torch.stack([_pad_context(c.context, tokens) for c in conds]).to(x)
         y = torch.stack([c.vector for c in conds]).to(x) if self.vector_conditioning else None
+        if hasattr(self.unet, "add_embedding"):  # diffusers SDXL UNet: pooled text + size ids
+            added = {"text_embeds": y.new_zeros(len(conds), 1280) + y,
+                     "time_ids": torch.tensor([1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]).to(x).expand(len(conds), 6)}
+            return self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
         # ldm 2.1's SpatialTransformer indexes one context per transformer block
         return self.unet(x, timesteps=t, context=[context] * self.transformer_depth, y=y)
 

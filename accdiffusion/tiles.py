@@ -76,3 +76,24 @@ def map_windows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                 windows: Sequence[Window]) -> torch.Tensor:
     """Apply ``fn`` window by window and average: a reference for the batched denoiser."""
     return fuse_windows([fn(x[(..., *w.slices)]) for w in windows], windows, x.shape)
+
+
+def cover_resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic",
+                 antialias: bool = False) -> torch.Tensor:
+    """Resize [..., h, w] to cover ``size`` keeping the aspect ratio, then centre-crop to it: a
+    plain resize when the aspect ratio is kept, the WebUI's crop for hires targets of another
+    aspect ratio (processing.py:1427). Latents and word masks go through the same geometry."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    scale = max(size[0] / h, size[1] / w)
+    cover = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+    kwargs: dict = {}
+    if mode in ("bilinear", "bicubic"):
+        kwargs = {"align_corners": False, "antialias": antialias}
+    squeeze = x.ndim == 3
+    batch = x[None] if squeeze else x
+    out = F.interpolate(batch.float(), size=cover, mode=mode, **kwargs).to(x.dtype)
+    top, left = (cover[0] - size[0]) // 2, (cover[1] - size[1]) // 2
+    out = out[..., top:top + size[0], left:left + size[1]]
+    return out[0] if squeeze else out
