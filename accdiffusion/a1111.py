@@ -362,9 +362,9 @@ def _make_sample(p: Any, job: Job) -> Callable[..., Any]:
 
     def sample(conditioning: Any, unconditional_conditioning: Any, seeds: Any, subseeds: Any,
                subseed_strength: Any, prompts: Any) -> Any:
-        if job.error is not None:
-            raise AccDiffusionError(str(job.error)) from job.error
         try:
+            if job.error is not None:
+                raise AccDiffusionError(str(job.error)) from job.error
             if job.settings.patch_prompts and getattr(p, "firstpass_image", None) is None:
                 unet = p.sd_model.model.diffusion_model
                 recorder = AttentionRecorder((p.height // 8, p.width // 8), len(prompts))

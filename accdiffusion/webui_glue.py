@@ -62,6 +62,14 @@ def job_settings(args: Sequence[Any], overrides: Mapping[str, Any] | None) -> Ac
     return apply_overrides(settings_from_args(args), overrides)
 
 
+def unshare_generation_params(p: Any) -> None:
+    """Give ``p`` its own ``extra_generation_params``: X/Y/Z cells are shallow copies of one p, so
+    infotext keys written into the shared dict by one cell would show up in every later cell."""
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict):
+        p.extra_generation_params = dict(params)
+
+
 def requested_enabled(args: Sequence[Any], overrides: Mapping[str, Any] | None) -> bool:
     """Whether the job asked for AccDiffusion at all, read leniently from args that failed
     validation: a disabled extension with an odd slider value must not stop a normal generation."""

@@ -159,3 +159,9 @@ def test_threshold_changes_the_tile_words(sd1_host):
     _, loose = tile_words(sd1_host, prompt, (64, 64), (128, 128), regions, (16, 16), threshold=0.1)
     _, strict = tile_words(sd1_host, prompt, (64, 64), (128, 128), regions, (16, 16), threshold=0.7)
     assert loose.count("cat") > strict.count("cat")
+
+
+def test_small_maps_are_not_opened():
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, 2, 2] = True
+    assert torch.equal(open_masks(mask), mask)

@@ -1,0 +1,429 @@
+"""Stand-ins for the few AUTOMATIC1111 v1.10.1 objects the adapter touches, built on the real ldm
+UNet and the real k-diffusion samplers. Attribute names and call shapes mirror v1.10.1:
+
+- prompt_parser.py:136 ScheduledPromptConditioning(end_at_step, cond); :240
+  ComposableScheduledPromptConditioning(schedules, weight); :246 MulticondLearnedConditioning(shape, batch)
+- sd_samplers_cfg_denoiser.py:156-311 CFGDenoiser.forward(x, sigma, uncond, cond, cond_scale,
+  s_min_uncond, image_cond): interrupt check (157), rows [cond rows…] + [uncond rows] (203-205),
+  cond dict {"c_crossattn": [t], "c_concat": [t]} (SD1) / {**crossattn+vector, "c_concat"} (SDXL)
+  (189-200), one inner_model call or split calls when batch_cond_uncond is off (240-271), step += 1 (310)
+- sd_samplers_kdiffusion.py:67-77 KDiffusionSampler (model_wrap_cfg, model_wrap), 134-188
+  sample_img2img, 190-234 sample; sd_samplers_common.py:22-31 setup_img2img_steps, 142
+  InterruptedException(BaseException), 265-281 launch_sampling
+- processing.py:1166-1199 / 137-226 StableDiffusionProcessingTxt2Img fields, 1307-1362 sample(),
+  1364-1464 sample_hr_pass(), 296 comment(), 299 txt2img_image_conditioning()
+- sd_hijack_clip.py:10-21 PromptChunk(tokens, multipliers, fixes), 81-174 tokenize_line, 346-349
+  tokenize; id_start / id_end / id_pad (342-344)
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from contextlib import nullcontext
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from accdiffusion.reference import Host, RowCond
+
+ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
+
+
+class ComposableScheduledPromptConditioning:
+    def __init__(self, schedules, weight=1.0):
+        self.schedules = schedules
+        self.weight = weight
+
+
+class MulticondLearnedConditioning:
+    def __init__(self, shape, batch):
+        self.shape = shape
+        self.batch = batch
+
+
+class InterruptedException(BaseException):
+    pass
+
+
+class PromptChunk:
+    def __init__(self, tokens):
+        self.tokens = tokens
+        self.multipliers = [1.0] * len(tokens)
+        self.fixes = []
+
+
+class StandInEmbedder:
+    """FrozenCLIPEmbedderWithCustomWords-shaped: tokenize_line → 77-token chunks."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.id_start = host.tokenizer.bos_token_id
+        self.id_end = self.id_pad = host.tokenizer.eos_token_id
+
+    def tokenize(self, texts):
+        return [self.host.tokenize(t) for t in texts]
+
+    def tokenize_line(self, line):
+        ids = self.host.context_ids(line)
+        return [PromptChunk(ids[i:i + 77]) for i in range(0, len(ids), 77)], len(ids)
+
+
+class StandInModel:
+    """The parts of an ldm LatentDiffusion / sgm DiffusionEngine the adapter and samplers use."""
+
+    def __init__(self, host: Host, sdxl: bool):
+        self.host = host
+        self.is_sdxl = sdxl
+        self.is_sd3 = False
+        self.model = SimpleNamespace(diffusion_model=host.unet)
+        self.alphas_cumprod = host.denoiser.sigmas.new_tensor(
+            1 / (1 + host.denoiser.sigmas ** 2))
+        embedder = StandInEmbedder(host)
+        if sdxl:
+            self.conditioner = SimpleNamespace(embedders=[embedder])
+        else:
+            self.cond_stage_model = embedder
+
+    def encode(self, prompt: str, is_negative: bool = False) -> Any:
+        row: RowCond = self.host.encode([prompt])[0]
+        if self.is_sdxl:
+            return {"crossattn": row.context, "vector": row.vector}
+        return row.context
+
+    def apply_model(self, x, t, cond):
+        if self.is_sdxl:
+            conds = [RowCond(c, v) for c, v in zip(cond["crossattn"], cond["vector"])]
+        else:
+            conds = [RowCond(c) for c in torch.cat(cond["c_crossattn"], 1)]
+        return self.host._eps(x, t, conds)
+
+
+class CompVisDenoiserStandIn(nn.Module):
+    def __init__(self, model: StandInModel):
+        super().__init__()
+        from k_diffusion.external import CompVisDenoiser
+
+        self.kd = CompVisDenoiser(model)
+
+    def forward(self, x, sigma, cond=None):
+        return self.kd(x, sigma, cond=cond)
+
+    def sigma_to_t(self, sigma):
+        return self.kd.sigma_to_t(sigma)
+
+    def get_sigmas(self, n):
+        return self.kd.get_sigmas(n)
+
+
+class CFGDenoiserStandIn(nn.Module):
+    def __init__(self, sampler: "KDiffusionSamplerStandIn"):
+        super().__init__()
+        self.sampler = sampler
+        self.step = 0
+        self.batch_cond_uncond = True
+
+    @property
+    def inner_model(self):
+        return self.sampler.model_wrap
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        state = self.sampler.webui.state
+        if state.interrupted or state.skipped:
+            raise InterruptedException
+        conds_list, tensor = reconstruct_multicond_batch(cond, self.step)
+        uncond = reconstruct_cond_batch(uncond, self.step)
+        repeats = [len(c) for c in conds_list]
+        x_in = torch.cat([torch.stack([x[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [x])
+        sigma_in = torch.cat([torch.stack([sigma[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [sigma])
+        image_cond_in = torch.cat([torch.stack([image_cond[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [image_cond])
+        if isinstance(uncond, dict):
+            make = lambda c, ic: {**c, "c_concat": [ic]}
+            cat = lambda a, b: {k: torch.cat([a[k], b[k]]) for k in a}
+        else:
+            make = lambda c, ic: {"c_crossattn": [c], "c_concat": [ic]}
+            cat = lambda a, b: torch.cat([a, b])
+        if self.batch_cond_uncond:
+            x_out = self.inner_model(x_in, sigma_in, cond=make(cat(tensor, uncond), image_cond_in))
+        else:
+            n = len(tensor["crossattn"]) if isinstance(tensor, dict) else len(tensor)
+            sl = lambda t, a, b: {k: v[a:b] for k, v in t.items()} if isinstance(t, dict) else t[a:b]
+            cond_out = self.inner_model(x_in[:n], sigma_in[:n], cond=make(sl(tensor, 0, n), image_cond_in[:n]))
+            uncond_out = self.inner_model(x_in[n:], sigma_in[n:], cond=make(uncond, image_cond_in[n:]))
+            x_out = torch.cat([cond_out, uncond_out])
+        denoised_uncond = x_out[-uncond_len(uncond):]
+        denoised = torch.clone(denoised_uncond)
+        for i, conds in enumerate(conds_list):
+            for row, weight in conds:
+                denoised[i] += (x_out[row] - denoised_uncond[i]) * (weight * cond_scale)
+        self.step += 1
+        return denoised
+
+
+def uncond_len(uncond):
+    return len(uncond["crossattn"]) if isinstance(uncond, dict) else len(uncond)
+
+
+def reconstruct_cond_batch(c, step):
+    rows = []
+    for schedule in c:
+        target = next((e for e in schedule if step <= e.end_at_step), schedule[-1])
+        rows.append(target.cond)
+    if isinstance(rows[0], dict):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return torch.stack(rows)
+
+
+def reconstruct_multicond_batch(c: MulticondLearnedConditioning, step):
+    conds_list, flat = [], []
+    for subprompts in c.batch:
+        entries = []
+        for comp in subprompts:
+            entries.append((len(flat), comp.weight))
+            flat.append(comp.schedules)
+        conds_list.append(entries)
+    return conds_list, reconstruct_cond_batch(flat, step)
+
+
+class TorchHijack:
+    """sd_samplers_common.py:205-226: ancestral samplers' randn_like draws from p.rng."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def __getattr__(self, item):
+        if item == "randn_like":
+            return lambda x: self.p.rng.next().to(x)
+        return getattr(torch, item)
+
+
+class KDiffusionSamplerStandIn:
+    def __init__(self, funcname: str, model: StandInModel, webui: "WebUIStandIn"):
+        import k_diffusion.sampling
+
+        self.func = getattr(k_diffusion.sampling, funcname)
+        self.webui = webui
+        self.model_wrap = CompVisDenoiserStandIn(model)
+        self.model_wrap_cfg = CFGDenoiserStandIn(self)
+        self.last_latent = None
+
+    def callback_state(self, d):
+        self.last_latent = d["denoised"]
+        self.webui.state.sampling_step = d["i"]
+        self.webui.steps_done += 1
+
+    def launch_sampling(self, func):
+        try:
+            return func()
+        except InterruptedException:
+            return self.last_latent
+
+    def _run(self, p, xi, sigmas, c, uc, image_conditioning):
+        import k_diffusion.sampling
+
+        k_diffusion.sampling.torch = TorchHijack(p)  # what Sampler.initialize does (296)
+        self.model_wrap_cfg.step = 0
+        extra = {"cond": c, "image_cond": image_conditioning, "uncond": uc, "cond_scale": p.cfg_scale,
+                 "s_min_uncond": 0.0}
+        self.last_latent = xi
+        return self.launch_sampling(lambda: self.func(self.model_wrap_cfg, xi, sigmas, extra_args=extra,
+                                                      disable=True, callback=self.callback_state))
+
+    def sample(self, p, x, c, uc, image_conditioning=None):
+        sigmas = self.model_wrap.get_sigmas(p.steps)
+        return self._run(p, x * sigmas[0], sigmas, c, uc, image_conditioning)
+
+    def sample_img2img(self, p, x, noise, c, uc, steps=None, image_conditioning=None):
+        requested = steps
+        steps = int(requested / min(p.denoising_strength, 0.999))
+        t_enc = requested - 1
+        sigmas = self.model_wrap.get_sigmas(steps)
+        sigma_sched = sigmas[steps - t_enc - 1:]
+        return self._run(p, x + noise * sigma_sched[0], sigma_sched, c, uc, image_conditioning)
+
+
+SAMPLER_FUNCS = {"Euler": "sample_euler", "Euler a": "sample_euler_ancestral",
+                 "DPM++ 2M": "sample_dpmpp_2m", "Heun": "sample_heun"}
+
+
+class ImageRNGStandIn:
+    """rng.ImageRNG: one generator per seed, next() → noise of the given shape per image."""
+
+    def __init__(self, shape, seeds):
+        self.shape = tuple(shape)
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def next(self):
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+
+
+class StateStandIn:
+    def __init__(self):
+        self.interrupted = self.skipped = False
+        self.job_count, self.job_no, self.sampling_step = 2, 0, 0
+
+    def nextjob(self):
+        self.job_no += 1
+        self.sampling_step = 0
+
+
+class WebUIStandIn:
+    """The adapter's WebUI facade, implemented on the stand-ins."""
+
+    def __init__(self):
+        self.state = StateStandIn()
+        self.steps_done = 0
+        self.encoded: list[str] = []
+        self.saved: list[Any] = []
+        self.samplers: list[KDiffusionSamplerStandIn] = []
+
+    def autocast(self):
+        return nullcontext()
+
+    def create_sampler(self, name, model):
+        sampler = KDiffusionSamplerStandIn(SAMPLER_FUNCS[name], model, self)
+        self.samplers.append(sampler)
+        return sampler
+
+    def is_kdiffusion_sampler(self, name):
+        return name in SAMPLER_FUNCS
+
+    def image_rng(self, shape, p):
+        return ImageRNGStandIn(shape, p.seeds)
+
+    def latent_upscale_mode(self, name):
+        return {"Latent": {"mode": "bilinear", "antialias": False}}.get(name)
+
+    def pixel_upscale(self, p, decoded, width, height):
+        raise AssertionError("latent upscaler expected")
+
+    def decode(self, model, latent):
+        return torch.tanh(torch.nn.functional.interpolate(latent[:, :3].float(), scale_factor=8, mode="nearest"))
+
+    def decode_batch(self, model, latent):
+        return [self.decode(model, latent[i:i + 1])[0] for i in range(latent.shape[0])]
+
+    def decoded_samples(self, images):
+        return list(images)
+
+    def learned_conditioning(self, p, prompts, width, height):
+        self.encoded.extend(prompts)
+        return [[ScheduledPromptConditioning(p.steps, p.sd_model.encode(t))] for t in prompts]
+
+    def final_prompt_variant(self, prompt, steps):
+        return prompt
+
+    def text_embedder(self, model):
+        return model.conditioner.embedders[0] if model.is_sdxl else model.cond_stage_model
+
+    def sdxl_crop_embedder(self, model):
+        return None
+
+    def activate_hr_networks(self, p):
+        pass
+
+    def token_merging(self, p, for_hr):
+        pass
+
+    def add_progress(self, extra_jobs, extra_steps):
+        self.state.job_count += extra_jobs
+        self.extra_steps = extra_steps
+
+    def save_image(self, p, image, seed, prompt, info):
+        self.saved.append(image)
+
+    def torch_gc(self):
+        pass
+
+
+class Txt2ImgStandIn:
+    """StableDiffusionProcessingTxt2Img with the fields and the two sampling methods the adapter
+    replaces (a trimmed mirror of processing.py:1307-1464 for a latent upscaler)."""
+
+    def __init__(self, model: StandInModel, webui: WebUIStandIn, prompts, negative="", width=64, height=64,
+                 hr_scale=2.0, seed=1, steps=3, hr_steps=2, sampler_name="Euler", hr_prompts=None,
+                 denoising_strength=0.6, cfg_scale=5.0):
+        self.sd_model, self.webui = model, webui
+        self.prompts = list(prompts)
+        self.hr_prompts = list(hr_prompts or prompts)
+        self.negative_prompts = [negative] * len(prompts)
+        self.seeds = [seed + i for i in range(len(prompts))]
+        self.subseeds, self.subseed_strength = self.seeds, 0.0
+        self.seed_resize_from_h = self.seed_resize_from_w = 0
+        self.width, self.height, self.steps, self.hr_second_pass_steps = width, height, steps, hr_steps
+        self.firstpass_steps = steps
+        self.sampler_name, self.hr_sampler_name = sampler_name, None
+        self.enable_hr, self.hr_scale, self.hr_upscaler = True, hr_scale, "Latent"
+        self.hr_upscale_to_x, self.hr_upscale_to_y = int(width * hr_scale), int(height * hr_scale)
+        self.truncate_x = self.truncate_y = 0
+        self.latent_scale_mode = {"mode": "bilinear", "antialias": False}
+        self.denoising_strength, self.cfg_scale = denoising_strength, cfg_scale
+        self.extra_generation_params: dict = {}
+        self.scripts = None
+        self.comments: dict = {}
+        self.disable_extra_networks = False
+        self.is_hr_pass = False
+        self.firstpass_image = None
+        self.hr_c = self.hr_uc = None
+        self.sampler = None
+        self.rng = ImageRNGStandIn((4, height // 8, width // 8), self.seeds)
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def txt2img_image_conditioning(self, x, width=None, height=None):
+        return x.new_zeros(x.shape[0], 5, 1, 1)
+
+    def conds(self, prompts, negative: bool = False):
+        encoded = [self.sd_model.encode(t) for t in prompts]
+        if negative:
+            return [[ScheduledPromptConditioning(self.steps, e)] for e in encoded]
+        return MulticondLearnedConditioning((len(prompts),), [
+            [ComposableScheduledPromptConditioning([ScheduledPromptConditioning(self.steps, e)])] for e in encoded])
+
+    def calculate_hr_conds(self):
+        if self.hr_c is None:
+            self.hr_c = self.conds(self.hr_prompts)
+            self.hr_uc = self.conds(self.negative_prompts, negative=True)
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        self.sampler = self.webui.create_sampler(self.sampler_name, self.sd_model)
+        x = self.rng.next()
+        samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning,
+                                      image_conditioning=self.txt2img_image_conditioning(x))
+        self.first_pass_latent = samples
+        if not self.enable_hr:
+            return samples
+        return self.sample_hr_pass(samples, None, seeds, subseeds, subseed_strength, prompts)
+
+    def sample_hr_pass(self, samples, decoded_samples, seeds, subseeds, subseed_strength, prompts):
+        self.is_hr_pass = True
+        target = (self.hr_upscale_to_y // 8, self.hr_upscale_to_x // 8)
+        self.sampler = self.webui.create_sampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
+        samples = torch.nn.functional.interpolate(samples, size=target, mode="bilinear")
+        self.webui.state.nextjob()
+        self.rng = ImageRNGStandIn(samples.shape[1:], self.seeds)
+        noise = self.rng.next()
+        self.calculate_hr_conds()
+        samples = self.sampler.sample_img2img(self, samples, noise, self.hr_c, self.hr_uc,
+                                              steps=self.hr_second_pass_steps or self.steps,
+                                              image_conditioning=self.txt2img_image_conditioning(samples))
+        self.is_hr_pass = False
+        return self.webui.decode_batch(self.sd_model, samples)
+
+
+def process_images(p: Txt2ImgStandIn, settings, adapter) -> SimpleNamespace:
+    """processing.process_images_inner's order for one batch: script process (915) → conds (966) →
+    before_process_batch (952) → p.sample (988) → postprocess (1147)."""
+    if settings is not None:
+        adapter.start_job(p, settings, webui=p.webui)
+    c = p.conds(p.prompts)
+    uc = p.conds(p.negative_prompts, negative=True)
+    adapter.before_batch(p)
+    with torch.no_grad():
+        images = p.sample(conditioning=c, unconditional_conditioning=uc, seeds=p.seeds, subseeds=p.subseeds,
+                          subseed_strength=p.subseed_strength, prompts=p.prompts)
+    processed = SimpleNamespace(images=list(images), infotexts=["info"] * len(images))
+    adapter.finish_job(p, processed)
+    return processed

@@ -1,0 +1,222 @@
+"""The A1111 adapter driven on CPU through stand-ins of the v1.10.1 objects (tests/a1111_standins.py)
+with the real ldm UNet and the real k-diffusion samplers."""
+
+import pytest
+import torch
+
+from accdiffusion import a1111
+from accdiffusion.attention import find_cross_attention
+from accdiffusion.hires import AccDiffusionError
+from accdiffusion.settings import AccDiffusionSettings, SettingsError
+
+from a1111_standins import (InterruptedException, StandInModel, Txt2ImgStandIn, WebUIStandIn,
+                            process_images)
+
+ON = AccDiffusionSettings(enabled=True)
+PROMPT = "a red-haired astronaut riding a horse on the moon"
+
+
+@pytest.fixture(scope="module")
+def sd1_model(sd1_host):
+    return StandInModel(sd1_host, sdxl=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(sdxl_host):
+    return StandInModel(sdxl_host, sdxl=True)
+
+
+def assert_clean(p, model, webui):
+    """Every hook the adapter installs is gone."""
+    assert all("forward" not in m.__dict__ for m in find_cross_attention(model.model.diffusion_model))
+    for sampler in webui.samplers:
+        assert "forward" not in sampler.model_wrap_cfg.__dict__
+        assert "forward" not in sampler.model_wrap.__dict__
+    assert "sample" not in p.__dict__ and "sample_hr_pass" not in p.__dict__
+    assert not hasattr(p, a1111.JOB_ATTR)
+    assert p.is_hr_pass is False
+
+
+def job(model, settings=ON, **kw):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(model, webui, **kw)
+    return p, webui, process_images(p, settings, a1111)
+
+
+@pytest.mark.parametrize("model_name", ["sd1_model", "sdxl_model"])
+@pytest.mark.parametrize("size,scale,stages", [((64, 64), 2.0, 1), ((64, 128), 1.5, 1), ((64, 64), 3.0, 2)])
+def test_hires_pass_runs_through_the_webui_sampler(request, model_name, size, scale, stages):
+    model = request.getfixturevalue(model_name)
+    p, webui, out = job(model, prompts=[PROMPT], width=size[1], height=size[0], hr_scale=scale)
+    assert out.images[0].shape == (3, p.hr_upscale_to_y, p.hr_upscale_to_x)
+    assert bool(torch.isfinite(out.images[0]).all())
+    hires_samplers = webui.samplers[1:]
+    assert len(hires_samplers) == stages
+    # tile prompts went through the WebUI's encoder; words of the prompt only
+    tile_prompts = set(webui.encoded)
+    assert tile_prompts and all(set(t.split()) <= set(PROMPT.split()) for t in tile_prompts)
+    assert webui.state.job_count == 2 + stages - 1
+    assert webui.steps_done == p.steps + stages * p.hr_second_pass_steps
+    assert p.extra_generation_params == {"AccDiffusion": True}
+    assert_clean(p, model, webui)
+
+
+def test_batch_of_two_gets_tile_prompts_from_each_images_own_maps(sd1_model):
+    p, webui, out = job(sd1_model, prompts=[PROMPT, "a green dragon over a castle"], hr_scale=2.0)
+    assert len(out.images) == 2
+    words = set(" ".join(webui.encoded).split())
+    assert words & {"dragon", "castle", "green", "over"} and words & {"astronaut", "horse", "moon", "riding"}
+    assert_clean(p, sd1_model, webui)
+
+
+def test_disabled_and_no_hires_are_bit_identical_and_attach_nothing(sd1_model, monkeypatch):
+    attached = []
+    monkeypatch.setattr(a1111.AttentionRecorder, "attach", lambda self, m: attached.append(1))
+    _, _, plain = job(sd1_model, settings=None, prompts=[PROMPT])
+    _, _, disabled = job(sd1_model, settings=AccDiffusionSettings(enabled=False), prompts=[PROMPT])
+    assert all(torch.equal(a, b) for a, b in zip(plain.images, disabled.images))
+
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    p.enable_hr = False
+    out = process_images(p, ON, a1111)
+    webui2 = WebUIStandIn()
+    q = Txt2ImgStandIn(sd1_model, webui2, prompts=[PROMPT])
+    q.enable_hr = False
+    ref = process_images(q, None, a1111)
+    assert torch.equal(out.images[0], ref.images[0]) and not attached
+    assert_clean(p, sd1_model, webui)
+
+
+def test_enabled_differs_from_stock_hires(sd1_model):
+    _, _, plain = job(sd1_model, settings=None, prompts=[PROMPT])
+    _, _, acc = job(sd1_model, prompts=[PROMPT])
+    assert plain.images[0].shape == acc.images[0].shape
+    assert not torch.allclose(plain.images[0], acc.images[0])
+
+
+def test_same_seed_same_image(sd1_model):
+    _, _, a = job(sd1_model, prompts=[PROMPT], sampler_name="Euler a")
+    _, _, b = job(sd1_model, prompts=[PROMPT], sampler_name="Euler a")
+    assert torch.equal(a.images[0], b.images[0])
+
+
+def test_row_layout_does_not_matter(sd1_model):
+    """batch_cond_uncond off: cond and uncond rows reach the model in separate calls."""
+    _, _, together = job(sd1_model, prompts=[PROMPT])
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    original = webui.create_sampler
+
+    def split_sampler(name, model):
+        sampler = original(name, model)
+        sampler.model_wrap_cfg.batch_cond_uncond = False
+        return sampler
+
+    webui.create_sampler = split_sampler
+    apart = process_images(p, ON, a1111)
+    assert torch.allclose(together.images[0], apart.images[0], atol=1e-4)
+
+
+def test_interrupt_mid_stage_stops_and_removes_hooks(sd1_model):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT], hr_scale=3.0, hr_steps=3)
+    calls = {"n": 0}
+    original = webui.create_sampler
+
+    def interrupting_sampler(name, model):
+        sampler = original(name, model)
+        callback = sampler.callback_state
+
+        def count(d):
+            callback(d)
+            calls["n"] += 1
+            if calls["n"] == p.steps + 2:  # second step of the first hires stage
+                webui.state.interrupted = True
+
+        sampler.callback_state = count
+        return sampler
+
+    webui.create_sampler = interrupting_sampler
+    out = process_images(p, ON, a1111)
+    assert len(webui.samplers) == 2  # the second stage never started
+    assert out.images[0].shape[-2:] == (128, 128)  # the first stage's size: the partial result
+    assert_clean(p, sd1_model, webui)
+
+
+def test_error_mid_stage_propagates_and_removes_hooks(sd1_model):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    original = webui.create_sampler
+
+    def failing_sampler(name, model):
+        sampler = original(name, model)
+        if len(webui.samplers) == 2:
+            def boom(*a, **k):
+                raise RuntimeError("CUDA out of memory")
+            sampler.model_wrap.kd.forward = boom
+        return sampler
+
+    webui.create_sampler = failing_sampler
+    a1111.start_job(p, ON, webui=webui)
+    a1111.before_batch(p)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        p.sample(conditioning=p.conds(p.prompts), unconditional_conditioning=p.conds([""], True),
+                 seeds=p.seeds, subseeds=p.seeds, subseed_strength=0, prompts=p.prompts)
+    assert all("forward" not in m.__dict__ for m in find_cross_attention(sd1_model.model.diffusion_model))
+    assert "forward" not in webui.samplers[-1].model_wrap.__dict__
+    assert "sample" not in p.__dict__
+
+
+def test_invalid_arguments_stop_the_job_with_the_message(sd1_model):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    try:
+        AccDiffusionSettings.from_dict({"patch_prompt_threshold": 2})
+    except SettingsError as error:
+        a1111.fail_job(p, error, webui=webui)
+    a1111.before_batch(p)
+    with pytest.raises(AccDiffusionError, match="patch_prompt_threshold"):
+        p.sample(conditioning=None, unconditional_conditioning=None, seeds=p.seeds, subseeds=p.seeds,
+                 subseed_strength=0, prompts=p.prompts)
+    assert "sample" not in p.__dict__
+
+
+def test_non_kdiffusion_hires_sampler_falls_back_to_stock_hires(sd1_model):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    webui.is_kdiffusion_sampler = lambda name: False
+    out = process_images(p, ON, a1111)
+    assert any("not a k-diffusion sampler" in c for c in p.comments)
+    assert out.images[0].shape == (3, 128, 128)
+    assert_clean(p, sd1_model, webui)
+
+
+def test_unsupported_model_gets_a_message_and_nothing_attached(sd1_model):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    sd1_model.is_sd3 = True
+    try:
+        assert a1111.start_job(p, ON, webui=webui) is None
+    finally:
+        sd1_model.is_sd3 = False
+    assert any("SD3" in c for c in p.comments)
+    assert not hasattr(p, a1111.JOB_ATTR)
+
+
+def test_and_prompt_keeps_the_full_prompt(sd1_model):
+    p, webui, out = job(sd1_model, prompts=["a cat AND a dog"])
+    assert any("AND" in c for c in p.comments)
+    assert webui.encoded == []  # no tile prompts: every tile takes the WebUI's own conditioning
+
+
+def test_hires_prompt_that_differs(sd1_model):
+    p, webui, out = job(sd1_model, prompts=[PROMPT], hr_prompts=[PROMPT + ", golden light"])
+    words = set(" ".join(webui.encoded).replace(",", " ").split())
+    assert {"golden", "light"} <= words  # new words have no map: kept in every tile
+
+
+def test_tile_prompt_map_is_added(sd1_model):
+    p, webui, out = job(sd1_model, settings=ON.replace(tile_prompt_map=True), prompts=[PROMPT])
+    assert len(out.images) == 2 and len(out.infotexts) == 2
+    assert hasattr(out.images[1], "size") and webui.saved
