@@ -311,7 +311,8 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
         return None
     job = Job(settings, webui or WebUI())
     setattr(p, JOB_ATTR, job)
-    p.extra_generation_params.update(settings.infotext_params())
+    # a new dict: X/Y/Z cells are shallow copies of one p and would share it
+    p.extra_generation_params = {**p.extra_generation_params, **settings.infotext_params()}
     return job
 
 

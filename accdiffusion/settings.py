@@ -218,12 +218,12 @@ class AccDiffusionSettings:
 
     @classmethod
     def from_script_args(cls, args: Iterable[Any]) -> "AccDiffusionSettings":
-        """What a script receives: either one dict of named settings (API) or positional values."""
+        """What a script receives: either positional values, or a dict of named settings first
+        (the API copies ``args`` over the UI defaults, so the defaults follow the dict and are
+        ignored)."""
         args = list(args)
-        if len(args) == 1 and isinstance(args[0], Mapping):
-            return cls.from_dict(args[0])
         if args and isinstance(args[0], Mapping):
-            raise SettingsError("AccDiffusion: pass either one dict of named settings or positional values, not both")
+            return cls.from_dict(args[0])
         return cls.from_positional(args)
 
     def replace(self, **changes: Any) -> "AccDiffusionSettings":

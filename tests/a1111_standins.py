@@ -223,12 +223,15 @@ class KDiffusionSamplerStandIn:
         import k_diffusion.sampling
 
         k_diffusion.sampling.torch = TorchHijack(p)  # what Sampler.initialize does (296)
-        self.model_wrap_cfg.step = 0
-        extra = {"cond": c, "image_cond": image_conditioning, "uncond": uc, "cond_scale": p.cfg_scale,
-                 "s_min_uncond": 0.0}
-        self.last_latent = xi
-        return self.launch_sampling(lambda: self.func(self.model_wrap_cfg, xi, sigmas, extra_args=extra,
-                                                      disable=True, callback=self.callback_state))
+        try:
+            self.model_wrap_cfg.step = 0
+            extra = {"cond": c, "image_cond": image_conditioning, "uncond": uc, "cond_scale": p.cfg_scale,
+                     "s_min_uncond": 0.0}
+            self.last_latent = xi
+            return self.launch_sampling(lambda: self.func(self.model_wrap_cfg, xi, sigmas, extra_args=extra,
+                                                          disable=True, callback=self.callback_state))
+        finally:
+            k_diffusion.sampling.torch = torch  # the WebUI leaves it set; the other tests need it back
 
     def sample(self, p, x, c, uc, image_conditioning=None):
         sigmas = self.model_wrap.get_sigmas(p.steps)

@@ -1,0 +1,159 @@
+"""Opt-in tests against a running WebUI with the extension installed (A1111 1.10 or Forge).
+
+    SD_WEBUI_URL=http://127.0.0.1:7860 .venv/bin/python -m pytest -q tests/live
+
+Optional: SD_WEBUI_PLAIN_URL, the same WebUI and model started without the extension
+(``--disable-all-extensions``), for the "disabled is bit-identical to not installed" check;
+SD_WEBUI_FORGE=1 adds the request fields Forge needs for a hires job.
+Use a tiny model (../shared/tinymodel): images are small and every request takes seconds.
+"""
+
+import base64
+import hashlib
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+URL = os.environ.get("SD_WEBUI_URL")
+PLAIN_URL = os.environ.get("SD_WEBUI_PLAIN_URL")
+FORGE = os.environ.get("SD_WEBUI_FORGE") == "1"
+pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
+
+PROMPT = "a red-haired astronaut riding a horse on the moon"
+
+
+def call(path, body=None, url=None, method=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request((url or URL).rstrip("/") + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode() or "{}")
+
+
+def txt2img(url=None, acc=None, **overrides):
+    body = {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64,
+            "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6,
+            "seed": 7, "sampler_name": "Euler", "cfg_scale": 5, "hr_sampler_name": "Euler"}
+    if FORGE:
+        body.update(hr_additional_modules=["Use same choices"], hr_cfg=body["cfg_scale"])
+    body.update(overrides)
+    if acc is not None:
+        body["alwayson_scripts"] = {"AccDiffusion": {"args": [acc]}}
+    status, out = call("/sdapi/v1/txt2img", body, url)
+    assert status == 200, out
+    return out
+
+
+def digests(out):
+    return [hashlib.sha256(base64.b64decode(i)).hexdigest() for i in out["images"]]
+
+
+def sizes(out):
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(base64.b64decode(i))).size for i in out["images"]]
+
+
+def infotext(out, i=0):
+    return json.loads(out["info"])["infotexts"][i]
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M"])
+@pytest.mark.parametrize("size,scale", [((64, 96), 2), ((64, 64), 1.5), ((64, 64), 3)])
+def test_hires_pass_runs_and_is_reproducible(sampler, size, scale):
+    w, h = size
+    kw = dict(width=w, height=h, hr_scale=scale, sampler_name=sampler, hr_sampler_name=sampler)
+    on = txt2img(acc={"enabled": True}, **kw)
+    again = txt2img(acc={"enabled": True}, **kw)
+    off = txt2img(acc={"enabled": False}, **kw)
+    assert sizes(on) == [(int(w * scale), int(h * scale))]
+    assert digests(on) == digests(again)
+    assert digests(on) != digests(off)
+    assert "AccDiffusion: True" in infotext(on)
+    assert "AccDiffusion" not in infotext(off)
+
+
+def test_batch_of_two():
+    out = txt2img(acc={"enabled": True}, batch_size=2, prompt=PROMPT, seed=3)
+    assert len(out["images"]) == 2 and sizes(out) == [(128, 128)] * 2
+
+
+def test_positional_args_work_like_the_dict():
+    named = txt2img(acc={"enabled": True, "patch_prompt_threshold": 0.4})
+    status, out = call("/sdapi/v1/txt2img", {
+        **{k: v for k, v in json.loads(named["parameters"] if isinstance(named["parameters"], str) else json.dumps(named["parameters"])).items()
+           if k in ("prompt", "negative_prompt", "steps", "width", "height", "enable_hr", "hr_scale",
+                    "hr_upscaler", "denoising_strength", "seed", "sampler_name", "cfg_scale",
+                    "hr_sampler_name", "hr_additional_modules", "hr_cfg")},
+        "alwayson_scripts": {"AccDiffusion": {"args": [True, True, 0.4]}}})
+    assert status == 200, out
+    assert digests(out) == digests(named)
+
+
+def test_bad_arguments_are_rejected_with_a_message():
+    body = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "enable_hr": True, "hr_scale": 2,
+            "hr_upscaler": "Latent", "hr_sampler_name": "Euler",
+            "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True, "patch_prompt_threshold": 1.5}]}}}
+    if FORGE:
+        body.update(hr_additional_modules=["Use same choices"], hr_cfg=7)
+    status, out = call("/sdapi/v1/txt2img", body)
+    assert status >= 400
+    assert "patch_prompt_threshold" in json.dumps(out)
+    status, out = call("/sdapi/v1/txt2img", {**body, "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True, "treshold": 0.3}]}}})
+    assert status >= 400 and "treshold" in json.dumps(out)
+
+
+def test_infotext_round_trip_reproduces_the_image():
+    first = txt2img(acc={"enabled": True, "patch_prompt_threshold": 0.45, "sigma": 1.0})
+    text = infotext(first)
+    assert "AccDiffusion patch prompt threshold: 0.45" in text and "AccDiffusion sigma: 1.0" in text
+    body = {"infotext": text, "hr_sampler_name": "Euler"}
+    if FORGE:
+        body.update(hr_additional_modules=["Use same choices"], hr_cfg=5)
+    status, out = call("/sdapi/v1/txt2img", body)
+    assert status == 200, out
+    assert digests(out) == digests(first)
+
+
+def test_settings_schema_endpoint():
+    status, schema = call("/accdiffusion/v1/settings")
+    assert status == 200
+    assert schema["properties"]["patch_prompt_threshold"]["default"] == 0.3
+
+
+def test_xyz_grid_over_threshold():
+    status, scripts = call("/sdapi/v1/script-info")
+    assert status == 200
+    body = {"prompt": PROMPT, "steps": 3, "width": 128, "height": 128, "enable_hr": True, "hr_scale": 2,
+            "hr_upscaler": "Latent", "hr_sampler_name": "Euler", "seed": 5, "denoising_strength": 0.6,
+            "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True}]}},
+            "script_name": "x/y/z plot"}
+    if FORGE:
+        body.update(hr_additional_modules=["Use same choices"], hr_cfg=7)
+    # the axis index is its position in the txt2img X/Y/Z list: find it from the script's own choices
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = xyz["args"][0]["choices"]
+    axis = choices.index("AccDiffusion Patch prompt threshold")
+    body["script_args"] = [axis, "0.05,0.95", [], 0, "", [], 0, "", [], True, True, False, False,
+                           False, False, False, 0, False]
+    status, out = call("/sdapi/v1/txt2img", body)
+    assert status == 200, out
+    assert len(out["images"]) == 3  # grid + two cells
+    grid, low, high = digests(out)
+    assert low != high  # c changes the tile prompts, so the image
+    assert 'X Values: "0.05,0.95"' in json.loads(out["info"])["infotexts"][0]
+
+
+@pytest.mark.skipif(not PLAIN_URL, reason="set SD_WEBUI_PLAIN_URL to a WebUI without the extension")
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_disabled_is_identical_to_not_installed(sampler):
+    kw = dict(width=64, height=96, sampler_name=sampler, hr_sampler_name=sampler)
+    assert digests(txt2img(acc={"enabled": False}, **kw)) == digests(txt2img(url=PLAIN_URL, **kw))
+    assert digests(txt2img(**kw)) == digests(txt2img(url=PLAIN_URL, **kw))
