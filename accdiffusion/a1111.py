@@ -371,7 +371,7 @@ def _make_sample(p: Any, job: Job) -> Callable[..., Any]:
                 recorder = AttentionRecorder((p.height // 8, p.width // 8), len(prompts))
                 positives = positive_texts(conditioning)
                 recorder.resolve_rows = lambda context: [row_image(t, positives) for t in context]
-                job.recorder = recorder.attach(find_cross_attention(unet))
+                job.recorder = recorder.attach(find_cross_attention(unet, include_middle=False))
             return cls_sample(p, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)
         finally:
             job.end_batch()

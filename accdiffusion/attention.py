@@ -25,10 +25,15 @@ def is_cross_attention(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in ("to_q", "to_k", "heads"))
 
 
-def find_cross_attention(unet: nn.Module) -> list[nn.Module]:
-    """Every ``attn2`` (cross-attention) module of a UNet, in module order."""
+MIDDLE_BLOCK_NAMES = ("middle_block", "mid_block")  # ldm/sgm, diffusers
+
+
+def find_cross_attention(unet: nn.Module, include_middle: bool = True) -> list[nn.Module]:
+    """Every ``attn2`` (cross-attention) module of a UNet, in module order; the recorder leaves out
+    the middle block, as the reference does (up and down blocks only)."""
     return [m for name, m in unet.named_modules()
-            if name.split(".")[-1] == "attn2" and is_cross_attention(m)]
+            if name.split(".")[-1] == "attn2" and is_cross_attention(m)
+            and (include_middle or not any(part in MIDDLE_BLOCK_NAMES for part in name.split(".")))]
 
 
 def downsampled_size(length: int, factor: int) -> int:
@@ -52,7 +57,9 @@ class AttentionRecorder:
         self.row_images: Sequence[int | None] = ()
         # optional: derive row_images from each call's context (hosts whose batch layout varies)
         self.resolve_rows: Callable[[torch.Tensor], Sequence[int | None]] | None = None
-        self.sums: torch.Tensor | None = None  # [images, tokens, gh*gw], float32
+        self._resolved_context: torch.Tensor | None = None
+        self._resolved_rows: list[int | None] = []
+        self.sums: torch.Tensor | None = None  # [images, tokens, gh*gw], float32, on the UNet's device
         self.counts = torch.zeros(num_images, dtype=torch.long)
         self._attached: list[tuple[nn.Module, Any]] = []
 
@@ -66,6 +73,7 @@ class AttentionRecorder:
 
     def detach(self) -> None:
         """Leave every module exactly as it was (including someone else's instance forward)."""
+        self._resolved_context = None
         while self._attached:
             module, previous = self._attached.pop()
             if previous is _NO_INSTANCE_FORWARD:
@@ -117,20 +125,24 @@ class AttentionRecorder:
         q = q.view(b, n, heads, dim_head).transpose(1, 2)
         k = k.view(b, k.shape[1], heads, dim_head).transpose(1, 2)
         probs = torch.softmax(q @ k.transpose(-1, -2) * dim_head ** -0.5, dim=-1)  # [b, h, n, m]
-        token_maps = probs.mean(dim=1).transpose(1, 2).cpu()  # [b, m, n]
+        token_maps = probs.mean(dim=1).transpose(1, 2)  # [b, m, n]; stays on the device: no sync
         self._accumulate([img for _, img in rows], token_maps)
 
     def _rows_for(self, context: torch.Tensor) -> Sequence[int | None]:
-        # resolved on every call (a few row comparisons): a cache keyed on the tensor could be
-        # fooled by the next call's context reusing the same memory
-        return self.row_images if self.resolve_rows is None else self.resolve_rows(context)
+        if self.resolve_rows is None:
+            return self.row_images
+        # every attn2 of one UNet call gets the same context object: resolve it once per call (the
+        # held reference keeps that object alive, so identity cannot be confused with a new one)
+        if context is not self._resolved_context:
+            self._resolved_context, self._resolved_rows = context, list(self.resolve_rows(context))
+        return self._resolved_rows
 
     def _accumulate(self, images: list[int], token_maps: torch.Tensor) -> None:
         tokens = token_maps.shape[1]
         if self.sums is None:
-            self.sums = torch.zeros(self.num_images, tokens, token_maps.shape[2])
+            self.sums = token_maps.new_zeros(self.num_images, tokens, token_maps.shape[2])
         elif self.sums.shape[1] < tokens:  # a longer context than seen so far (prompt editing)
-            grown = torch.zeros(self.num_images, tokens, self.sums.shape[2])
+            grown = token_maps.new_zeros(self.num_images, tokens, self.sums.shape[2])
             grown[:, : self.sums.shape[1]] = self.sums
             self.sums = grown
         for row, img in enumerate(images):
@@ -142,7 +154,7 @@ class AttentionRecorder:
         """[tokens, gh, gw] mean attention of one image, or None if nothing was recorded."""
         if self.sums is None or self.counts[image] == 0:
             return None
-        return (self.sums[image] / self.counts[image]).view(-1, *self.grid)
+        return (self.sums[image] / self.counts[image]).view(-1, *self.grid).cpu()
 
     def nbytes(self) -> int:
         return 0 if self.sums is None else self.sums.numel() * self.sums.element_size()

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
-    host = Host(build_unet(args.model).to(device), load_tokenizer(args.tokenizer),
-                vector_conditioning=args.model != "sd1")
+    host = Host(build_unet(args.model), load_tokenizer(args.tokenizer),
+                vector_conditioning=args.model != "sd1").to(device)
     size = (args.base, args.base)
     settings = AccDiffusionSettings(enabled=True, tile_batch_size=args.tile_batch_size)
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=args.fp16)

@@ -110,6 +110,11 @@ class Host:
         g = torch.Generator().manual_seed(self.embed_seed)
         self._embedding = torch.randn(len(self.tokenizer), dim, generator=g)
 
+    def to(self, device: torch.device | str) -> "Host":
+        self.unet.to(device)
+        self.denoiser.to(device)
+        return self
+
     @property
     def transformer_depth(self) -> int:
         return max(len(m.transformer_blocks) for m in self.unet.modules() if hasattr(m, "transformer_blocks"))
@@ -223,7 +228,7 @@ def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[in
 
     try:
         if recorder:
-            recorder.attach(find_cross_attention(host.unet))
+            recorder.attach(find_cross_attention(host.unet, include_middle=False))
         with torch.no_grad():
             latent = getattr(sampling, SAMPLERS[sampler])(model, x * sigmas[0], sigmas, disable=True)
     finally:
