@@ -37,16 +37,6 @@ def parse_bool(text: Any) -> bool:
 
 # --- settings for one job ------------------------------------------------------------------------
 
-def settings_from_args(args: Sequence[Any]) -> AccDiffusionSettings:
-    """Script args as the WebUI passes them: UI/API positional values in ``FIELDS`` order, or a dict
-    of named settings first. The API copies ``alwayson_scripts[...]["args"]`` over the default
-    positional values, so a dict arrives followed by the UI defaults: those are padding, ignored."""
-    args = list(args)
-    if args and isinstance(args[0], Mapping):
-        return AccDiffusionSettings.from_dict(args[0])
-    return AccDiffusionSettings.from_script_args(args)
-
-
 def apply_overrides(settings: AccDiffusionSettings,
                     overrides: Mapping[str, Any] | None) -> AccDiffusionSettings:
     if not overrides:
@@ -59,15 +49,7 @@ def apply_overrides(settings: AccDiffusionSettings,
 
 def job_settings(args: Sequence[Any], overrides: Mapping[str, Any] | None) -> AccDiffusionSettings:
     """The settings of one generation: script args, then XYZ overrides. SettingsError if invalid."""
-    return apply_overrides(settings_from_args(args), overrides)
-
-
-def unshare_generation_params(p: Any) -> None:
-    """Give ``p`` its own ``extra_generation_params``: X/Y/Z cells are shallow copies of one p, so
-    infotext keys written into the shared dict by one cell would show up in every later cell."""
-    params = getattr(p, "extra_generation_params", None)
-    if isinstance(params, dict):
-        p.extra_generation_params = dict(params)
+    return apply_overrides(AccDiffusionSettings.from_script_args(args), overrides)
 
 
 def requested_enabled(args: Sequence[Any], overrides: Mapping[str, Any] | None) -> bool:

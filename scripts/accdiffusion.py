@@ -78,7 +78,6 @@ class AccDiffusionScript(scripts.Script):
 
     def process(self, p, *args):
         overrides = getattr(p, glue.OVERRIDES_ATTR, None)
-        glue.unshare_generation_params(p)
         try:
             settings = glue.job_settings(args, overrides)
         except SettingsError as error:

@@ -360,12 +360,3 @@ def test_script_with_stand_ins(monkeypatch):
     bad[0] = False
     script.process(types.SimpleNamespace(), *bad)  # disabled: invalid values are ignored
     assert calls == []
-
-
-def test_unshare_generation_params():
-    shared = {"X Type": "Sigma"}
-    cell = types.SimpleNamespace(extra_generation_params=shared)
-    glue.unshare_generation_params(cell)
-    cell.extra_generation_params["AccDiffusion"] = True
-    assert shared == {"X Type": "Sigma"}
-    glue.unshare_generation_params(types.SimpleNamespace())  # no attribute: nothing to do

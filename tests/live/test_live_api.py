@@ -157,3 +157,41 @@ def test_disabled_is_identical_to_not_installed(sampler):
     kw = dict(width=64, height=96, sampler_name=sampler, hr_sampler_name=sampler)
     assert digests(txt2img(acc={"enabled": False}, **kw)) == digests(txt2img(url=PLAIN_URL, **kw))
     assert digests(txt2img(**kw)) == digests(txt2img(url=PLAIN_URL, **kw))
+
+
+@pytest.mark.parametrize("extra", [
+    {"hr_upscaler": "Lanczos"},  # a pixel upscaler for the first jump
+    {"hr_scale": 1, "hr_resize_x": 160, "hr_resize_y": 96},  # another aspect ratio: cropped like the WebUI
+    {"hr_prompt": PROMPT + ", golden light"},  # a hires prompt of its own
+    {"prompt": "a cat AND a dog"},
+    {"prompt": "a (red:1.4) BREAK [blue] car, masterpiece"},
+])
+def test_hires_variants(extra):
+    out = txt2img(acc={"enabled": True, "tiled_decode": "on"}, **extra)
+    w = extra.get("hr_resize_x") or 128
+    h = extra.get("hr_resize_y") or 128
+    assert sizes(out) == [(w, h)]
+    assert "AccDiffusion: True" in infotext(out)
+
+
+def test_interrupt_leaves_the_webui_ready():
+    import threading
+    import time
+
+    kw = dict(width=128, height=128, hr_scale=3, steps=8, hr_second_pass_steps=8, seed=11)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=txt2img(acc={"enabled": True}, **kw)))
+    worker.start()
+    for _ in range(200):  # wait until the hires pass has started
+        status, progress = call("/sdapi/v1/progress?skip_current_image=true", method="GET")
+        if progress.get("state", {}).get("job_no", 0) >= 1:
+            break
+        time.sleep(0.05)
+    call("/sdapi/v1/interrupt", {})
+    worker.join(timeout=300)
+    assert "out" in result  # the interrupted job still answers with what it had
+    small = dict(seed=12)
+    first = txt2img(acc={"enabled": True}, **small)
+    assert digests(first) == digests(txt2img(acc={"enabled": True}, **small))
+    if PLAIN_URL:
+        assert digests(txt2img(acc={"enabled": False}, **small)) == digests(txt2img(url=PLAIN_URL, **small))
