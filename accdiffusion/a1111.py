@@ -306,6 +306,8 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
         log.info("AccDiffusion is enabled but Hires. fix is off: nothing to do")
         return None
     reason = unsupported_reason(p)
+    if getattr(p, "refiner_checkpoint", None) not in (None, "", "None"):
+        reason = "the refiner swaps the model during sampling, which the tiled pass cannot follow"
     if reason:
         _comment(p, f"AccDiffusion: {reason}; the WebUI's own hires fix ran instead.")
         return None

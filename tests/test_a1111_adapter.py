@@ -231,3 +231,11 @@ def test_upscale_of_an_existing_image_falls_back_to_stock_hires(sd1_model):
     assert any("existing image" in c for c in p.comments)
     assert out.images[0].shape == (3, 128, 128) and len(webui.samplers) == 2
     assert_clean(p, sd1_model, webui)
+
+
+def test_refiner_is_declined_with_a_message(sd1_model):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    p.refiner_checkpoint = "sdxl_refiner.safetensors"
+    assert a1111.start_job(p, ON, webui=webui) is None
+    assert any("refiner" in c for c in p.comments)
