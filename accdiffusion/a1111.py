@@ -130,6 +130,9 @@ class WebUI:
 
     def text_embedder(self, model: Any) -> Any:
         """The CLIP embedder whose tokens the UNet sees (SDXL: the first, CLIP-L; sd_models_xl.py:65-87)."""
+        for forge_engine in ("text_processing_engine_l", "text_processing_engine"):  # Forge
+            if getattr(model, forge_engine, None) is not None:
+                return getattr(model, forge_engine)
         conditioner = getattr(model, "conditioner", None)
         if conditioner is not None:
             return next(e for e in conditioner.embedders if hasattr(e, "tokenize_line"))
@@ -176,6 +179,10 @@ class WebUI:
 
 
 # --- supported models ---------------------------------------------------------------------------
+def is_forge(p: Any) -> bool:
+    return hasattr(p.sd_model, "forge_objects")
+
+
 def unsupported_reason(p: Any) -> str | None:
     """Why the model cannot be served (the stock hires fix runs instead), or None."""
     model = p.sd_model
@@ -267,13 +274,15 @@ class Job:
     settings: AccDiffusionSettings
     webui: Any
     error: Exception | None = None
+    backend: Any = None  # A1111Backend or forge.ForgeBackend
     recorder: AttentionRecorder | None = None
     tile_maps: list[TileMapData] = field(default_factory=list)
     stage_stats: list[StageStats] = field(default_factory=list)
-    _restore: list[Callable[[], None]] = field(default_factory=list)
+    _restore: list[Callable[[], None]] = field(default_factory=list)  # pass and stage hooks
+    _batch_restore: list[Callable[[], None]] = field(default_factory=list)  # p.sample overrides
 
     # --- hooks -------------------------------------------------------------------------------
-    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+    def set_attr(self, obj: Any, name: str, value: Any, batch: bool = False) -> None:
         """Set an instance attribute and remember how to undo it exactly."""
         previous = obj.__dict__.get(name, _NO_ATTR)
         setattr(obj, name, value)
@@ -284,7 +293,7 @@ class Job:
             else:
                 obj.__dict__[name] = previous
 
-        self._restore.append(undo)
+        (self._batch_restore if batch else self._restore).append(undo)
 
     def undo_hooks(self) -> None:
         while self._restore:
@@ -294,7 +303,43 @@ class Job:
 
     def end_batch(self) -> None:
         self.undo_hooks()
+        while self._batch_restore:
+            self._batch_restore.pop()()
         self.recorder = None
+
+
+class A1111Backend:
+    """How AUTOMATIC1111 is hooked: instance forwards on the ldm/sgm attn2 modules and on the
+    sampler's k-diffusion denoiser."""
+
+    def unsupported_reason(self, p: Any) -> str | None:
+        return unsupported_reason(p)
+
+    def start_recording(self, p: Any, job: "Job", conditioning: Any, prompts: Sequence[str]) -> AttentionRecorder:
+        recorder = AttentionRecorder((p.height // 8, p.width // 8), len(prompts))
+        positives = positive_texts(conditioning)
+        recorder.resolve_rows = lambda context: [row_image(t, positives) for t in context]
+        return recorder.attach(find_cross_attention(p.sd_model.model.diffusion_model, include_middle=False))
+
+    def before_sampling(self, p: Any, job: "Job") -> None:
+        """Nothing to do here on A1111: the recorder is attached for the whole first pass."""
+
+    def prepare_stage(self, p: Any, job: "Job") -> None:
+        """Nothing to reset on A1111 between stages."""
+
+    def hook_stage(self, job: "Job", p: Any, sampler: Any, denoiser: StageDenoiser,
+                   positives: list[list[torch.Tensor]], tile_schedules: list[list | None],
+                   windows: list[Window]) -> None:
+        _hook_sampler(job, sampler, denoiser, positives, tile_schedules, windows,
+                      job.webui.sdxl_crop_embedder(p.sd_model))
+
+
+def backend_for(p: Any) -> Any:
+    if is_forge(p):
+        from .forge import ForgeBackend
+
+        return ForgeBackend()
+    return A1111Backend()
 
 
 def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job | None:
@@ -305,13 +350,14 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
     if not getattr(p, "enable_hr", False):
         log.info("AccDiffusion is enabled but Hires. fix is off: nothing to do")
         return None
-    reason = unsupported_reason(p)
+    backend = backend_for(p)
+    reason = backend.unsupported_reason(p)
     if getattr(p, "refiner_checkpoint", None) not in (None, "", "None"):
         reason = "the refiner swaps the model during sampling, which the tiled pass cannot follow"
     if reason:
         _comment(p, f"AccDiffusion: {reason}; the WebUI's own hires fix ran instead.")
         return None
-    job = Job(settings, webui or WebUI())
+    job = Job(settings, webui or WebUI(), backend=backend)
     setattr(p, JOB_ATTR, job)
     # a new dict: X/Y/Z cells are shallow copies of one p and would share it
     p.extra_generation_params = {**p.extra_generation_params, **settings.infotext_params()}
@@ -328,8 +374,15 @@ def before_batch(p: Any) -> None:
     job: Job | None = getattr(p, JOB_ATTR, None)
     if job is None:
         return
-    job.set_attr(p, "sample", _make_sample(p, job))
-    job.set_attr(p, "sample_hr_pass", _make_hr_pass(p, job))
+    job.set_attr(p, "sample", _make_sample(p, job), batch=True)
+    job.set_attr(p, "sample_hr_pass", _make_hr_pass(p, job), batch=True)
+
+
+def before_sampling(p: Any) -> None:
+    """From the script's ``process_before_every_sampling`` (Forge installs its patches there)."""
+    job: Job | None = getattr(p, JOB_ATTR, None)
+    if job is not None and job.error is None and job.backend is not None:
+        job.backend.before_sampling(p, job)
 
 
 def finish_job(p: Any, processed: Any) -> None:
@@ -338,7 +391,7 @@ def finish_job(p: Any, processed: Any) -> None:
     if job is None:
         return
     try:
-        job.undo_hooks()
+        job.end_batch()
         if job.settings.tile_prompt_map and job.tile_maps:
             from .tilemap import draw_tile_prompt_map
 
@@ -369,11 +422,7 @@ def _make_sample(p: Any, job: Job) -> Callable[..., Any]:
             if job.error is not None:
                 raise AccDiffusionError(str(job.error)) from job.error
             if job.settings.patch_prompts and getattr(p, "firstpass_image", None) is None:
-                unet = p.sd_model.model.diffusion_model
-                recorder = AttentionRecorder((p.height // 8, p.width // 8), len(prompts))
-                positives = positive_texts(conditioning)
-                recorder.resolve_rows = lambda context: [row_image(t, positives) for t in context]
-                job.recorder = recorder.attach(find_cross_attention(unet, include_middle=False))
+                job.recorder = job.backend.start_recording(p, job, conditioning, prompts)
             return cls_sample(p, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)
         finally:
             job.end_batch()
@@ -436,7 +485,6 @@ def run_hires(p: Any, job: Job, samples: torch.Tensor, decoded_samples: torch.Te
         width, height = p.hr_upscale_to_x, p.hr_upscale_to_y
         cache: EncodeCache[list] = EncodeCache(lambda prompts: webui.learned_conditioning(p, prompts, width, height))
         positives = positive_texts(p.hr_c)
-        crop_embed = webui.sdxl_crop_embedder(p.sd_model)
 
         latent = samples
         for stage in stages:
@@ -458,10 +506,11 @@ def run_hires(p: Any, job: Job, samples: torch.Tensor, decoded_samples: torch.Te
             p.sampler = sampler
             denoiser = StageDenoiser(stage, windows, settings, int(p.seeds[0]), sampler.model_wrap.sigma_to_t,
                                      reference=x_up, noise=noise)
+            job.backend.prepare_stage(p, job)
             if p.scripts is not None:
                 p.scripts.process_before_every_sampling(p=p, x=x_up, noise=noise, c=p.hr_c, uc=p.hr_uc)
             try:
-                _hook_sampler(job, sampler, denoiser, positives, tile_schedules, windows, crop_embed)
+                job.backend.hook_stage(job, p, sampler, denoiser, positives, tile_schedules, windows)
                 latent = sampler.sample_img2img(p, x_up, noise, p.hr_c, p.hr_uc, steps=steps,
                                                 image_conditioning=p.txt2img_image_conditioning(x_up))
             finally:
@@ -522,17 +571,38 @@ def _image_plans(p: Any, job: Job) -> list[ImagePromptPlan | None]:
     return plans
 
 
+def hook_skip_residual(job: Job, sampler: Any, denoiser: StageDenoiser) -> None:
+    """The CFG denoiser is called with the sampler's own x: the skip residual goes in there."""
+    cfg = sampler.model_wrap_cfg
+    cfg_forward = cfg.forward
+
+    def skip_residual_forward(x: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        denoiser.skip_residual_(x, sigma)
+        return cfg_forward(x, sigma, *args, **kwargs)
+
+    job.set_attr(cfg, "forward", skip_residual_forward)
+
+
+def tile_conditions(rows: Sequence[dict], positives: list[list[torch.Tensor]],
+                    tile_schedules: list[list | None], windows: list[Window],
+                    tile_row: Callable[[dict, list, Window], dict]) -> list[list[dict] | None]:
+    """Per row of a model call: one conditioning per window when the row carries an image's
+    positive prompt, else None (the row keeps its own conditioning in every window)."""
+    out: list[list[dict] | None] = []
+    for row in rows:
+        image = row_image(text_of(row), positives)
+        schedule = tile_schedules[image] if image is not None else None
+        out.append([tile_row(row, schedule[w], win) for w, win in enumerate(windows)] if schedule else None)
+    return out
+
+
 def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: list[list[torch.Tensor]],
                   tile_schedules: list[list | None], windows: list[Window],
                   crop_embed: Callable[[int, int], torch.Tensor] | None) -> None:
     cfg = sampler.model_wrap_cfg
     inner = cfg.inner_model
-    cfg_forward, inner_forward = cfg.forward, inner.forward
+    inner_forward = inner.forward
     crop_offset: dict[str, int | None] = {}
-
-    def skip_residual_forward(x: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        denoiser.skip_residual_(x, sigma)
-        return cfg_forward(x, sigma, *args, **kwargs)
 
     def tile_row(row: dict, schedule: list, window: Window) -> dict:
         cond = schedule_entry(schedule, cfg.step)
@@ -549,19 +619,13 @@ def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: li
 
     def fused_forward(x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None, **kwargs: Any) -> torch.Tensor:
         rows = split_cond(cond)
-        row_tile_conds: list[list[dict] | None] = []
-        for row in rows:
-            image = row_image(text_of(row), positives)
-            schedule = tile_schedules[image] if image is not None else None
-            row_tile_conds.append([tile_row(row, schedule[w], win) for w, win in enumerate(windows)]
-                                  if schedule else None)
 
         def row_model(xs: torch.Tensor, sigmas: torch.Tensor, conds: Sequence[dict]) -> torch.Tensor:
             return inner_forward(xs, sigmas, cond=stack_cond(conds, cond), **kwargs)
 
-        return denoiser(row_model, x, sigma, rows, row_tile_conds)
+        return denoiser(row_model, x, sigma, rows, tile_conditions(rows, positives, tile_schedules, windows, tile_row))
 
-    job.set_attr(cfg, "forward", skip_residual_forward)
+    hook_skip_residual(job, sampler, denoiser)
     job.set_attr(inner, "forward", fused_forward)
 
 

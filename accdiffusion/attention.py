@@ -117,16 +117,23 @@ class AttentionRecorder:
         if not rows:
             return
         index = torch.tensor([r for r, _ in rows], device=x.device)
-        q = module.to_q(x.index_select(0, index)).float()
-        k = module.to_k(context.index_select(0, index)).float()
-        heads = module.heads
+        q = module.to_q(x.index_select(0, index))
+        k = module.to_k(context.index_select(0, index))
+        self.add_qk(q, k, module.heads, [img for _, img in rows])
+
+    @torch.no_grad()
+    def add_qk(self, q: torch.Tensor, k: torch.Tensor, heads: int, images: Sequence[int]) -> None:
+        """Add softmax(QKᵀ/√d), averaged over heads, of projected queries [b, n, heads·d] and keys
+        [b, m, heads·d] (row i belongs to ``images[i]``): hosts that hand out q and k (Forge's
+        attention patches) call this directly."""
+        q, k = q.float(), k.float()
         b, n, inner = q.shape
         dim_head = inner // heads
-        q = q.view(b, n, heads, dim_head).transpose(1, 2)
-        k = k.view(b, k.shape[1], heads, dim_head).transpose(1, 2)
+        q = q.reshape(b, n, heads, dim_head).transpose(1, 2)
+        k = k.reshape(b, k.shape[1], heads, dim_head).transpose(1, 2)
         probs = torch.softmax(q @ k.transpose(-1, -2) * dim_head ** -0.5, dim=-1)  # [b, h, n, m]
         token_maps = probs.mean(dim=1).transpose(1, 2)  # [b, m, n]; stays on the device: no sync
-        self._accumulate([img for _, img in rows], token_maps)
+        self._accumulate(list(images), token_maps)
 
     def _rows_for(self, context: torch.Tensor) -> Sequence[int | None]:
         if self.resolve_rows is None:

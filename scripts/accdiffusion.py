@@ -96,6 +96,11 @@ class AccDiffusionScript(scripts.Script):
             from accdiffusion import a1111
             a1111.before_batch(p)
 
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        if getattr(p, glue.JOB_ATTR, None) is not None:
+            from accdiffusion import a1111
+            a1111.before_sampling(p)
+
     def postprocess(self, p, processed, *args):
         if getattr(p, glue.JOB_ATTR, None) is not None:
             from accdiffusion import a1111

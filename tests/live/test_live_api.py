@@ -116,7 +116,9 @@ def test_infotext_round_trip_reproduces_the_image():
     assert "AccDiffusion patch prompt threshold: 0.45" in text and "AccDiffusion sigma: 1.0" in text
     body = {"infotext": text, "hr_sampler_name": "Euler"}
     if FORGE:
-        body.update(hr_additional_modules=["Use same choices"], hr_cfg=5)
+        # Forge's apply_infotext calls isinstance(value, list[str]) for the list-typed fields it
+        # fills (styles, hires modules) and fails: the request sets those itself
+        body.update(hr_additional_modules=["Use same choices"], hr_cfg=5, styles=[])
     status, out = call("/sdapi/v1/txt2img", body)
     assert status == 200, out
     assert digests(out) == digests(first)

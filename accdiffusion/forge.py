@@ -1,0 +1,195 @@
+"""Forge 2 backend of the adapter (lllyasviel/stable-diffusion-webui-forge main).
+
+Forge has no ldm/sgm modules and its CFG denoiser never calls a k-diffusion denoiser: it runs
+``backend.sampling.sampling_function`` on ``p.sd_model.forge_objects.unet`` (a ``UnetPatcher``)
+and its ``model_options``. So, with Forge's own patching (backend/patcher/base.py, unet.py):
+
+- first pass: from ``process_before_every_sampling`` (processing.py:1377), a clone of
+  ``forge_objects.unet`` gets an ``attn2`` replace patch on every cross-attention position
+  (base.py:179); the patch receives the projected q and k, feeds the recorder, and returns the
+  same ``attention_function(q, k, v, heads)`` the module would (backend/nn/unet.py:255-265, :155).
+  Forge resets ``forge_objects`` before every sampling (processing.py:1373, :1518), and may call
+  the hook twice per pass: installing on a fresh clone each time is idempotent.
+- hires stages: a clone with a ``model_function_wrapper`` (base.py:146; called at
+  sampling_function.py:270 with ``apply_model`` and {"input", "timestep" (= sigma), "c",
+  "cond_or_uncond"}) runs the fused tiled denoiser; the memory estimators are told that the peak
+  is one batch of windows, not the full latent (unet.py:121, base.py:197, sampling_function.py:208).
+- the batch comes as chunks in ``cond_or_uncond`` order (Forge runs [uncond, cond]); rows are
+  recognised by content, as on A1111, so the order does not matter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .a1111 import Job, hook_skip_residual, schedule_entry, split_cond, tile_conditions
+from .attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
+from .hires import StageDenoiser
+from .tiles import Window
+
+TENSOR_KEYS = ("c_crossattn", "y", "c_concat")
+
+
+def attn2_positions(unet: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(block name, block number, transformer index) of every attn2 outside the middle block, the
+    keys of Forge's ``attn2`` replace patches."""
+    out = []
+    for name, _ in unet.named_modules():
+        parts = name.split(".")
+        if parts[-1] != "attn2" or any(p in MIDDLE_BLOCK_NAMES for p in parts):
+            continue
+        block = {"input_blocks": "input", "output_blocks": "output"}.get(parts[0])
+        if block is None or "transformer_blocks" not in parts:
+            continue
+        out.append((block, int(parts[1]), int(parts[parts.index("transformer_blocks") + 1])))
+    return out
+
+
+def cond_rows_to_images(cond_or_uncond: Sequence[int], rows: int) -> list[int | None]:
+    """Forge batches one chunk per entry of ``cond_or_uncond`` (0 = cond, 1 = uncond), each
+    chunk holding the batch's images in order."""
+    chunk = rows // max(1, len(cond_or_uncond))
+    out: list[int | None] = []
+    for kind in cond_or_uncond:
+        out += list(range(chunk)) if kind == 0 else [None] * chunk
+    return out
+
+
+def transformer_options_for(options: dict, cond_or_uncond: Sequence[int], blocks: int,
+                            sigmas: torch.Tensor) -> dict:
+    """transformer_options for a call of ``blocks`` copies of the original chunk layout (what
+    sampling_function.py:253-259 computes for the full batch)."""
+    layout = list(cond_or_uncond) * blocks
+    chunk = int(sigmas.shape[0]) // max(1, len(layout))
+    out = dict(options)
+    out["cond_or_uncond"] = layout
+    out["sigmas"] = sigmas[:chunk]
+    out["cond_mark"] = torch.tensor([float(k) for k in layout for _ in range(chunk)]).to(sigmas)
+    out["cond_indices"] = [i * chunk + j for i, k in enumerate(layout) if k == 0 for j in range(chunk)]
+    out["uncond_indices"] = [i * chunk + j for i, k in enumerate(layout) if k != 0 for j in range(chunk)]
+    return out
+
+
+class ForgeBackend:
+    def unsupported_reason(self, p: Any) -> str | None:
+        model = p.sd_model
+        if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)
+                or getattr(model, "is_sdxl", False)):
+            return "only SD 1.x, SD 2.x and SDXL models are supported (not Flux, SD3, ...)"
+        if getattr(model, "is_sdxl", False) and getattr(model, "text_processing_engine_l", None) is None:
+            return "the SDXL refiner model is not supported"
+        if getattr(model, "is_inpaint", False):
+            return "inpainting models are not supported"
+        return None
+
+    # --- first pass ---------------------------------------------------------------------------
+    def start_recording(self, p: Any, job: Job, conditioning: Any, prompts: Sequence[str]) -> AttentionRecorder:
+        """Created here, installed by :meth:`before_sampling` (Forge resets the UNet in between)."""
+        return AttentionRecorder((p.height // 8, p.width // 8), len(prompts))
+
+    def before_sampling(self, p: Any, job: Job) -> None:
+        recorder = job.recorder
+        if p.is_hr_pass or recorder is None:
+            return
+        from backend.nn import unet as forge_unet  # the attention function attn2 itself calls
+
+        objects = p.sd_model.forge_objects
+        unet = objects.unet.clone()
+        tokens = recorder.grid[0] * recorder.grid[1]
+
+        def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+            heads = extra["n_heads"]
+            if q.shape[1] == tokens:
+                images = cond_rows_to_images(extra.get("cond_or_uncond", [0]), q.shape[0])
+                rows = [r for r, img in enumerate(images) if img is not None]
+                if rows:
+                    index = torch.tensor(rows, device=q.device)
+                    recorder.add_qk(q.index_select(0, index), k.index_select(0, index), heads,
+                                    [images[r] for r in rows])
+            return forge_unet.attention_function(q, k, v, heads)
+
+        for block, number, index in attn2_positions(unet.model.diffusion_model):
+            unet.set_model_attn2_replace(record, block, number, index)
+        job.set_attr(objects, "unet", unet)
+
+    # --- hires -------------------------------------------------------------------------------
+    def prepare_stage(self, p: Any, job: Job) -> None:
+        """What Forge does before every sampling (processing.py:1373, :1518): start from the UNet
+        with LoRA applied, so the first pass's patches and other extensions' patches of the
+        previous stage are gone."""
+        job.undo_hooks()
+        p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
+
+    def hook_stage(self, job: Job, p: Any, sampler: Any, denoiser: StageDenoiser,
+                   positives: list[list[torch.Tensor]], tile_schedules: list[list | None],
+                   windows: list[Window]) -> None:
+        cfg = sampler.model_wrap_cfg
+        objects = p.sd_model.forge_objects
+        unet = objects.unet.clone()
+
+        def tile_row(row: dict, schedule: list, window: Window) -> dict:
+            cond = schedule_entry(schedule, cfg.step)
+            out = dict(row)
+            if isinstance(cond, dict):  # SDXL: {"crossattn", "vector"}
+                out["c_crossattn"], out["y"] = cond["crossattn"], cond["vector"]
+            else:
+                out["c_crossattn"] = cond
+            return out
+
+        def wrapper(apply_model: Any, args: dict) -> torch.Tensor:
+            x, sigma, c = args["input"], args["timestep"], args["c"]
+            if "control" in c:  # ControlNet units carry full-size hints: no tiling possible
+                return apply_model(x, sigma, **c)
+            tensors = {k: v for k, v in c.items() if k in TENSOR_KEYS and isinstance(v, torch.Tensor)
+                       and v.shape[0] == x.shape[0]}
+            others = {k: v for k, v in c.items() if k not in tensors}
+            rows = split_cond(tensors)
+            options = others.pop("transformer_options", {})
+
+            def row_model(xs: torch.Tensor, sigmas: torch.Tensor, conds: Sequence[dict]) -> torch.Tensor:
+                stacked = stack_rows(conds)
+                blocks = xs.shape[0] // len(rows)
+                topts = transformer_options_for(options, args["cond_or_uncond"], blocks, sigmas)
+                return apply_model(xs, sigmas, **stacked, **others, transformer_options=topts)
+
+            return denoiser(row_model, x, sigma, rows,
+                            tile_conditions(rows, positives, tile_schedules, windows, tile_row))
+
+        unet.set_model_unet_function_wrapper(wrapper)
+        self._per_window_memory(unet, job, windows, denoiser)
+        hook_skip_residual(job, sampler, denoiser)
+        job.set_attr(objects, "unet", unet)
+
+    @staticmethod
+    def _per_window_memory(unet: Any, job: Job, windows: list[Window], denoiser: StageDenoiser) -> None:
+        """Forge sizes its loading and its cond/uncond batching by the full latent; the tiled pass
+        peaks at one batch of windows (or of dilated sub-latents)."""
+        base = unet.model.memory_required
+        win_h = max(max(w.height for w in windows), -(-denoiser.stage.size[0] // denoiser.stage.dilation))
+        win_w = max(max(w.width for w in windows), -(-denoiser.stage.size[1] // denoiser.stage.dilation))
+        per_call = job.settings.tile_batch_size
+
+        def window_shape(shape: Sequence[int]) -> list[int]:
+            return [per_call * int(shape[0]), int(shape[1]), win_h, win_w]
+
+        def per_window(input_shape: Sequence[int]) -> Any:  # Forge passes input_shape= by name
+            return base(window_shape(input_shape))
+
+        unet.set_memory_peak_estimation_modifier(per_window)
+        unet.add_object_patch("memory_required", per_window)
+
+
+def stack_rows(rows: Sequence[dict]) -> dict:
+    """Forge's apply_model takes plain tensors: c_crossattn padded to one token count by
+    repeating the last token."""
+    out = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        if key == "c_crossattn":
+            tokens = max(v.shape[0] for v in values)
+            values = [v if v.shape[0] == tokens else torch.cat([v, v[-1:].expand(tokens - v.shape[0], -1)])
+                      for v in values]
+        out[key] = torch.stack(values)
+    return out
