@@ -1,0 +1,251 @@
+"""Stand-ins for the Forge 2 objects the adapter touches (lllyasviel/stable-diffusion-webui-forge
+main, commit dfdcbab6), on the real ldm UNet and k-diffusion samplers, sharing the A1111
+stand-ins where Forge kept A1111's code (processing, prompt_parser, samplers' k-diffusion loop).
+
+Mirrored:
+- backend/patcher/base.py:79 clone (model_options deep-copied, :83), :146
+  set_model_unet_function_wrapper, :167-180 set_model_attn2_replace → transformer_options
+  ["patches_replace"]["attn2"][(block, number, index)], :197 add_object_patch; unet.py:121
+  set_memory_peak_estimation_modifier
+- backend/sampling/sampling_function.py:154-290 calc_cond_uncond_batch: one chunk per cond entry,
+  order reversed to [uncond, cond] (:187), memory_required(input_shape=...) asked per step
+  (:208-213), transformer_options with cond_or_uncond / sigmas / cond_mark / cond_indices
+  (:253-259), the wrapper called as wrapper(apply_model, {"input", "timestep", "c",
+  "cond_or_uncond"}) (:270-271)
+- backend/modules/k_model.py:25-46 apply_model(x, t=sigma, c_crossattn=, y=, transformer_options=)
+  → denoised
+- backend/nn/unet.py:254-265: an attn2 replace patch gets to_q(n), to_k(ctx), to_v(ctx) and
+  extra_options (n_heads, dim_head, block, cond_or_uncond, ...), its result goes through to_out
+- backend/diffusion_engine/base.py:7-20 ForgeObjects.shallow_copy; processing.py:1373/:1518 reset
+  of forge_objects before sampling; k_diffusion/external.py:41-73 ForgeScheduleLinker (sigma_to_t)
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+
+import torch
+from torch import nn
+
+from accdiffusion.reference import RowCond
+
+from a1111_standins import (KDiffusionSamplerStandIn, StandInEmbedder, StandInModel, Txt2ImgStandIn,
+                            WebUIStandIn, reconstruct_cond_batch, reconstruct_multicond_batch,
+                            InterruptedException)
+
+
+def attention_function(q, k, v, heads, mask=None):
+    b, n, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, -1) @ v
+    return out.transpose(1, 2).reshape(b, n, inner)
+
+
+def install_backend_module() -> None:
+    """``backend.nn.unet.attention_function``, which the adapter's recording patch returns through."""
+    if "backend.nn.unet" in sys.modules:
+        return
+    backend, nn_mod, unet_mod = (types.ModuleType(n) for n in ("backend", "backend.nn", "backend.nn.unet"))
+    unet_mod.attention_function = attention_function
+    backend.nn, nn_mod.unet = nn_mod, unet_mod
+    sys.modules.update({"backend": backend, "backend.nn": nn_mod, "backend.nn.unet": unet_mod})
+
+
+class KModelStandIn(nn.Module):
+    def __init__(self, model: StandInModel):
+        super().__init__()
+        from k_diffusion.external import CompVisDenoiser
+
+        self.host = model.host
+        self.diffusion_model = model.host.unet
+        self.kd = CompVisDenoiser(model)
+        self.memory_calls: list = []
+
+    def memory_required(self, input_shape):
+        self.memory_calls.append(list(input_shape))
+        return 0
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, y=None):
+        patches = transformer_options.get("patches_replace", {}).get("attn2", {})
+        host = self.host
+        conds = [RowCond(c, None if y is None else v) for c, v in zip(c_crossattn, y if y is not None else c_crossattn)]
+        restore = []
+        for name, module in self.diffusion_model.named_modules():  # unet.py:254-265
+            if name.split(".")[-1] != "attn2":
+                continue
+            parts = name.split(".")
+            key = ({"input_blocks": "input", "output_blocks": "output"}.get(parts[0], "middle"),
+                   int(parts[1]) if parts[0] != "middle_block" else 0,
+                   int(parts[parts.index("transformer_blocks") + 1]))
+            if key in patches:
+                def forward(x_, context=None, _m=module, _fn=patches[key], **kw):
+                    extra = {**transformer_options, "n_heads": _m.heads, "block": key[:2], "block_index": key[2]}
+                    return _m.to_out(_fn(_m.to_q(x_), _m.to_k(context), _m.to_v(context), extra))
+                module.forward = forward
+                restore.append(module)
+        try:
+            return self.kd(x, t, cond=conds)
+        finally:
+            for module in restore:
+                del module.forward
+
+
+class UnetPatcherStandIn:
+    def __init__(self, kmodel: KModelStandIn):
+        self.model = kmodel
+        self.model_options = {"transformer_options": {}}
+        self.object_patches = {}
+
+    def clone(self):
+        n = UnetPatcherStandIn(self.model)
+        n.model_options = copy.deepcopy(self.model_options)
+        n.object_patches = dict(self.object_patches)
+        return n
+
+    def set_model_unet_function_wrapper(self, fn):
+        self.model_options["model_function_wrapper"] = fn
+
+    def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        to = self.model_options["transformer_options"]
+        to.setdefault("patches_replace", {}).setdefault("attn2", {})[(block_name, number, transformer_index)] = patch
+
+    def set_memory_peak_estimation_modifier(self, fn):
+        self.model_options["memory_peak_estimation_modifier"] = fn
+
+    def add_object_patch(self, name, obj):
+        self.object_patches[name] = obj
+
+    def memory_required(self, input_shape):
+        return self.object_patches.get("memory_required", self.model.memory_required)(input_shape=input_shape)
+
+
+class ForgeObjects:
+    def __init__(self, unet):
+        self.unet = unet
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet)
+
+
+class ForgeModelStandIn(StandInModel):
+    """ForgeDiffusionEngine: no .model / .cond_stage_model; forge_objects; engine flags."""
+
+    def __init__(self, host, sdxl: bool):
+        super().__init__(host, sdxl)
+        del self.model
+        self.is_sd1, self.is_sd2 = not sdxl, False
+        self.conditioner = None
+        self.cond_stage_model = None
+        if sdxl:
+            self.text_processing_engine_l = StandInEmbedder(host)
+        else:
+            self.text_processing_engine = StandInEmbedder(host)
+        self.kmodel = KModelStandIn(self)
+        self.forge_objects_after_applying_lora = ForgeObjects(UnetPatcherStandIn(self.kmodel))
+        self.forge_objects = self.forge_objects_after_applying_lora.shallow_copy()
+
+    def apply_model(self, x, t, cond):  # the eps call of the k-diffusion wrapper in KModelStandIn
+        return self.host._eps(x, t, cond)
+
+
+def sampling_function(model: ForgeModelStandIn, x, sigma, cond, uncond, cond_scale):
+    """calc_cond_uncond_batch + CFG for plain prompts: chunks [uncond, cond] of B rows each."""
+    unet = model.forge_objects.unet  # re-read on every call (sampling_function.py:326)
+    options = unet.model_options
+    b = x.shape[0]
+    entries = [(cond, 0)] + ([(uncond, 1)] if uncond is not None else [])
+    entries.reverse()  # sampling_function.py:187
+    unet.memory_required([len(entries) * b, *x.shape[1:]])
+    cond_or_uncond = [kind for _, kind in entries]
+    if isinstance(cond, dict):
+        c = {"c_crossattn": torch.cat([e["crossattn"] for e, _ in entries]), "y": torch.cat([e["vector"] for e, _ in entries])}
+    else:
+        c = {"c_crossattn": torch.cat([e for e, _ in entries])}
+    topts = dict(options["transformer_options"])
+    topts["cond_or_uncond"] = cond_or_uncond
+    topts["sigmas"] = sigma
+    topts["cond_indices"] = [i * b + j for i, k in enumerate(cond_or_uncond) if k == 0 for j in range(b)]
+    topts["uncond_indices"] = [i * b + j for i, k in enumerate(cond_or_uncond) if k == 1 for j in range(b)]
+    c["transformer_options"] = topts
+    x_in, t_in = torch.cat([x] * len(entries)), torch.cat([sigma] * len(entries))
+    if "model_function_wrapper" in options:
+        out = options["model_function_wrapper"](model.kmodel.apply_model, {"input": x_in, "timestep": t_in, "c": c,
+                                                                          "cond_or_uncond": cond_or_uncond})
+    else:
+        out = model.kmodel.apply_model(x_in, t_in, **c)
+    chunks = dict(zip(cond_or_uncond, out.chunk(len(entries))))
+    if 1 not in chunks:
+        return chunks[0]
+    return chunks[1] + (chunks[0] - chunks[1]) * cond_scale
+
+
+class ForgeCFGDenoiserStandIn(nn.Module):
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler = sampler
+        self.step = 0
+
+    @property
+    def inner_model(self):
+        return self.sampler.model_wrap
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        state = self.sampler.webui.state
+        if state.interrupted or state.skipped:
+            raise InterruptedException
+        _, cond_t = reconstruct_multicond_batch(cond, self.step)
+        uncond_t = reconstruct_cond_batch(uncond, self.step) if uncond is not None else None
+        out = sampling_function(self.sampler.model, x, sigma, cond_t, uncond_t, cond_scale)
+        self.step += 1
+        return out
+
+
+class ForgeScheduleLinkerStandIn(nn.Module):
+    def __init__(self, kmodel):
+        super().__init__()
+        self.kd = kmodel.kd
+
+    def sigma_to_t(self, sigma):
+        return self.kd.sigma_to_t(sigma)
+
+    def get_sigmas(self, n):
+        return self.kd.get_sigmas(n)
+
+
+class ForgeSamplerStandIn(KDiffusionSamplerStandIn):
+    def __init__(self, funcname, model, webui):
+        super().__init__(funcname, model, webui)
+        self.model = model
+        self.model_wrap = ForgeScheduleLinkerStandIn(model.kmodel)
+        self.model_wrap_cfg = ForgeCFGDenoiserStandIn(self)
+
+
+class ForgeWebUIStandIn(WebUIStandIn):
+    def create_sampler(self, name, model):
+        from a1111_standins import SAMPLER_FUNCS
+
+        sampler = ForgeSamplerStandIn(SAMPLER_FUNCS[name], model, self)
+        self.samplers.append(sampler)
+        return sampler
+
+    def text_embedder(self, model):
+        return getattr(model, "text_processing_engine_l", None) or model.text_processing_engine
+
+
+class ForgeTxt2ImgStandIn(Txt2ImgStandIn):
+    """Forge's sample(): forge_objects reset, then process_before_every_sampling (processing.py:1373-1377)."""
+
+    def __init__(self, *args, adapter=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter = adapter
+        self.pbes_calls = 0
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
+        for _ in range(2):  # Forge may call the hook twice per pass: it must be idempotent
+            self.pbes_calls += 1
+            self.adapter.before_sampling(self)
+        return super().sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)

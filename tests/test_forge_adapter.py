@@ -1,0 +1,104 @@
+"""The Forge backend driven on CPU through stand-ins of Forge 2's patcher and sampling function
+(tests/forge_standins.py) with the real ldm UNet and k-diffusion samplers; the same job flow as
+the A1111 tests (tests/a1111_standins.process_images)."""
+
+import pytest
+import torch
+
+from accdiffusion import a1111, forge
+from accdiffusion.settings import AccDiffusionSettings
+
+from a1111_standins import process_images
+from forge_standins import (ForgeModelStandIn, ForgeTxt2ImgStandIn, ForgeWebUIStandIn,
+                            install_backend_module)
+
+ON = AccDiffusionSettings(enabled=True)
+PROMPT = "a red-haired astronaut riding a horse on the moon"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backend_module():
+    install_backend_module()
+
+
+@pytest.fixture(scope="module")
+def sd1(sd1_host):
+    return ForgeModelStandIn(sd1_host, sdxl=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl(sdxl_host):
+    return ForgeModelStandIn(sdxl_host, sdxl=True)
+
+
+def run(model, settings=ON, **kw):
+    webui = ForgeWebUIStandIn()
+    p = ForgeTxt2ImgStandIn(model, webui, adapter=a1111, **kw)
+    return p, webui, process_images(p, settings, a1111)
+
+
+def assert_clean(p, model, webui):
+    assert model.forge_objects.unet.model_options.get("model_function_wrapper") is None
+    assert "patches_replace" not in model.forge_objects.unet.model_options["transformer_options"]
+    assert all("forward" not in s.model_wrap_cfg.__dict__ for s in webui.samplers)
+    assert "sample" not in p.__dict__ and not hasattr(p, a1111.JOB_ATTR)
+
+
+def test_positions_rows_and_options_helpers(sd1_host):
+    positions = forge.attn2_positions(sd1_host.unet)
+    assert positions and all(block in ("input", "output") for block, _, _ in positions)
+    assert ("input", 1, 0) in positions
+    assert forge.cond_rows_to_images([1, 0], 4) == [None, None, 0, 1]
+    opts = forge.transformer_options_for({"patches": 1}, [1, 0], 3, torch.ones(12))
+    assert opts["cond_or_uncond"] == [1, 0] * 3 and opts["patches"] == 1
+    assert opts["cond_indices"] == [2, 3, 6, 7, 10, 11] and opts["cond_mark"].tolist() == [1, 1, 0, 0] * 3
+
+
+@pytest.mark.parametrize("model_name", ["sd1", "sdxl"])
+@pytest.mark.parametrize("size,scale,stages", [((64, 64), 2.0, 1), ((64, 128), 1.5, 1), ((64, 64), 3.0, 2)])
+def test_hires_pass_through_forge_patching(request, model_name, size, scale, stages):
+    model = request.getfixturevalue(model_name)
+    p, webui, out = run(model, prompts=[PROMPT, "a green dragon"], width=size[1], height=size[0], hr_scale=scale)
+    assert [im.shape for im in out.images] == [(3, p.hr_upscale_to_y, p.hr_upscale_to_x)] * 2
+    assert all(bool(torch.isfinite(im).all()) for im in out.images)
+    assert len(webui.samplers) == 1 + stages
+    assert webui.encoded  # tile prompts were built from maps recorded through the attn2 patches
+    assert p.pbes_calls == 2
+    # Forge's memory estimate was asked with window-sized shapes, not the full latent
+    last = model.kmodel.memory_calls[-1]
+    assert last[2] * last[3] < (p.hr_upscale_to_y // 8) * (p.hr_upscale_to_x // 8)
+    assert last[0] == ON.tile_batch_size * 2 * 2  # windows per call × (cond + uncond) × images
+    assert_clean(p, model, webui)
+
+
+def test_recording_patch_leaves_the_first_pass_identical(sd1):
+    p, webui, _ = run(sd1, prompts=[PROMPT])
+    first_with = p.first_pass_latent
+    q, _, _ = run(sd1, settings=None, prompts=[PROMPT])
+    assert torch.equal(first_with, q.first_pass_latent)
+
+
+def test_disabled_is_identical_and_attaches_nothing(sd1):
+    _, _, plain = run(sd1, settings=None, prompts=[PROMPT])
+    p, webui, off = run(sd1, settings=AccDiffusionSettings(enabled=False), prompts=[PROMPT])
+    assert all(torch.equal(a, b) for a, b in zip(plain.images, off.images))
+    assert_clean(p, sd1, webui)
+
+
+def test_same_seed_same_image_and_differs_from_stock(sd1):
+    _, _, a = run(sd1, prompts=[PROMPT], sampler_name="Euler a")
+    _, _, b = run(sd1, prompts=[PROMPT], sampler_name="Euler a")
+    _, _, stock = run(sd1, settings=None, prompts=[PROMPT], sampler_name="Euler a")
+    assert torch.equal(a.images[0], b.images[0])
+    assert not torch.allclose(a.images[0], stock.images[0])
+
+
+def test_flux_like_models_are_declined(sd1):
+    webui = ForgeWebUIStandIn()
+    p = ForgeTxt2ImgStandIn(sd1, webui, adapter=a1111, prompts=[PROMPT])
+    sd1.is_sd1 = False
+    try:
+        assert a1111.start_job(p, ON, webui=webui) is None
+    finally:
+        sd1.is_sd1 = True
+    assert any("Flux" in c for c in p.comments)
