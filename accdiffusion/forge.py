@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .a1111 import Job, hook_skip_residual, schedule_entry, split_cond, tile_conditions
+from .a1111 import Job, hook_skip_residual, schedule_entry, split_cond, stack_cond, tile_conditions
 from .attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
 from .hires import StageDenoiser
 from .tiles import Window
@@ -149,7 +149,7 @@ class ForgeBackend:
             options = others.pop("transformer_options", {})
 
             def row_model(xs: torch.Tensor, sigmas: torch.Tensor, conds: Sequence[dict]) -> torch.Tensor:
-                stacked = stack_rows(conds)
+                stacked = stack_cond(conds, conds[0])  # rows hold plain tensors here
                 blocks = xs.shape[0] // len(rows)
                 topts = transformer_options_for(options, args["cond_or_uncond"], blocks, sigmas)
                 return apply_model(xs, sigmas, **stacked, **others, transformer_options=topts)
@@ -180,16 +180,3 @@ class ForgeBackend:
         unet.set_memory_peak_estimation_modifier(per_window)
         unet.add_object_patch("memory_required", per_window)
 
-
-def stack_rows(rows: Sequence[dict]) -> dict:
-    """Forge's apply_model takes plain tensors: c_crossattn padded to one token count by
-    repeating the last token."""
-    out = {}
-    for key in rows[0]:
-        values = [row[key] for row in rows]
-        if key == "c_crossattn":
-            tokens = max(v.shape[0] for v in values)
-            values = [v if v.shape[0] == tokens else torch.cat([v, v[-1:].expand(tokens - v.shape[0], -1)])
-                      for v in values]
-        out[key] = torch.stack(values)
-    return out
