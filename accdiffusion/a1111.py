@@ -487,6 +487,7 @@ def run_hires(p: Any, job: Job, samples: torch.Tensor, decoded_samples: torch.Te
         positives = positive_texts(p.hr_c)
 
         latent = samples
+        batch_maps: list[TileMapData] = []
         for stage in stages:
             if state.interrupted or state.skipped:
                 break
@@ -516,9 +517,10 @@ def run_hires(p: Any, job: Job, samples: torch.Tensor, decoded_samples: torch.Te
             finally:
                 job.undo_hooks()
             job.stage_stats.append(denoiser.stats)
-            if settings.tile_prompt_map:
-                job.tile_maps = [TileMapData(sources[i], windows, t, stage.size, int(p.seeds[i]), p.prompts[i])
-                                 for i, t in enumerate(tile_prompts) if t]
+            if settings.tile_prompt_map:  # the last stage's tiles are the ones shown
+                batch_maps = [TileMapData(sources[i], windows, t, stage.size, int(p.seeds[i]), p.prompts[i])
+                              for i, t in enumerate(tile_prompts) if t]
+        job.tile_maps.extend(batch_maps)  # every batch of the job (batch count > 1) keeps its maps
         webui.token_merging(p, for_hr=False)
         p.sampler = None
         webui.torch_gc()

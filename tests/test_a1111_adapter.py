@@ -1,6 +1,8 @@
 """The A1111 adapter driven on CPU through stand-ins of the v1.10.1 objects (tests/a1111_standins.py)
 with the real ldm UNet and the real k-diffusion samplers."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from accdiffusion.attention import find_cross_attention
 from accdiffusion.hires import AccDiffusionError
 from accdiffusion.settings import AccDiffusionSettings, SettingsError
 
-from a1111_standins import (InterruptedException, StandInModel, Txt2ImgStandIn, WebUIStandIn,
+from a1111_standins import (ImageRNGStandIn, InterruptedException, StandInModel, Txt2ImgStandIn, WebUIStandIn,
                             process_images)
 
 ON = AccDiffusionSettings(enabled=True)
@@ -239,3 +241,19 @@ def test_refiner_is_declined_with_a_message(sd1_model):
     p.refiner_checkpoint = "sdxl_refiner.safetensors"
     assert a1111.start_job(p, ON, webui=webui) is None
     assert any("refiner" in c for c in p.comments)
+
+
+def test_tile_prompt_maps_of_every_batch_are_kept(sd1_model):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT, "a cat"])
+    a1111.start_job(p, ON.replace(tile_prompt_map=True), webui=webui)
+    for _ in range(2):  # batch count 2: the job lives across both batches
+        p.rng = ImageRNGStandIn((4, 8, 8), p.seeds)  # processing.py:948, per batch
+        a1111.before_batch(p)
+        with torch.no_grad():
+            p.sample(conditioning=p.conds(p.prompts), unconditional_conditioning=p.conds(["", ""], True),
+                     seeds=p.seeds, subseeds=p.seeds, subseed_strength=0, prompts=p.prompts)
+        p.hr_c = None
+    processed = SimpleNamespace(images=[], infotexts=["info"])
+    a1111.finish_job(p, processed)
+    assert len(processed.images) == 4 and len(webui.saved) == 4
