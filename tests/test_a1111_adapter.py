@@ -257,3 +257,19 @@ def test_tile_prompt_maps_of_every_batch_are_kept(sd1_model):
     processed = SimpleNamespace(images=[], infotexts=["info"])
     a1111.finish_job(p, processed)
     assert len(processed.images) == 4 and len(webui.saved) == 4
+
+
+def test_sdxl_tile_crop_conditioning_replaces_only_the_crop_segment():
+    from accdiffusion.tiles import Window
+
+    def embed(top, left):  # stands in for sgm's ConcatTimestepEmbedderND on (top, left)
+        return torch.cat([torch.sin(torch.arange(4) * 0.1 + top), torch.cos(torch.arange(4) * 0.1 + left)])
+
+    embed.default = (0, 0)
+    pooled, size = torch.randn(6), embed(1024, 1024)
+    vector = torch.cat([pooled, size, embed(0, 0), size])
+    out = a1111._with_crop(vector, embed, Window(4, 12, 8, 8), {})
+    assert torch.equal(out[:6], pooled) and torch.equal(out[6:14], size) and torch.equal(out[22:], size)
+    assert torch.equal(out[14:22], embed(32, 96))  # the tile's pixel offset
+    unknown = torch.randn(30)  # no default crop inside: left as it is
+    assert torch.equal(a1111._with_crop(unknown, embed, Window(0, 0, 8, 8), {}), unknown)
