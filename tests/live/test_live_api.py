@@ -167,6 +167,9 @@ def test_disabled_is_identical_to_not_installed(sampler):
     {"hr_prompt": PROMPT + ", golden light"},  # a hires prompt of its own
     {"prompt": "a cat AND a dog"},
     {"prompt": "a (red:1.4) BREAK [blue] car, masterpiece"},
+    {"prompt": ", ".join(f"detailed {w}" for w in "castle dragon river forest mountain cloud knight horse "
+                         "banner tower bridge village lantern moon star ship sail wave rock tree flower "
+                         "bird wolf fox deer owl sword shield armor helmet gate wall road cart".split())},
 ])
 def test_hires_variants(extra):
     out = txt2img(acc={"enabled": True, "tiled_decode": "on"}, **extra)
