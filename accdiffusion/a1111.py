@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import logging
 import re
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .attention import AttentionRecorder, find_cross_attention
 from .hires import (AccDiffusionError, EncodeCache, Stage, StageDenoiser, StageStats, cover_resize,
@@ -604,7 +602,7 @@ def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: li
     cfg = sampler.model_wrap_cfg
     inner = cfg.inner_model
     inner_forward = inner.forward
-    crop_offset: dict[str, int | None] = {}
+    crop_offset: dict[Any, Any] = {}  # the crop segment's offset and per-window embeddings
 
     def tile_row(row: dict, schedule: list, window: Window) -> dict:
         cond = schedule_entry(schedule, cfg.step)
@@ -632,7 +630,7 @@ def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: li
 
 
 def _with_crop(vector: torch.Tensor, crop_embed: Callable[[int, int], torch.Tensor], window: Window,
-               offsets: dict[str, int | None]) -> torch.Tensor:
+               offsets: dict[Any, Any]) -> torch.Tensor:
     """SDXL: the crop conditioning of a tile is its pixel offset (as in the reference); find the
     crop segment once by locating the default crop's embedding in the vector."""
     if "crop" not in offsets:
@@ -645,7 +643,10 @@ def _with_crop(vector: torch.Tensor, crop_embed: Callable[[int, int], torch.Tens
     offset = offsets["crop"]
     if offset is None:
         return vector
-    embedded = crop_embed(window.top * 8, window.left * 8).to(vector)
+    key = (window.top, window.left)  # one embedding per window, not one per window per step
+    if key not in offsets:
+        offsets[key] = crop_embed(window.top * 8, window.left * 8)
+    embedded = offsets[key].to(vector)
     out = vector.clone()
     out[offset:offset + embedded.shape[0]] = embedded
     return out

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from .dilated import (blur_restandardised, gather_sublatents, scatter_sublatents, seeded_generator,
                       shuffle_sublatents, unshuffle_sublatents, window_permutation)

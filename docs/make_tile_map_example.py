@@ -4,7 +4,6 @@ without shipping model weights. Run: .venv/bin/python docs/make_tile_map_example
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 

@@ -70,7 +70,6 @@ class KModelStandIn(nn.Module):
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, y=None):
         patches = transformer_options.get("patches_replace", {}).get("attn2", {})
-        host = self.host
         conds = [RowCond(c, None if y is None else v) for c, v in zip(c_crossattn, y if y is not None else c_crossattn)]
         restore = []
         for name, module in self.diffusion_model.named_modules():  # unet.py:254-265

@@ -11,7 +11,7 @@ from accdiffusion.attention import find_cross_attention
 from accdiffusion.hires import AccDiffusionError
 from accdiffusion.settings import AccDiffusionSettings, SettingsError
 
-from a1111_standins import (ImageRNGStandIn, InterruptedException, StandInModel, Txt2ImgStandIn, WebUIStandIn,
+from a1111_standins import (ImageRNGStandIn, StandInModel, Txt2ImgStandIn, WebUIStandIn,
                             process_images)
 
 ON = AccDiffusionSettings(enabled=True)

@@ -1,9 +1,7 @@
-import pytest
 import torch
 
 from accdiffusion.hires import plan_stages, stage_windows
-from accdiffusion.prompts import (ImagePromptPlan, build_word_masks, open_masks, threshold_masks,
-                                  tile_keep)
+from accdiffusion.prompts import (ImagePromptPlan, open_masks, threshold_masks)
 from accdiffusion.settings import AccDiffusionSettings
 from accdiffusion.words import align_words, compose_prompt, match_words, split_words
 
