@@ -31,7 +31,7 @@ from torch import nn
 
 from accdiffusion.reference import RowCond
 
-from a1111_standins import (KDiffusionSamplerStandIn, StandInEmbedder, StandInModel, Txt2ImgStandIn,
+from a1111_standins import (CFGDenoiserStandIn, KDiffusionSamplerStandIn, StandInEmbedder, StandInModel, Txt2ImgStandIn,
                             WebUIStandIn, reconstruct_cond_batch, reconstruct_multicond_batch,
                             InterruptedException)
 
@@ -181,15 +181,8 @@ def sampling_function(model: ForgeModelStandIn, x, sigma, cond, uncond, cond_sca
     return chunks[1] + (chunks[0] - chunks[1]) * cond_scale
 
 
-class ForgeCFGDenoiserStandIn(nn.Module):
-    def __init__(self, sampler):
-        super().__init__()
-        self.sampler = sampler
-        self.step = 0
-
-    @property
-    def inner_model(self):
-        return self.sampler.model_wrap
+class ForgeCFGDenoiserStandIn(CFGDenoiserStandIn):
+    """Same prologue as A1111's (sd_samplers_cfg_denoiser.py:156-176), then sampling_function."""
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         state = self.sampler.webui.state
