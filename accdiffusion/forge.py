@@ -1,4 +1,4 @@
-"""Forge 2 backend of the adapter (lllyasviel/stable-diffusion-webui-forge main).
+"""Forge 2 backend: how the job hooks Forge (lllyasviel/stable-diffusion-webui-forge main).
 
 Forge has no ldm/sgm modules and its CFG denoiser never calls a k-diffusion denoiser: it runs
 ``backend.sampling.sampling_function`` on ``p.sd_model.forge_objects.unet`` (a ``UnetPatcher``)
@@ -20,14 +20,18 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .a1111 import Job, hook_skip_residual, schedule_entry, split_cond, stack_cond, tile_conditions
 from .attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
 from .hires import StageDenoiser
+from .job import hook_skip_residual
+from .rows import schedule_entry, split_cond, stack_cond, tile_conditions
 from .tiles import Window
+
+if TYPE_CHECKING:
+    from .job import Job
 
 TENSOR_KEYS = ("c_crossattn", "y", "c_concat")
 

@@ -16,7 +16,7 @@ from .settings import (FIELD_BY_NAME, FIELDS, INFOTEXT_PREFIX, AccDiffusionSetti
 
 TITLE = "AccDiffusion"
 OVERRIDES_ATTR = "accdiffusion_overrides"  # dict name -> value set by XYZ axes on a cell's p
-JOB_ATTR = "accdiffusion_job"  # set on p by the adapter's start_job
+JOB_ATTR = "accdiffusion_job"  # set on p by facade.start_job (the same as job.JOB_ATTR)
 SCHEMA_ROUTE = "/accdiffusion/v1/settings"
 HIRES_NOTE_ID = "accdiffusion-hires-note"
 HIRES_NOTE_TEXT = "Hires. fix is off: AccDiffusion only acts on the hires pass."

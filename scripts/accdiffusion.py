@@ -1,7 +1,7 @@
 """AccDiffusion for AUTOMATIC1111 / Forge: the thin WebUI glue.
 
 UI, infotext paste, X/Y/Z axes and the settings endpoint. The logic lives in
-``accdiffusion.webui_glue`` (host-free) and the adapter ``accdiffusion.a1111`` (imported lazily,
+``accdiffusion.webui_glue`` (host-free) and ``accdiffusion.facade`` (imported lazily,
 only when a job needs it).
 """
 
@@ -84,27 +84,27 @@ class AccDiffusionScript(scripts.Script):
             if not glue.requested_enabled(args, overrides):
                 print(f"[AccDiffusion] disabled; ignoring invalid settings: {error}")
                 return
-            from accdiffusion import a1111
-            a1111.fail_job(p, error)
+            from accdiffusion import facade
+            facade.fail_job(p, error)
             return
         if settings.enabled:
-            from accdiffusion import a1111
-            a1111.start_job(p, settings)
+            from accdiffusion import facade
+            facade.start_job(p, settings)
 
     def before_process_batch(self, p, *args, **kwargs):
         if getattr(p, glue.JOB_ATTR, None) is not None:
-            from accdiffusion import a1111
-            a1111.before_batch(p)
+            from accdiffusion import facade
+            facade.before_batch(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         if getattr(p, glue.JOB_ATTR, None) is not None:
-            from accdiffusion import a1111
-            a1111.before_sampling(p)
+            from accdiffusion import facade
+            facade.before_sampling(p)
 
     def postprocess(self, p, processed, *args):
         if getattr(p, glue.JOB_ATTR, None) is not None:
-            from accdiffusion import a1111
-            a1111.finish_job(p, processed)
+            from accdiffusion import facade
+            facade.finish_job(p, processed)
 
 
 def _xyz_module():

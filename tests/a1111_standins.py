@@ -272,7 +272,7 @@ class StateStandIn:
 
 
 class WebUIStandIn:
-    """The adapter's WebUI facade, implemented on the stand-ins."""
+    """``accdiffusion.webui.WebUI``, implemented on the stand-ins."""
 
     def __init__(self):
         self.state = StateStandIn()

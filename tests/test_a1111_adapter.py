@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from accdiffusion import a1111
+from accdiffusion import a1111, facade
 from accdiffusion.attention import find_cross_attention
 from accdiffusion.hires import AccDiffusionError
 from accdiffusion.settings import AccDiffusionSettings, SettingsError
@@ -35,14 +35,14 @@ def assert_clean(p, model, webui):
         assert "forward" not in sampler.model_wrap_cfg.__dict__
         assert "forward" not in sampler.model_wrap.__dict__
     assert "sample" not in p.__dict__ and "sample_hr_pass" not in p.__dict__
-    assert not hasattr(p, a1111.JOB_ATTR)
+    assert not hasattr(p, facade.JOB_ATTR)
     assert p.is_hr_pass is False
 
 
 def job(model, settings=ON, **kw):
     webui = WebUIStandIn()
     p = Txt2ImgStandIn(model, webui, **kw)
-    return p, webui, process_images(p, settings, a1111)
+    return p, webui, process_images(p, settings, facade)
 
 
 @pytest.mark.parametrize("model_name", ["sd1_model", "sdxl_model"])
@@ -81,11 +81,11 @@ def test_disabled_and_no_hires_are_bit_identical_and_attach_nothing(sd1_model, m
     webui = WebUIStandIn()
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
     p.enable_hr = False
-    out = process_images(p, ON, a1111)
+    out = process_images(p, ON, facade)
     webui2 = WebUIStandIn()
     q = Txt2ImgStandIn(sd1_model, webui2, prompts=[PROMPT])
     q.enable_hr = False
-    ref = process_images(q, None, a1111)
+    ref = process_images(q, None, facade)
     assert torch.equal(out.images[0], ref.images[0]) and not attached
     assert_clean(p, sd1_model, webui)
 
@@ -116,7 +116,7 @@ def test_row_layout_does_not_matter(sd1_model):
         return sampler
 
     webui.create_sampler = split_sampler
-    apart = process_images(p, ON, a1111)
+    apart = process_images(p, ON, facade)
     assert torch.allclose(together.images[0], apart.images[0], atol=1e-4)
 
 
@@ -140,7 +140,7 @@ def test_interrupt_mid_stage_stops_and_removes_hooks(sd1_model):
         return sampler
 
     webui.create_sampler = interrupting_sampler
-    out = process_images(p, ON, a1111)
+    out = process_images(p, ON, facade)
     assert len(webui.samplers) == 2  # the second stage never started
     assert out.images[0].shape[-2:] == (128, 128)  # the first stage's size: the partial result
     assert_clean(p, sd1_model, webui)
@@ -160,8 +160,8 @@ def test_error_mid_stage_propagates_and_removes_hooks(sd1_model):
         return sampler
 
     webui.create_sampler = failing_sampler
-    a1111.start_job(p, ON, webui=webui)
-    a1111.before_batch(p)
+    facade.start_job(p, ON, webui=webui)
+    facade.before_batch(p)
     with pytest.raises(RuntimeError, match="out of memory"):
         p.sample(conditioning=p.conds(p.prompts), unconditional_conditioning=p.conds([""], True),
                  seeds=p.seeds, subseeds=p.seeds, subseed_strength=0, prompts=p.prompts)
@@ -176,8 +176,8 @@ def test_invalid_arguments_stop_the_job_with_the_message(sd1_model):
     try:
         AccDiffusionSettings.from_dict({"patch_prompt_threshold": 2})
     except SettingsError as error:
-        a1111.fail_job(p, error, webui=webui)
-    a1111.before_batch(p)
+        facade.fail_job(p, error, webui=webui)
+    facade.before_batch(p)
     with pytest.raises(AccDiffusionError, match="patch_prompt_threshold"):
         p.sample(conditioning=None, unconditional_conditioning=None, seeds=p.seeds, subseeds=p.seeds,
                  subseed_strength=0, prompts=p.prompts)
@@ -188,7 +188,7 @@ def test_non_kdiffusion_hires_sampler_falls_back_to_stock_hires(sd1_model):
     webui = WebUIStandIn()
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
     webui.is_kdiffusion_sampler = lambda name: False
-    out = process_images(p, ON, a1111)
+    out = process_images(p, ON, facade)
     assert any("not a k-diffusion sampler" in c for c in p.comments)
     assert out.images[0].shape == (3, 128, 128)
     assert_clean(p, sd1_model, webui)
@@ -199,11 +199,11 @@ def test_unsupported_model_gets_a_message_and_nothing_attached(sd1_model):
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
     sd1_model.is_sd3 = True
     try:
-        assert a1111.start_job(p, ON, webui=webui) is None
+        assert facade.start_job(p, ON, webui=webui) is None
     finally:
         sd1_model.is_sd3 = False
     assert any("SD3" in c for c in p.comments)
-    assert not hasattr(p, a1111.JOB_ATTR)
+    assert not hasattr(p, facade.JOB_ATTR)
 
 
 def test_and_prompt_keeps_the_full_prompt(sd1_model):
@@ -229,7 +229,7 @@ def test_upscale_of_an_existing_image_falls_back_to_stock_hires(sd1_model):
     webui = WebUIStandIn()
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
     p.firstpass_image = object()
-    out = process_images(p, ON, a1111)
+    out = process_images(p, ON, facade)
     assert any("existing image" in c for c in p.comments)
     assert out.images[0].shape == (3, 128, 128) and len(webui.samplers) == 2
     assert_clean(p, sd1_model, webui)
@@ -239,23 +239,23 @@ def test_refiner_is_declined_with_a_message(sd1_model):
     webui = WebUIStandIn()
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
     p.refiner_checkpoint = "sdxl_refiner.safetensors"
-    assert a1111.start_job(p, ON, webui=webui) is None
+    assert facade.start_job(p, ON, webui=webui) is None
     assert any("refiner" in c for c in p.comments)
 
 
 def test_tile_prompt_maps_of_every_batch_are_kept(sd1_model):
     webui = WebUIStandIn()
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT, "a cat"])
-    a1111.start_job(p, ON.replace(tile_prompt_map=True), webui=webui)
+    facade.start_job(p, ON.replace(tile_prompt_map=True), webui=webui)
     for _ in range(2):  # batch count 2: the job lives across both batches
         p.rng = ImageRNGStandIn((4, 8, 8), p.seeds)  # processing.py:948, per batch
-        a1111.before_batch(p)
+        facade.before_batch(p)
         with torch.no_grad():
             p.sample(conditioning=p.conds(p.prompts), unconditional_conditioning=p.conds(["", ""], True),
                      seeds=p.seeds, subseeds=p.seeds, subseed_strength=0, prompts=p.prompts)
         p.hr_c = None
     processed = SimpleNamespace(images=[], infotexts=["info"])
-    a1111.finish_job(p, processed)
+    facade.finish_job(p, processed)
     assert len(processed.images) == 4 and len(webui.saved) == 4
 
 

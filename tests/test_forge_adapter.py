@@ -5,7 +5,7 @@ the A1111 tests (tests/a1111_standins.process_images)."""
 import pytest
 import torch
 
-from accdiffusion import a1111, forge
+from accdiffusion import facade, forge
 from accdiffusion.settings import AccDiffusionSettings
 
 from a1111_standins import process_images
@@ -33,15 +33,15 @@ def sdxl(sdxl_host):
 
 def run(model, settings=ON, **kw):
     webui = ForgeWebUIStandIn()
-    p = ForgeTxt2ImgStandIn(model, webui, adapter=a1111, **kw)
-    return p, webui, process_images(p, settings, a1111)
+    p = ForgeTxt2ImgStandIn(model, webui, adapter=facade, **kw)
+    return p, webui, process_images(p, settings, facade)
 
 
 def assert_clean(p, model, webui):
     assert model.forge_objects.unet.model_options.get("model_function_wrapper") is None
     assert "patches_replace" not in model.forge_objects.unet.model_options["transformer_options"]
     assert all("forward" not in s.model_wrap_cfg.__dict__ for s in webui.samplers)
-    assert "sample" not in p.__dict__ and not hasattr(p, a1111.JOB_ATTR)
+    assert "sample" not in p.__dict__ and not hasattr(p, facade.JOB_ATTR)
 
 
 def test_positions_rows_and_options_helpers(sd1_host):
@@ -95,10 +95,10 @@ def test_same_seed_same_image_and_differs_from_stock(sd1):
 
 def test_flux_like_models_are_declined(sd1):
     webui = ForgeWebUIStandIn()
-    p = ForgeTxt2ImgStandIn(sd1, webui, adapter=a1111, prompts=[PROMPT])
+    p = ForgeTxt2ImgStandIn(sd1, webui, adapter=facade, prompts=[PROMPT])
     sd1.is_sd1 = False
     try:
-        assert a1111.start_job(p, ON, webui=webui) is None
+        assert facade.start_job(p, ON, webui=webui) is None
     finally:
         sd1.is_sd1 = True
     assert any("Flux" in c for c in p.comments)

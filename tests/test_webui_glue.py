@@ -327,14 +327,14 @@ def test_script_with_stand_ins(monkeypatch):
     assert script.ui(False)[0] is not controls[0]  # a second call builds fresh controls
 
     calls = []
-    fake_adapter = types.ModuleType("accdiffusion.a1111")
+    fake_adapter = types.ModuleType("accdiffusion.facade")
     fake_adapter.start_job = lambda p, s: (calls.append(("start", s)), setattr(p, "accdiffusion_job", object()))
     fake_adapter.fail_job = lambda p, e: calls.append(("fail", str(e)))
     fake_adapter.before_batch = lambda p: calls.append(("batch",))
     fake_adapter.finish_job = lambda p, processed: calls.append(("finish", processed))
-    monkeypatch.setitem(sys.modules, "accdiffusion.a1111", fake_adapter)
+    monkeypatch.setitem(sys.modules, "accdiffusion.facade", fake_adapter)
     import accdiffusion
-    monkeypatch.setattr(accdiffusion, "a1111", fake_adapter, raising=False)
+    monkeypatch.setattr(accdiffusion, "facade", fake_adapter, raising=False)
 
     p = types.SimpleNamespace()
     args = AccDiffusionSettings().to_positional()

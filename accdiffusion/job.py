@@ -1,0 +1,264 @@
+"""One generation job and the host-neutral tiled pass.
+
+A :class:`Job` lives on ``p`` (``p.accdiffusion_job``) from the script's ``process`` to its
+``postprocess``; it holds the settings, the WebUI object (:class:`accdiffusion.webui.WebUI` or a
+stand-in), the host backend (``a1111.A1111Backend`` / ``forge.ForgeBackend``) and every hook the
+extension installs, so :meth:`Job.end_batch` can undo them all.
+
+:func:`run_tiled_pass` is the progressive tiled sampling every flow shares (today txt2img hires,
+see :mod:`accdiffusion.passes`): stages from the source's size up to the target, per-tile prompts,
+dilated sampling, the skip residual. What it starts from is a :class:`TiledPassSource` (a first
+pass, or later an upscaled init image with probe maps); what it samples with is a
+:class:`TiledPassTarget`. The host's part of each stage goes through ``job.backend``
+(``prepare_stage`` / ``hook_stage``) and every ``modules.*`` call through ``job.webui``.
+
+Each stage runs the WebUI's own ``sampler.sample_img2img`` (A1111 processing.py:1454); the skip
+residual is applied in place on the sampler's own ``x`` through a per-instance wrapper of
+``sampler.model_wrap_cfg.forward`` (sd_samplers_cfg_denoiser.py:156 on A1111; Forge's CFG
+denoiser has the same entry point).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from .attention import AttentionRecorder
+from .hires import (EncodeCache, Stage, StageDenoiser, StageStats, cover_resize, latent_stats, plan_stages,
+                    restandardise, should_tile_decode, stage_windows, tiled_decode)
+from .prompts import ImagePromptPlan
+from .rows import positive_texts
+from .settings import AccDiffusionSettings
+from .tiles import Window
+from .words import align_words, split_words
+
+if TYPE_CHECKING:
+    from .webui import WebUI
+
+log = logging.getLogger("accdiffusion")
+
+JOB_ATTR = "accdiffusion_job"  # the attribute of p that holds the job (webui_glue.JOB_ATTR too)
+_AND = re.compile(r"\bAND\b")
+_NO_ATTR = object()
+
+
+def comment(p: Any, text: str) -> None:
+    """A note under the image (and in the log)."""
+    log.warning(text)
+    if hasattr(p, "comment"):
+        p.comment(text)
+
+
+# --- the job ----------------------------------------------------------------------------------
+@dataclass
+class TileMapData:
+    source: Any  # PIL image the map is drawn on (the first pass)
+    windows: list[Window]
+    prompts: list[str]
+    latent_size: tuple[int, int]
+    seed: int
+    prompt: str
+
+
+@dataclass
+class Job:
+    """State of one generation job (all batches); everything the extension attaches is reachable
+    from here and removed by :meth:`end_batch`."""
+    settings: AccDiffusionSettings
+    webui: "WebUI | Any"
+    error: Exception | None = None
+    backend: Any = None  # a1111.A1111Backend or forge.ForgeBackend
+    recorder: AttentionRecorder | None = None
+    tile_maps: list[TileMapData] = field(default_factory=list)
+    stage_stats: list[StageStats] = field(default_factory=list)
+    _restore: list[Callable[[], None]] = field(default_factory=list)  # pass and stage hooks
+    _batch_restore: list[Callable[[], None]] = field(default_factory=list)  # p.sample overrides
+
+    # --- hooks -------------------------------------------------------------------------------
+    def set_attr(self, obj: Any, name: str, value: Any, batch: bool = False) -> None:
+        """Set an instance attribute and remember how to undo it exactly (a previous instance
+        attribute, e.g. another extension's wrapper, is put back; else ours is removed)."""
+        previous = obj.__dict__.get(name, _NO_ATTR)
+        setattr(obj, name, value)
+
+        def undo() -> None:
+            if previous is _NO_ATTR:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = previous
+
+        (self._batch_restore if batch else self._restore).append(undo)
+
+    def undo_hooks(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+        if self.recorder is not None:
+            self.recorder.detach()
+
+    def end_batch(self) -> None:
+        self.undo_hooks()
+        while self._batch_restore:
+            self._batch_restore.pop()()
+        self.recorder = None
+
+
+def hook_skip_residual(job: Job, sampler: Any, denoiser: StageDenoiser) -> None:
+    """The CFG denoiser is called with the sampler's own x: the skip residual goes in there. The
+    wrapper calls the ``forward`` that was there before (bound method or another wrapper)."""
+    cfg = sampler.model_wrap_cfg
+    cfg_forward = cfg.forward
+
+    def skip_residual_forward(x: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        denoiser.skip_residual_(x, sigma)
+        return cfg_forward(x, sigma, *args, **kwargs)
+
+    job.set_attr(cfg, "forward", skip_residual_forward)
+
+
+# --- what the tiled pass starts from and samples with --------------------------------------------
+@dataclass
+class TiledPassSource:
+    """What the tiled pass upscales: one latent per image at the base size, with what is known
+    about each image. txt2img hires: the first pass and its recorded maps; later img2img and the
+    Upscale button: the (encoded) init image and its probe maps."""
+    latent: torch.Tensor  # [B, C, h, w] at the base size; also sets the stage plan's start
+    pixels: torch.Tensor | None  # the same images decoded ([-1, 1]) for a pixel upscaler, or None
+    plans: list[ImagePromptPlan | None]  # per image: its words and masks, or None (full prompt everywhere)
+    seeds: list[int]  # per image; the first seeds the dilated sampling's shuffles
+    prompts: list[str]  # per image, written on its tile-prompt map
+    map_images: list[Any] | None = None  # per image, the PIL image its tile-prompt map is drawn on
+
+
+@dataclass
+class TiledPassTarget:
+    """What the flow samples with at the target size."""
+    latent_size: tuple[int, int]  # the final latent (after the host's crop for a changed aspect)
+    width: int  # pixel size the tile prompts are encoded for
+    height: int
+    steps: int
+    sampler_name: str  # a k-diffusion sampler
+    cond: Any  # the full prompt's conditioning (the WebUI's MulticondLearnedConditioning)
+    uncond: Any
+    image_conditioning: Callable[[torch.Tensor], torch.Tensor]
+
+
+def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassTarget) -> torch.Tensor:
+    """The progressive tiled pass; returns the last stage's latent (the source's latent if
+    interrupted before the first stage). Needs ``p.rng``, ``p.sampler``, ``p.scripts`` as the
+    WebUI's own pass does; the hooks of each stage are undone in a ``finally``."""
+    webui, settings, state = job.webui, job.settings, job.webui.state
+    samples = source.latent
+    base = (samples.shape[-2], samples.shape[-1])
+    stages = plan_stages(base, target.latent_size, settings.progressive)
+    webui.add_progress(len(stages) - 1, (len(stages) - 1) * target.steps)
+    mean, std = latent_stats(samples.float())
+    cache: EncodeCache[list] = EncodeCache(
+        lambda prompts: webui.learned_conditioning(p, prompts, target.width, target.height))
+    positives = positive_texts(target.cond)
+
+    latent = samples
+    batch_maps: list[TileMapData] = []
+    for stage in stages:
+        if state.interrupted or state.skipped:
+            break
+        x_up = _stage_input(p, job, stage, latent, samples, source.pixels)
+        x_up = restandardise(x_up.float(), mean, std).to(samples.dtype)
+        state.nextjob()
+        p.rng = webui.image_rng(x_up.shape[1:], p)
+        noise = p.rng.next()
+        windows = stage_windows(stage, base, settings)
+        tile_prompts = [plan.tile_prompts(stage.size, windows, settings.patch_prompt_threshold)
+                        if plan else None for plan in source.plans]
+        for i, prompts_i in enumerate(tile_prompts):
+            if prompts_i:
+                log.debug("AccDiffusion stage %d image %d tile prompts: %s", stage.index, i, prompts_i)
+        tile_schedules = [cache.get(t) if t else None for t in tile_prompts]
+        sampler = webui.create_sampler(target.sampler_name, p.sd_model)
+        p.sampler = sampler
+        denoiser = StageDenoiser(stage, windows, settings, int(source.seeds[0]), sampler.model_wrap.sigma_to_t,
+                                 reference=x_up, noise=noise)
+        job.backend.prepare_stage(p, job)
+        if p.scripts is not None:
+            p.scripts.process_before_every_sampling(p=p, x=x_up, noise=noise, c=target.cond, uc=target.uncond)
+        try:
+            job.backend.hook_stage(job, p, sampler, denoiser, positives, tile_schedules, windows)
+            latent = sampler.sample_img2img(p, x_up, noise, target.cond, target.uncond, steps=target.steps,
+                                            image_conditioning=target.image_conditioning(x_up))
+        finally:
+            job.undo_hooks()
+        job.stage_stats.append(denoiser.stats)
+        if settings.tile_prompt_map and source.map_images is not None:  # the last stage's tiles are shown
+            batch_maps = [TileMapData(source.map_images[i], windows, t, stage.size, int(source.seeds[i]),
+                                      source.prompts[i])
+                          for i, t in enumerate(tile_prompts) if t]
+    job.tile_maps.extend(batch_maps)  # every batch of the job (batch count > 1) keeps its maps
+    return latent
+
+
+def _stage_input(p: Any, job: Job, stage: Stage, latent: torch.Tensor, samples: torch.Tensor,
+                 decoded_samples: torch.Tensor | None) -> torch.Tensor:
+    """The first jump uses the user's hires upscaler (latent or pixel); later stages bicubic."""
+    if stage.index > 1:
+        return cover_resize(latent, stage.size, "bicubic")
+    mode = job.webui.latent_upscale_mode(p.hr_upscaler) if p.latent_scale_mode is not None else None
+    if mode is not None or decoded_samples is None:
+        mode = mode or {"mode": "bilinear", "antialias": False}
+        return cover_resize(samples, stage.size, mode["mode"], antialias=mode["antialias"])
+    # pixel upscaler: upscale to cover the stage size, encode, crop like the latent path
+    h, w = samples.shape[-2:]
+    scale = max(stage.size[0] / h, stage.size[1] / w)
+    cover = (max(stage.size[0], round(h * scale)), max(stage.size[1], round(w * scale)))
+    encoded = job.webui.pixel_upscale(p, decoded_samples, cover[1] * 8, cover[0] * 8)
+    return cover_resize(encoded, stage.size, "nearest")
+
+
+def image_plans(p: Any, job: Job, maps: Sequence[torch.Tensor | None] | None) -> list[ImagePromptPlan | None]:
+    """Per image of the batch: words of its hires prompt with masks from its own ``maps`` (the
+    recorder's, or later a probe's), or None (patch prompts off, no maps, or an AND prompt: every
+    tile then takes the full prompt)."""
+    webui = job.webui
+    if maps is None or not job.settings.patch_prompts:
+        return [None] * len(p.prompts)
+    embedder = webui.text_embedder(p.sd_model)
+    special = {embedder.id_start, embedder.id_end, getattr(embedder, "id_pad", embedder.id_end)}
+    tokenize = lambda text: embedder.tokenize([text])[0]
+    plans: list[ImagePromptPlan | None] = []
+    for i, prompt in enumerate(p.prompts):
+        hires_prompt = p.hr_prompts[i] if getattr(p, "hr_prompts", None) else prompt
+        image_maps = maps[i]
+        if image_maps is None or _AND.search(prompt) or _AND.search(hires_prompt):
+            if _AND.search(prompt) or _AND.search(hires_prompt):
+                comment(p, "AccDiffusion: prompts with AND keep the full prompt in every tile.")
+            plans.append(None)
+            continue
+        variant = webui.final_prompt_variant(prompt, p.steps)
+        chunks, _ = embedder.tokenize_line(variant)
+        context_ids = [t for chunk in chunks for t in chunk.tokens]
+        words = split_words(prompt)
+        positions = align_words(words, context_ids, special, tokenize)
+        plans.append(ImagePromptPlan.build(words, positions, image_maps, hires_prompt, split_words(hires_prompt)))
+    return plans
+
+
+def decode_latent(p: Any, job: Job, latent: torch.Tensor) -> Any:
+    """The pass's result as the WebUI's decoded samples; tiled when large (settings.tiled_decode)."""
+    webui = job.webui
+    if not should_tile_decode(job.settings.tiled_decode, tuple(latent.shape[-2:])):
+        return webui.decode_batch(p.sd_model, latent)
+    images = []
+    for i in range(latent.shape[0]):
+        image = tiled_decode(latent[i:i + 1], lambda z: webui.decode(p.sd_model, z).float().cpu())
+        images.append(image[0])
+    return webui.decoded_samples(images)
+
+
+def to_pil(image: torch.Tensor) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    array = torch.clamp((image.float() + 1.0) / 2.0, 0, 1).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray((array * 255).astype(np.uint8))

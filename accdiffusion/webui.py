@@ -1,0 +1,142 @@
+"""Every ``modules.*`` call the extension makes, behind one object (``job.webui``).
+
+The WebUI modules are imported lazily, in the constructor: the engine, the job and the passes stay
+importable without the WebUI, and the tests drive everything with a stand-in of this class
+(tests/a1111_standins.WebUIStandIn). Forge 2 keeps the same ``modules.*`` names, so one class
+serves both hosts; the few Forge-only branches are marked. file:line references are A1111 v1.10.1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+class WebUI:
+    """The few ``modules.*`` calls the extension makes (imported lazily)."""
+
+    def __init__(self) -> None:
+        from modules import (devices, extra_networks, images, processing, prompt_parser, rng,
+                             sd_models, sd_samplers, sd_samplers_common, shared)
+
+        self.devices, self.extra_networks, self.images = devices, extra_networks, images
+        self.processing, self.prompt_parser, self.rng = processing, prompt_parser, rng
+        self.sd_models, self.sd_samplers, self.sd_samplers_common = sd_models, sd_samplers, sd_samplers_common
+        self.shared = shared
+
+    @property
+    def state(self) -> Any:
+        return self.shared.state
+
+    @property
+    def opts(self) -> Any:
+        return self.shared.opts
+
+    def autocast(self):
+        return self.devices.autocast()
+
+    def create_sampler(self, name: str, model: Any) -> Any:
+        return self.sd_samplers.create_sampler(name, model)
+
+    def is_kdiffusion_sampler(self, name: str) -> bool:
+        from modules import sd_samplers_kdiffusion
+
+        config = self.sd_samplers.find_sampler_config(name)
+        return config is not None and any(config.name == c.name for c in sd_samplers_kdiffusion.samplers_data_k_diffusion)
+
+    def image_rng(self, shape: Sequence[int], p: Any) -> Any:
+        return self.rng.ImageRNG(shape, p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
+                                 seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
+
+    def latent_upscale_mode(self, name: str | None) -> dict | None:
+        return getattr(self.shared, "latent_upscale_modes", {}).get(name) if name else None
+
+    def pixel_upscale(self, p: Any, decoded: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """The user's pixel upscaler on the decoded first pass, encoded back to a latent."""
+        import numpy as np
+        from PIL import Image
+
+        batch = []
+        for image in torch.clamp((decoded + 1.0) / 2.0, 0, 1):
+            pil = Image.fromarray((255.0 * image.permute(1, 2, 0).cpu().numpy()).astype(np.uint8))
+            pil = self.images.resize_image(0, pil, width, height, upscaler_name=p.hr_upscaler)
+            batch.append(np.moveaxis(np.array(pil).astype(np.float32) / 255.0, 2, 0))
+        pixels = torch.from_numpy(np.array(batch)).to(self.shared.device, dtype=self.devices.dtype_vae)
+        method = self.sd_samplers_common.approximation_indexes.get(self.opts.sd_vae_encode_method)
+        return self.sd_samplers_common.images_tensor_to_samples(pixels, method, p.sd_model)
+
+    def decode(self, model: Any, latent: torch.Tensor) -> torch.Tensor:
+        return self.sd_samplers_common.decode_first_stage(model, latent)
+
+    def decode_batch(self, model: Any, latent: torch.Tensor) -> list:
+        return self.processing.decode_latent_batch(model, latent, target_device=self.devices.cpu, check_for_nans=True)
+
+    def decoded_samples(self, images: list[torch.Tensor]) -> list:
+        out = self.processing.DecodedSamples(images)
+        out.already_decoded = True
+        return out
+
+    def learned_conditioning(self, p: Any, prompts: list[str], width: int, height: int) -> list:
+        """Per prompt, the WebUI's schedule list [(end_at_step, cond)], encoded like the hires
+        prompt (processing.py:1499-1511), so emphasis, BREAK, embeddings and LoRA apply."""
+        sampler_config = self.sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
+        steps = p.hr_second_pass_steps or p.steps
+        total = sampler_config.total_steps(steps) if sampler_config else steps
+        texts = self.prompt_parser.SdConditioning(prompts, width=width, height=height)
+        with self.autocast():
+            return self.prompt_parser.get_learned_conditioning(
+                p.sd_model, texts, p.firstpass_steps, total, self.opts.use_old_scheduling)
+
+    def final_prompt_variant(self, prompt: str, steps: int) -> str:
+        schedules = self.prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)
+        return schedules[0][-1][1]
+
+    def text_embedder(self, model: Any) -> Any:
+        """The CLIP embedder whose tokens the UNet sees (SDXL: the first, CLIP-L; sd_models_xl.py:65-87)."""
+        for forge_engine in ("text_processing_engine_l", "text_processing_engine"):  # Forge
+            if getattr(model, forge_engine, None) is not None:
+                return getattr(model, forge_engine)
+        conditioner = getattr(model, "conditioner", None)
+        if conditioner is not None:
+            return next(e for e in conditioner.embedders if hasattr(e, "tokenize_line"))
+        return model.cond_stage_model
+
+    def sdxl_crop_embedder(self, model: Any) -> Callable[[int, int], torch.Tensor] | None:
+        conditioner = getattr(model, "conditioner", None)
+        if conditioner is None:
+            return None
+        embedder = next((e for e in conditioner.embedders
+                         if getattr(e, "input_key", None) == "crop_coords_top_left"), None)
+        if embedder is None:
+            return None
+        default = (int(self.opts.sdxl_crop_top), int(self.opts.sdxl_crop_left))
+
+        def embed(top: int, left: int) -> torch.Tensor:
+            with torch.no_grad(), self.autocast():
+                return embedder(torch.tensor([[top, left]], device=self.shared.device))[0]
+
+        embed.default = default  # type: ignore[attr-defined]
+        return embed
+
+    def activate_hr_networks(self, p: Any) -> None:
+        if not p.disable_extra_networks:
+            with self.autocast():
+                self.extra_networks.activate(p, p.hr_extra_network_data)
+
+    def token_merging(self, p: Any, for_hr: bool) -> None:
+        self.sd_models.apply_token_merging(p.sd_model, p.get_token_merging_ratio(for_hr=for_hr))
+
+    def add_progress(self, extra_jobs: int, extra_steps: int) -> None:
+        state, total = self.state, self.shared.total_tqdm
+        state.job_count += extra_jobs
+        if getattr(total, "_tqdm", None) is not None:
+            total.updateTotal(total._tqdm.total + extra_steps)
+
+    def save_image(self, p: Any, image: Any, seed: int, prompt: str, info: str) -> None:
+        if p.save_samples():
+            self.images.save_image(image, p.outpath_samples, "", seed, prompt, self.opts.samples_format,
+                                   info=info, p=p, suffix="-accdiffusion-tiles")
+
+    def torch_gc(self) -> None:
+        self.devices.torch_gc()
