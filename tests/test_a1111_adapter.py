@@ -273,3 +273,61 @@ def test_sdxl_tile_crop_conditioning_replaces_only_the_crop_segment():
     assert torch.equal(out[14:22], embed(32, 96))  # the tile's pixel offset
     unknown = torch.randn(30)  # no default crop inside: left as it is
     assert torch.equal(a1111._with_crop(unknown, embed, Window(0, 0, 8, 8), {}), unknown)
+
+
+class OtherExtension:
+    """Another extension that wraps ``p.sample`` and ``p.sample_hr_pass`` on the instance before
+    our job hooks them (as ControlNet wraps ``p.sample`` to mark cond/uncond rows)."""
+
+    def __init__(self, p):
+        self.calls = []
+        inner_sample, inner_hr_pass = p.sample, p.sample_hr_pass
+
+        def sample(*args, **kwargs):
+            self.calls.append("sample")
+            return inner_sample(*args, **kwargs)
+
+        def sample_hr_pass(*args, **kwargs):
+            self.calls.append("sample_hr_pass")
+            return inner_hr_pass(*args, **kwargs)
+
+        p.sample, p.sample_hr_pass = self.sample, self.sample_hr_pass = sample, sample_hr_pass
+
+    def assert_back_in_place(self, p):
+        assert p.__dict__["sample"] is self.sample and p.__dict__["sample_hr_pass"] is self.sample_hr_pass
+
+
+@pytest.mark.parametrize("kdiffusion", [True, False])
+def test_hooks_chain_to_another_extensions_wrappers(sd1_model, kdiffusion):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    webui.is_kdiffusion_sampler = lambda name: kdiffusion
+    other = OtherExtension(p)
+    out = process_images(p, ON, facade)
+    assert out.images[0].shape == (3, 128, 128)
+    if kdiffusion:  # the tiled pass replaces the hires pass the other wrapper is around
+        assert other.calls == ["sample"] and webui.encoded
+    else:  # fallback: the stock hires pass, through the other extension's wrapper
+        assert other.calls == ["sample", "sample_hr_pass"] and webui.encoded == []
+        assert any("not a k-diffusion sampler" in c for c in p.comments)
+    other.assert_back_in_place(p)
+    assert not hasattr(p, facade.JOB_ATTR) and p.is_hr_pass is False
+
+    other.calls.clear()  # the next job chains again, to the same wrappers
+    p.rng = ImageRNGStandIn((4, p.height // 8, p.width // 8), p.seeds)  # the WebUI starts a job with a fresh rng
+    process_images(p, ON, facade)
+    assert other.calls[0] == "sample" and len(other.calls) == (1 if kdiffusion else 2)
+    other.assert_back_in_place(p)
+
+
+def test_failed_job_leaves_another_extensions_wrappers_in_place(sd1_model):
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    other = OtherExtension(p)
+    facade.fail_job(p, SettingsError("window_size must be a multiple of 8"), webui=webui)
+    facade.before_batch(p)
+    with pytest.raises(AccDiffusionError, match="window_size"):
+        p.sample(conditioning=None, unconditional_conditioning=None, seeds=p.seeds, subseeds=p.seeds,
+                 subseed_strength=0.0, prompts=p.prompts)
+    assert other.calls == []
+    other.assert_back_in_place(p)
