@@ -117,6 +117,7 @@ class StageStats:
     window_evals: int = 0  # per-row window / sub-latent evaluations
     latent_pixels: int = 0
     steps: int = 0
+    local_evals: int = 0  # of window_evals: the local branch's windows
     skipped_local_evals: int = 0  # per-row evaluations not run: the branch's weight was < ε
     skipped_dilated_evals: int = 0
     tile_batch: int = 0  # the most windows one UNet call took (the automatic choice, if automatic)
@@ -140,6 +141,7 @@ class StageDenoiser(Generic[C]):
     stats: StageStats = field(default_factory=StageStats)
     auto_batch: AutoTileBatch | None = None  # share one across stages: each shape measured once
     branch_epsilon: float = BRANCH_EPSILON
+    jitter: int = 0  # overlap mode: move inner windows by up to this many latent pixels per step (measured, off)
     _step_of_sigma: dict[float, int] = field(default_factory=dict)
     _windows_of_step: dict[int, list[Window]] = field(default_factory=dict)
 
@@ -180,8 +182,16 @@ class StageDenoiser(Generic[C]):
         """The local windows of a step. overlap: always :attr:`windows`. shifted: a non-overlapping
         tiling moved by an offset drawn from (seed, stage, step), so all calls of one step share it
         and the same seed gives the same offsets."""
-        if self.settings.window_mode != "shifted":
+        if self.settings.window_mode != "shifted" and not self.jitter:
             return self.windows
+        if step not in self._windows_of_step and self.settings.window_mode != "shifted":
+            first = self.windows[0]
+            tops, lefts = sorted({w.top for w in self.windows}), sorted({w.left for w in self.windows})
+            stride = (max((b - a for a, b in zip(tops, tops[1:])), default=first.height),
+                      max((b - a for a, b in zip(lefts, lefts[1:])), default=first.width))
+            self._windows_of_step[step] = window_grid(
+                self.stage.size[0], self.stage.size[1], (first.height, first.width), stride, self.jitter,
+                seeded_generator(self.seed, self.stage.index, step, SHIFT_KEY))
         if step not in self._windows_of_step:
             window = self.window_size
             offset = shift_offset(window, seeded_generator(self.seed, self.stage.index, step, SHIFT_KEY),
@@ -218,7 +228,9 @@ class StageDenoiser(Generic[C]):
         rows = x.shape[0]
         local = dilated = None
         if run_local:
+            before = self.stats.window_evals
             local = self._local(model, x, sigma, row_conds, row_tile_conds, windows)
+            self.stats.local_evals += self.stats.window_evals - before
         else:
             self.stats.skipped_local_evals += len(windows) * rows
         if run_dilated:
@@ -277,7 +289,7 @@ class StageDenoiser(Generic[C]):
         if len(tile_conds) != len(self.windows):
             raise AccDiffusionError(
                 f"AccDiffusion: {len(tile_conds)} tile conditionings for {len(self.windows)} windows")
-        if windows is self.windows:
+        if windows is self.windows or len(windows) == len(self.windows) and self.jitter:
             return list(tile_conds)
         # a list made for the overlap grid, used with other windows: each takes the conditioning of
         # the overlap window it overlaps most (a fallback; hosts should pass a lookup)

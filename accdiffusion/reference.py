@@ -212,8 +212,8 @@ class JobResult:
 
 
 def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[int, int], steps: int,
-               seed: int, cfg_scale: float = 7.0, record: bool = True, sampler: str = "Euler"
-               ) -> tuple[torch.Tensor, AttentionRecorder | None]:
+               seed: int, cfg_scale: float = 7.0, record: bool = True, sampler: str = "Euler",
+               record_every: int = 1) -> tuple[torch.Tensor, AttentionRecorder | None]:
     from k_diffusion import sampling
 
     torch.manual_seed(seed)
@@ -223,9 +223,13 @@ def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[in
     conds = host.encode(prompts) + host.encode([negative] * n)
     recorder = AttentionRecorder(size, n) if record else None
 
+    calls = [0]
+
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if recorder:
             recorder.row_images = list(range(n)) + [None] * n
+            recorder.active = calls[0] % record_every == 0  # a subset of steps, when asked
+            calls[0] += 1
         den = host.row_model(torch.cat([x, x]), torch.cat([sigma, sigma]), conds)
         cond, uncond = den.chunk(2)
         return uncond + (cond - uncond) * cfg_scale
@@ -245,7 +249,7 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
                recorder: AttentionRecorder | None, settings: AccDiffusionSettings,
                target: tuple[int, int], steps: int, denoise: float, seed: int,
                cfg_scale: float = 7.0, sampler: str = "Euler",
-               hires_prompts: Sequence[str] | None = None) -> JobResult:
+               hires_prompts: Sequence[str] | None = None, jitter: int = 0) -> JobResult:
     from k_diffusion import sampling
 
     base = tuple(first_latent.shape[-2:])
@@ -275,7 +279,8 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         generator = torch.Generator().manual_seed(seed + stage.index)
         noise = torch.randn(x_up.shape, generator=generator).to(x_up)
         denoiser: StageDenoiser[RowCond] = StageDenoiser(stage, windows, settings, seed, host.sigma_to_t,
-                                                         reference=x_up, noise=noise, auto_batch=auto_batch)
+                                                         reference=x_up, noise=noise, auto_batch=auto_batch,
+                                                         jitter=jitter)
         lookups: list[StageTilePrompts | None] = []
         if settings.window_mode == "shifted":
             # the windows move every step: each row looks its window's prompt up when it is used
