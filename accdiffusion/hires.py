@@ -2,11 +2,13 @@
 
 The denoiser hooks the sampler at the denoised (x0) output, which every k-diffusion sampler —
 first or second order, ancestral or not — turns into its next state the same way. It fuses
-  local  : overlapping windows, each with its own tile prompt, averaged (MultiDiffusion);
+  local  : overlapping windows, each with its own tile prompt, averaged (MultiDiffusion); or, with
+           window_mode "shifted", non-overlapping windows moved by a seeded offset every step;
   dilated: sub-latents x[..., i::s, j::s] of a blurred copy, shuffled position-wise by a seeded
            bijection (window interaction), denoised, un-shuffled; the prediction is re-expressed
            against the unblurred latent, i.e. denoised = D(x_blur) + (x − x_blur);
-mixed as (1 − c2)·local + c2·dilated. The skip residual changes the sampler's own state in place
+mixed as (1 − c2)·local + c2·dilated; a branch whose weight is below ε (BRANCH_EPSILON) is not
+evaluated, which moves the result by at most ε·|local − dilated| per pixel. The skip residual changes the sampler's own state in place
 (see :meth:`StageDenoiser.skip_residual_`).
 """
 
