@@ -206,6 +206,11 @@ def test_each_stage_starts_from_the_previous_stages_result(sd1_host, monkeypatch
         assert torch.allclose(den.reference, restandardise(upscale_latent(prev, stage.size), mean, std), atol=1e-5)
     wrong = restandardise(upscale_latent(latent, (48, 48)), mean, std)
     assert not torch.allclose(denoisers[1].reference, wrong, atol=1e-2)
+    # the last stage too is re-standardised to the first pass before decoding
+    assert not torch.allclose(outputs[-1].std(), std, rtol=1e-4)
+    assert torch.allclose(result.latent, restandardise(outputs[-1], mean, std), atol=1e-5)
+    assert torch.allclose(result.latent.std((1, 2, 3), keepdim=True), std, rtol=1e-4)
+    assert torch.allclose(result.latent.mean((1, 2, 3), keepdim=True), mean, atol=1e-4)
 
 
 # --- decode --------------------------------------------------------------------------------------
