@@ -118,7 +118,7 @@ def restandardise_stage_output(latent: torch.Tensor, first_pass_mean: torch.Tens
     Measured on the reference host (real ldm UNet, tiny random weights, k-diffusion Euler, CFG 7,
     first pass 10 steps at 16×16, 10 hires steps at denoise 0.5, seeds 0–3, two images each, SD1-
     and SDXL-like layouts, 2× and 3× progressive): the raw output of every stage came out with a
-    std 1.005–1.012× the first pass's (higher in all 48 image-stages) and a mean shifted by at
+    std 1.005–1.012× the first pass's (higher in all 32 image-stages) and a mean shifted by at
     most 0.12 (first-pass std ≈ 15). Re-standardising removes that small, one-sided contrast gain
     exactly and costs nothing. Between stages it changes nothing (the next stage re-standardises
     its upscaled input, and upscaling commutes with the affine map), so its only effect is on the
