@@ -18,6 +18,7 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 
+from .control import CallItems
 from .dilated import (blur_restandardised, gather_sublatents, scatter_sublatents, seeded_generator,
                       shuffle_sublatents, unshuffle_sublatents, window_permutation)
 from .schedule import SigmaToT, StepFactors, step_factors, timestep_of
@@ -122,6 +123,7 @@ class StageDenoiser(Generic[C]):
     reference: torch.Tensor | None = None  # upscaled previous latent (clean), [B, C, H, W]
     noise: torch.Tensor | None = None  # the stage's starting noise, [B, C, H, W]
     stats: StageStats = field(default_factory=StageStats)
+    items: CallItems | None = None  # while a model call runs: what its batch rows are (control hints)
     _step_of_sigma: dict[float, int] = field(default_factory=dict)
 
     def factors(self, sigma: torch.Tensor | float) -> StepFactors:
@@ -168,13 +170,18 @@ class StageDenoiser(Generic[C]):
         return torch.lerp(local, dilated, factors.c2)
 
     def _run(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any],
-             rows_per_item: int) -> torch.Tensor:
-        """Evaluate items in chunks of ``tile_batch_size`` windows (× rows)."""
+             rows_per_item: int, items: CallItems | None = None) -> torch.Tensor:
+        """Evaluate items in chunks of ``tile_batch_size`` windows (× rows); ``self.items``
+        describes the chunk while the model runs."""
         chunk = self.settings.tile_batch_size * rows_per_item
         outs = []
         for start in range(0, xs.shape[0], chunk):
             part = slice(start, start + chunk)
-            outs.append(model(xs[part], sigmas[part], conds[part]))
+            self.items = items.part(part) if items is not None else None
+            try:
+                outs.append(model(xs[part], sigmas[part], conds[part]))
+            finally:
+                self.items = None
             self.stats.unet_calls += 1
             self.stats.window_evals += xs[part].shape[0]
             self.stats.latent_pixels += xs[part].shape[0] * xs.shape[-2] * xs.shape[-1]
@@ -194,7 +201,7 @@ class StageDenoiser(Generic[C]):
             sigmas = sigma.repeat(len(indices))
             conds = [row_tile_conds[r][i] if row_tile_conds[r] is not None else row_conds[r]
                      for i in indices for r in range(rows)]
-            out = self._run(model, xs, sigmas, conds, rows)
+            out = self._run(model, xs, sigmas, conds, rows, CallItems.local(indices, rows))
             for n, i in enumerate(indices):
                 sl = self.windows[i].slices
                 total[(..., *sl)] += out[n * rows:(n + 1) * rows]
@@ -214,7 +221,7 @@ class StageDenoiser(Generic[C]):
             sub = shuffle_sublatents(sub, perm)
         xs = sub.transpose(0, 1).reshape(count * rows, *sub.shape[2:])  # item = (k, row)
         conds = [row_conds[r] for _ in range(count) for r in range(rows)]
-        out = self._run(model, xs, sigma.repeat(count), conds, rows)
+        out = self._run(model, xs, sigma.repeat(count), conds, rows, CallItems.dilated(count, rows, perm))
         out = out.reshape(count, rows, *sub.shape[2:]).transpose(0, 1)
         if perm is not None:
             out = unshuffle_sublatents(out, perm)
