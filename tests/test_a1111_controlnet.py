@@ -128,3 +128,22 @@ def test_tile_prompts_carry_controlnets_cond_mark():
     assert torch.equal(a1111.with_mark(row, a1111.with_mark(row, tile)), torch.cat([mark, tile]))  # once
     plain = torch.randn(77, 8)
     assert a1111.with_mark(plain, tile) is tile
+
+
+@pytest.mark.parametrize("title,enabled,steps_aside", [("Tiled Diffusion", True, True), ("Tiled Diffusion", False, False),
+                                                       ("MultiDiffusion Integrated", True, True),
+                                                       ("demofusion", True, True), ("Tiled VAE", True, False)])
+def test_another_unet_tiler_in_the_job_makes_us_step_aside(sd1_model, title, enabled, steps_aside):
+    from types import SimpleNamespace
+
+    from a1111_standins import ScriptsStandIn
+
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+    other = SimpleNamespace(title=lambda: title, args_from=2, args_to=4)
+    p.scripts = ScriptsStandIn(SimpleNamespace(title=lambda: "AccDiffusion", args_from=0, args_to=2), other)
+    p.script_args = (True, {}, enabled, "MultiDiffusion")
+    out = process_images(p, AccDiffusionSettings(enabled=True), facade)
+    assert out.images[0].shape == (3, 128, 128)
+    assert (webui.encoded == []) is steps_aside  # no tile prompts: the stock hires pass ran
+    assert any("tiles the UNet itself" in c for c in p.comments) is steps_aside
