@@ -279,9 +279,10 @@ def log_call(items: CallItems, hints: dict[int, StageHints]) -> None:
     for i, stage_hints in hints.items():
         f = stage_hints.factor
         if items.kind == "local":
-            regions = [(w, stage_hints.windows[w]) for w in dict.fromkeys(items.slots)]
-            text = ", ".join(f"window {w} px y{win.top * f}:{(win.top + win.height) * f} "
-                             f"x{win.left * f}:{(win.left + win.width) * f}" for w, win in regions)
+            text = ", ".join(f"window px y{win.top * f}:{(win.top + win.height) * f} "
+                             f"x{win.left * f}:{(win.left + win.width) * f}" for win in dict.fromkeys(items.slots))
+            if any(items.pad):
+                text += f" (padded by {items.pad} latent px)"
         else:
             text = f"dilated slots {sorted(set(items.slots))} of s={stage_hints.dilation}" + \
                    (" shuffled" if items.perm is not None else "")

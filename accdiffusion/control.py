@@ -16,7 +16,7 @@ The hosts' adapters (a1111.py, forge.py) put those hints into their ControlNet o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -29,19 +29,22 @@ DILATED = "dilated"
 
 @dataclass(frozen=True)
 class CallItems:
-    """The batch rows of one row-model call: per batch row, its slot (local: the window index;
-    dilated: the sub-latent slot k after shuffling) and the row of the caller's batch (a CFG row)
-    it was cut from. ``perm`` is the step's window permutation of a dilated call, or None."""
+    """The batch rows of one row-model call: per batch row, its slot (local: the :class:`Window`,
+    which may be a step's shifted window; dilated: the sub-latent slot k after shuffling) and the
+    row of the caller's batch (a CFG row) it was cut from. ``perm`` is the step's window
+    permutation of a dilated call, or None; ``pad`` the (bottom, right) latent padding of local
+    windows (edge replication, shifted edge windows)."""
     kind: str
-    slots: tuple[int, ...]
+    slots: tuple[Any, ...]
     rows: tuple[int, ...]
     perm: torch.Tensor | None = None
+    pad: tuple[int, int] = (0, 0)
 
     @staticmethod
-    def local(window_indices: Sequence[int], rows: int) -> "CallItems":
+    def local(windows: Sequence[Window], rows: int, pad: tuple[int, int] = (0, 0)) -> "CallItems":
         """Item-major batches (window, then row), as the denoiser stacks them."""
-        return CallItems(LOCAL, tuple(w for w in window_indices for _ in range(rows)),
-                         tuple(r for _ in window_indices for r in range(rows)))
+        return CallItems(LOCAL, tuple(w for w in windows for _ in range(rows)),
+                         tuple(r for _ in windows for r in range(rows)), pad=pad)
 
     @staticmethod
     def dilated(count: int, rows: int, perm: torch.Tensor | None) -> "CallItems":
@@ -49,7 +52,7 @@ class CallItems:
                          tuple(r for _ in range(count) for r in range(rows)), perm)
 
     def part(self, batch: slice) -> "CallItems":
-        return CallItems(self.kind, self.slots[batch], self.rows[batch], self.perm)
+        return CallItems(self.kind, self.slots[batch], self.rows[batch], self.perm, self.pad)
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -68,6 +71,19 @@ def window_hint(hint: torch.Tensor, window: Window, factor: int) -> torch.Tensor
     """The pixel crop under a latent window."""
     return hint[..., window.top * factor:(window.top + window.height) * factor,
                 window.left * factor:(window.left + window.width) * factor]
+
+
+def pad_blocks(hint: torch.Tensor, pad: tuple[int, int], factor: int) -> torch.Tensor:
+    """Pad a hint by whole f×f blocks at the bottom/right, repeating the last block row/column:
+    what edge replication of the latent does to the pixels under it."""
+    if not any(pad):
+        return hint
+    h, w = hint.shape[-2] // factor, hint.shape[-1] // factor
+    rows = torch.arange((h + pad[0]) * factor, device=hint.device)
+    cols = torch.arange((w + pad[1]) * factor, device=hint.device)
+    rows = torch.where(rows < h * factor, rows, (h - 1) * factor + rows % factor)
+    cols = torch.where(cols < w * factor, cols, (w - 1) * factor + cols % factor)
+    return hint.index_select(-2, rows).index_select(-1, cols)
 
 
 def gather_subhints(hint: torch.Tensor, latent_size: tuple[int, int], dilation: int, multiple: int = 1) -> torch.Tensor:
@@ -110,7 +126,7 @@ class StageHints:
         self.windows = list(windows)
         self.dilation = dilation
         self.size_multiple = size_multiple
-        self._windows: dict[int, torch.Tensor] = {}
+        self._windows: dict[tuple[int, int, int, int, int, int], torch.Tensor] = {}
         self._sub: torch.Tensor | None = None
         self._shuffled: tuple[torch.Tensor | None, torch.Tensor] | None = None
         self.cuts = 0  # how many crops / gathers were made (tests: once per stage and window)
@@ -119,11 +135,12 @@ class StageHints:
     def batch(self) -> int:
         return self.hint.shape[0]
 
-    def window(self, index: int) -> torch.Tensor:
-        if index not in self._windows:
-            self._windows[index] = window_hint(self.hint, self.windows[index], self.factor)
+    def window(self, window: Window, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        key = (window.top, window.left, window.height, window.width, *pad)
+        if key not in self._windows:
+            self._windows[key] = pad_blocks(window_hint(self.hint, window, self.factor), pad, self.factor)
             self.cuts += 1
-        return self._windows[index]
+        return self._windows[key]
 
     def dilated(self, perm: torch.Tensor | None) -> torch.Tensor:
         if self._sub is None:
@@ -140,7 +157,7 @@ class StageHints:
         is the hint batch index of the caller's row r."""
         picks = [hint_rows[r] for r in items.rows]
         if items.kind == LOCAL:
-            return torch.stack([self.window(w)[n] for w, n in zip(items.slots, picks)])
+            return torch.stack([self.window(w, items.pad)[n] for w, n in zip(items.slots, picks)])
         sub = self.dilated(items.perm)
         return sub[torch.tensor(picks), torch.tensor(items.slots)]
 

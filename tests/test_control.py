@@ -145,7 +145,8 @@ def test_plausible_bugs_are_caught(bug, monkeypatch):
         monkeypatch.setattr(control, "shuffle_subhints", lambda sub, perm: sub)
     elif bug == "window off by one":
         original = StageHints.window
-        monkeypatch.setattr(StageHints, "window", lambda self, i: original(self, (i + 1) % len(self.windows)))
+        monkeypatch.setattr(StageHints, "window", lambda self, win, pad=(0, 0):
+                            original(self, self.windows[(self.windows.index(win) + 1) % len(self.windows)], pad))
     else:
         original_gather = control.gather_subhints
         monkeypatch.setattr(control, "gather_subhints",
@@ -161,3 +162,24 @@ def test_plausible_bugs_are_caught(bug, monkeypatch):
     except (AssertionError, RuntimeError):  # a wrong size fails loudly (the model check, a shape error)
         return
     assert not (torch.equal(local, block_means(hint)) and torch.equal(dilated, block_means(hint)))
+
+
+def test_shifted_windows_get_their_own_crops_padded_like_the_latent():
+    """window_mode "shifted": each step's windows move and edge windows are padded by edge
+    replication to a size the UNet takes; the hint moves and pads with them."""
+    size, windows = (18, 18), window_grid(18, 18, (8, 8), (4, 4))
+    denoiser = make_denoiser(size, windows, window_mode="shifted", dilated_sampling=False)
+    hint = position_hint(*size)
+    model = ControlOnly(denoiser, StageHints(hint, size, windows, 2, size_multiple=4), 1)
+    x = torch.randn(1, 2, *size)
+    for sigma in (5.0, 4.0, 3.0, 2.0):
+        assert torch.equal(denoiser(model, x, torch.full((1,), sigma), [None]), block_means(hint))
+    assert any(any(c.pad) for c in model.calls)  # padded edge windows were exercised
+    assert len({c.slots[0] for c in model.calls}) > len(windows) // 2  # and windows moved between steps
+
+
+def test_padded_window_hint_repeats_the_last_block():
+    hint = position_hint(4, 4)
+    padded = block_means(StageHints(hint, (4, 4), [], 2).window(window_grid(4, 4, (2, 4), (2, 4))[1], (2, 0)))
+    ids = position_ids(4, 4)[..., 2:4, :]
+    assert torch.equal(padded[:, :1], torch.cat([ids, ids[..., -1:, :], ids[..., -1:, :]], -2))
