@@ -22,6 +22,7 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 
+from .control import CallItems
 from .dilated import (blur_restandardised, gather_sublatents, scatter_sublatents, seeded_generator,
                       shuffle_sublatents, unshuffle_sublatents, window_permutation)
 from .batching import CPU_TILE_BATCH, AutoTileBatch, batch_key
@@ -172,6 +173,7 @@ class StageDenoiser(Generic[C]):
     # v-prediction model needs :func:`v_prediction_c_skip` (or the wrapper's get_scalings()[0]).
     skip_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
     stats: StageStats = field(default_factory=StageStats)
+    items: CallItems | None = None  # while a model call runs: what its batch rows are (control hints)
     auto_batch: AutoTileBatch | None = None  # share one across stages: each shape measured once
     branch_epsilon: float = BRANCH_EPSILON
     jitter: int = 0  # overlap mode: move inner windows by up to this many latent pixels per step (measured, off)
@@ -276,8 +278,16 @@ class StageDenoiser(Generic[C]):
             return local
         return torch.lerp(local, dilated, factors.c2)
 
+    def _call(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any], part: slice,
+              items: CallItems | None) -> torch.Tensor:
+        self.items = items.part(part) if items is not None else None
+        try:
+            return model(xs[part], sigmas[part], conds[part])
+        finally:
+            self.items = None
+
     def _tile_batch(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any],
-                    rows_per_item: int, outs: list[torch.Tensor]) -> tuple[int, int]:
+                    rows_per_item: int, outs: list[torch.Tensor], items: CallItems | None = None) -> tuple[int, int]:
         """(windows per call, items already evaluated): the setting, or automatic — on CUDA the
         first call of a new window shape runs one window alone to measure its peak memory."""
         if self.settings.tile_batch_size:
@@ -290,7 +300,7 @@ class StageDenoiser(Generic[C]):
         done = 0
         if key not in auto.costs:
             first = slice(0, rows_per_item)
-            outs.append(auto.measure(key, lambda: model(xs[first], sigmas[first], conds[first]), xs.device))
+            outs.append(auto.measure(key, lambda: self._call(model, xs, sigmas, conds, first, items), xs.device))
             self._count_call(xs[first])
             done = 1
         return auto.batch(key, xs.device), done
@@ -301,15 +311,16 @@ class StageDenoiser(Generic[C]):
         self.stats.latent_pixels += part.shape[0] * part.shape[-2] * part.shape[-1]
 
     def _run(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any],
-             rows_per_item: int) -> torch.Tensor:
-        """Evaluate items in chunks of ``tile_batch_size`` windows (× rows); 0 = automatic."""
+             rows_per_item: int, items: CallItems | None = None) -> torch.Tensor:
+        """Evaluate items in chunks of ``tile_batch_size`` windows (× rows); 0 = automatic.
+        ``self.items`` describes the chunk while the model runs."""
         outs: list[torch.Tensor] = []
-        batch, done = self._tile_batch(model, xs, sigmas, conds, rows_per_item, outs)
+        batch, done = self._tile_batch(model, xs, sigmas, conds, rows_per_item, outs, items)
         self.stats.tile_batch = max(self.stats.tile_batch, min(batch, xs.shape[0] // rows_per_item))
         chunk = batch * rows_per_item
         for start in range(done * rows_per_item, xs.shape[0], chunk):
             part = slice(start, start + chunk)
-            outs.append(model(xs[part], sigmas[part], conds[part]))
+            outs.append(self._call(model, xs, sigmas, conds, part, items))
             self._count_call(xs[part])
         return torch.cat(outs)
 
@@ -347,7 +358,9 @@ class StageDenoiser(Generic[C]):
                 xs = torch.nn.functional.pad(xs, (0, pad_w, 0, pad_h), mode="replicate")
             sigmas = sigma.repeat(len(indices))
             conds = [per_row[r][i] for i in indices for r in range(rows)]
-            out = self._run(model, xs, sigmas, conds, rows)[..., :height, :width]
+            items = CallItems.local([windows[i] for i in indices], rows,
+                                   (pad_h, pad_w) if self.settings.window_mode == "shifted" else (0, 0))
+            out = self._run(model, xs, sigmas, conds, rows, items)[..., :height, :width]
             for n, i in enumerate(indices):
                 sl = windows[i].slices
                 total[(..., *sl)] += out[n * rows:(n + 1) * rows]
@@ -367,7 +380,7 @@ class StageDenoiser(Generic[C]):
             sub = shuffle_sublatents(sub, perm)
         xs = sub.transpose(0, 1).reshape(count * rows, *sub.shape[2:])  # item = (k, row)
         conds = [row_conds[r] for _ in range(count) for r in range(rows)]
-        out = self._run(model, xs, sigma.repeat(count), conds, rows)
+        out = self._run(model, xs, sigma.repeat(count), conds, rows, CallItems.dilated(count, rows, perm))
         out = out.reshape(count, rows, *sub.shape[2:]).transpose(0, 1)
         if perm is not None:
             out = unshuffle_sublatents(out, perm)
