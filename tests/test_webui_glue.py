@@ -218,8 +218,12 @@ def test_schema_endpoint():
             zero, span = prop["anyOf"]
             assert zero == {"const": 0} and _accepted(name, 0)
             assert _accepted(name, span["minimum"]) and _accepted(name, span["maximum"])
-            assert not _accepted(name, span["maximum"] + span["multipleOf"])
-            assert not _accepted(name, span["minimum"] + span["multipleOf"] // 2)
+            step = span.get("multipleOf", 1)
+            assert not _accepted(name, span["maximum"] + step)
+            if step > 1:
+                assert not _accepted(name, span["minimum"] + step // 2)
+            else:  # no step rule: below the minimum (but not 0) is refused
+                assert span["minimum"] > 1 or not _accepted(name, -1)
         else:
             lo, hi = prop["minimum"], prop["maximum"]
             assert _accepted(name, lo) and _accepted(name, hi)
