@@ -174,6 +174,28 @@ def test_denoising_strength_sets_where_sampling_starts(sd1_model):
     _, _, low = img2img(sd1_model, images=[init], denoising_strength=0.1)
     _, _, high = img2img(sd1_model, images=[init], denoising_strength=0.9)
     assert (low.images[0] - reference[0]).abs().mean() < (high.images[0] - reference[0]).abs().mean()
+    # the low-denoise result is the init image, not some other picture
+    q2 = Img2ImgStandIn(sd1_model, webui, [PROMPT], [picture(64, 64, seed=5)])
+    q2.init()
+    other = torch.stack(webui.decode_batch(sd1_model, q2.init_latent))
+    assert (low.images[0] - reference[0]).abs().mean() < (low.images[0] - other[0]).abs().mean()
+
+
+def test_first_stage_starts_from_the_upscaled_init_latent(sd1_model):
+    webui = WebUIStandIn()
+    p = Img2ImgStandIn(sd1_model, webui, [PROMPT], [picture(64, 64)], width=128, height=128)
+    original = webui.create_sampler
+    starts = []
+
+    def spying(name, model):
+        sampler = original(name, model)
+        inner = sampler.sample_img2img
+        sampler.sample_img2img = lambda p_, x, *a, **k: starts.append(x.clone()) or inner(p_, x, *a, **k)
+        return sampler
+
+    webui.create_sampler = spying
+    process_img2img(p, ON, facade)
+    assert len(starts) == 1 and torch.allclose(starts[0], p.init_latent, atol=1e-4)
 
 
 def test_resize_mode_is_honoured(sd1_model):
