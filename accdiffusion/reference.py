@@ -16,10 +16,13 @@ import torch
 from torch import nn
 
 from .attention import AttentionRecorder, find_cross_attention
+from .batching import AutoTileBatch
 from .hires import (EncodeCache, Stage, StageDenoiser, StageStats, latent_stats, plan_stages,
-                    restandardise, stage_windows, upscale_latent)
+                    restandardise, restandardise_stage_output, stage_windows, upscale_latent)
 from .prompts import ImagePromptPlan
+from .tiles import Window
 from .settings import AccDiffusionSettings
+from .tileprompts import StageTilePrompts, WindowConditioning
 from .words import align_words, split_words
 
 if TYPE_CHECKING:
@@ -100,15 +103,19 @@ class Host:
     tokenizer: Any
     vector_conditioning: bool = False
     embed_seed: int = 0
+    v_prediction: bool = False  # the UNet predicts v (SD 2.x 768-v), wrapped as A1111 does
     _embedding: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        from k_diffusion.external import DiscreteEpsDDPMDenoiser
+        from k_diffusion.external import CompVisVDenoiser, DiscreteEpsDDPMDenoiser
 
-        def eps(x: torch.Tensor, t: torch.Tensor, cond: RowCond | list[RowCond] = None) -> torch.Tensor:
+        def unet_output(x: torch.Tensor, t: torch.Tensor, cond: RowCond | list[RowCond] = None) -> torch.Tensor:
             return self._eps(x, t, cond)
 
-        self.denoiser = DiscreteEpsDDPMDenoiser(eps, sd_alphas_cumprod(), quantize=False)
+        if self.v_prediction:
+            self.denoiser = CompVisVDenoiser(_CompVisModel(unet_output, sd_alphas_cumprod()), quantize=False)
+        else:
+            self.denoiser = DiscreteEpsDDPMDenoiser(unet_output, sd_alphas_cumprod(), quantize=False)
         dim = self.context_dim
         g = torch.Generator().manual_seed(self.embed_seed)
         self._embedding = torch.randn(len(self.tokenizer), dim, generator=g)
@@ -174,6 +181,12 @@ class Host:
     def row_model(self, x: torch.Tensor, sigma: torch.Tensor, conds: Sequence[RowCond]) -> torch.Tensor:
         return self.denoiser(x, sigma, cond=list(conds))
 
+    def skip_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_skip(σ) of the model's parametrisation (1 for ε), from k-diffusion's own wrapper."""
+        if self.v_prediction:
+            return self.denoiser.get_scalings(sigma)[0]
+        return torch.ones_like(sigma)
+
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.denoiser.sigma_to_t(sigma.to(self.denoiser.sigmas.device))
 
@@ -181,6 +194,18 @@ class Host:
         """The last ``steps`` of a schedule of ⌊steps / denoise⌋ steps, as the WebUI does."""
         total = max(steps, int(steps / denoise))
         return self.denoiser.get_sigmas(total)[-(steps + 1):]
+
+
+class _CompVisModel(nn.Module):
+    """What k-diffusion's CompVis wrappers take: ``alphas_cumprod`` and ``apply_model``."""
+
+    def __init__(self, apply: Any, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self._apply = apply
+        self.register_buffer("alphas_cumprod", alphas_cumprod)
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self._apply(x, t, cond)
 
 
 def _pad_context(context: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -208,11 +233,12 @@ class JobResult:
     tile_prompts: list[list[list[str]]]  # [stage][image][window]
     recorder_bytes: int = 0
     maps: list[torch.Tensor | None] = field(default_factory=list)
+    stage_windows: list[list[list[Window]]] = field(default_factory=list)  # [stage][image][window]
 
 
 def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[int, int], steps: int,
-               seed: int, cfg_scale: float = 7.0, record: bool = True, sampler: str = "Euler"
-               ) -> tuple[torch.Tensor, AttentionRecorder | None]:
+               seed: int, cfg_scale: float = 7.0, record: bool = True, sampler: str = "Euler",
+               record_every: int = 1) -> tuple[torch.Tensor, AttentionRecorder | None]:
     from k_diffusion import sampling
 
     torch.manual_seed(seed)
@@ -222,9 +248,13 @@ def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[in
     conds = host.encode(prompts) + host.encode([negative] * n)
     recorder = AttentionRecorder(size, n) if record else None
 
+    calls = [0]
+
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if recorder:
             recorder.row_images = list(range(n)) + [None] * n
+            recorder.active = calls[0] % record_every == 0  # a subset of steps, when asked
+            calls[0] += 1
         den = host.row_model(torch.cat([x, x]), torch.cat([sigma, sigma]), conds)
         cond, uncond = den.chunk(2)
         return uncond + (cond - uncond) * cfg_scale
@@ -244,7 +274,7 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
                recorder: AttentionRecorder | None, settings: AccDiffusionSettings,
                target: tuple[int, int], steps: int, denoise: float, seed: int,
                cfg_scale: float = 7.0, sampler: str = "Euler",
-               hires_prompts: Sequence[str] | None = None) -> JobResult:
+               hires_prompts: Sequence[str] | None = None, jitter: int = 0) -> JobResult:
     from k_diffusion import sampling
 
     base = tuple(first_latent.shape[-2:])
@@ -266,20 +296,28 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
     stages = plan_stages(base, target, settings.progressive)
     result = JobResult(first_latent, stages, [], [], [], recorder.nbytes() if recorder else 0)
     latent = first_latent
+    auto_batch = AutoTileBatch()  # one per job: each window shape's memory is measured once
     for stage in stages:
         windows = stage_windows(stage, base, settings)
         before = cache.encodes
-        prompts_per_image = [plan.tile_prompts(stage.size, windows, settings.patch_prompt_threshold)
-                             if plan else None for plan in plans]
-        tile_conds = [cache.get(p) if p else None for p in prompts_per_image]
-        result.stage_encodes.append(cache.encodes - before)
-        result.tile_prompts.append([p or [] for p in prompts_per_image])
-
         x_up = restandardise(upscale_latent(latent, stage.size), mean, std)
         generator = torch.Generator().manual_seed(seed + stage.index)
         noise = torch.randn(x_up.shape, generator=generator).to(x_up)
         denoiser: StageDenoiser[RowCond] = StageDenoiser(stage, windows, settings, seed, host.sigma_to_t,
-                                                         reference=x_up, noise=noise)
+                                                         reference=x_up, noise=noise, auto_batch=auto_batch,
+                                                         skip_scale=host.skip_scale if host.v_prediction else None,
+                                                         jitter=jitter)
+        lookups: list[StageTilePrompts | None] = []
+        if settings.window_mode == "shifted":
+            # the windows move every step: each row looks its window's prompt up when it is used
+            lookups = [StageTilePrompts(plan, stage.size, settings.patch_prompt_threshold) if plan else None
+                       for plan in plans]
+            tile_conds = [WindowConditioning(lookup, cache.get) if lookup else None for lookup in lookups]
+        else:
+            prompts_per_image = [plan.tile_prompts(stage.size, windows, settings.patch_prompt_threshold)
+                                 if plan else None for plan in plans]
+            tile_conds = [cache.get(p) if p else None for p in prompts_per_image]
+            result.tile_prompts.append([p or [] for p in prompts_per_image])
         row_tile_conds = tile_conds + [None] * n
 
         def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -293,7 +331,14 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         torch.manual_seed(seed + 1000 + stage.index)  # ancestral samplers draw from the global RNG
         with torch.no_grad():
             latent = getattr(sampling, SAMPLERS[sampler])(model, x_up + noise * sigmas[0], sigmas, disable=True)
+        latent = restandardise_stage_output(latent, mean, std)
         result.stage_stats.append(denoiser.stats)
+        result.stage_encodes.append(cache.encodes - before)
+        if lookups:  # every window's prompt used in the stage, in the order first used
+            result.tile_prompts.append([list(l.prompts_seen.values()) if l else [] for l in lookups])
+            result.stage_windows.append([list(l.prompts_seen) if l else [] for l in lookups])
+        else:
+            result.stage_windows.append([windows] * n)
     result.latent = latent
     return result
 

@@ -10,14 +10,14 @@ from PIL import Image, ImageChops
 
 from accdiffusion import webui_glue as glue
 from accdiffusion.settings import (FIELD_BY_NAME, FIELDS, AccDiffusionSettings, SettingsError,
-                                   infotext_key, json_schema)
+                                   infotext_key)
 from accdiffusion.tilemap import draw_tile_prompt_map, wrap_text
 from accdiffusion.tiles import Window, window_grid
 
 CUSTOM = AccDiffusionSettings(enabled=True, patch_prompts=False, patch_prompt_threshold=0.45,
                               window_interaction=False, cosine_scale_1=2.5, sigma=0.0,
                               window_size=96, stride=48, tile_batch_size=8, progressive=False,
-                              tiled_decode="on", tile_prompt_map=True)
+                              tiled_decode="on", tile_prompt_map=True, window_mode="shifted")
 
 
 def _infotext_roundtrip(settings):
@@ -101,6 +101,8 @@ def test_xyz_specs():
     assert specs["patch_prompts"].type is str
     assert specs["patch_prompts"].choices() == ["True", "False"]
     assert specs["patch_prompt_threshold"].choices is None
+    assert specs["window_mode"].type is str and specs["window_mode"].choices() == ["overlap", "shifted"]
+    assert specs["window_mode"].label == "AccDiffusion Window mode"
 
 
 def test_xyz_apply_does_not_share_dicts():
@@ -146,6 +148,9 @@ def test_xyz_confirm():
     with pytest.raises(ValueError, match="multiple of 8"):
         specs["window_size"].confirm(None, [64, 20])
     specs["window_size"].confirm(None, [0, 64])
+    specs["window_mode"].confirm(None, ["overlap", "shifted"])
+    with pytest.raises(ValueError, match="'overlap', 'shifted'"):
+        specs["window_mode"].confirm(None, ["shifted", "spiral"])
     with pytest.raises(ValueError, match="true or false"):
         specs["dilated_sampling"].confirm(None, ["True", "Maybe"])
     assert glue.parse_bool("false") is False and glue.parse_bool("TRUE") is True
@@ -160,7 +165,9 @@ def test_control_specs():
     st = specs["stride"]
     assert (st.minimum, st.maximum, st.step) == (0, 512, 8)
     tb = specs["tile_batch_size"]
-    assert (tb.minimum, tb.maximum, tb.step, tb.value) == (1, 64, 1, 4)
+    assert (tb.minimum, tb.maximum, tb.step, tb.value) == (0, 64, 1, 0)
+    assert specs["window_mode"].component == "radio"
+    assert specs["window_mode"].choices == ("overlap", "shifted") and specs["window_mode"].value == "overlap"
     assert specs["tiled_decode"].component == "radio"
     assert specs["tiled_decode"].choices == ("auto", "on", "off")
     assert specs["patch_prompts"].component == "checkbox" and specs["patch_prompts"].value is True
@@ -182,10 +189,42 @@ def test_control_specs():
     assert len({s.label for s in specs.values()}) == len(specs)
 
 
+def _accepted(name, value):
+    try:
+        AccDiffusionSettings.from_dict({name: value})
+        return True
+    except SettingsError:
+        return False
+
+
 def test_schema_endpoint():
+    # what the endpoint serves must describe what the settings model accepts
     body = glue.settings_schema()
-    assert body == json_schema()
     assert set(body["properties"]) == {f.name for f in FIELDS}
+    defaults = AccDiffusionSettings().to_dict()
+    assert {name: prop["default"] for name, prop in body["properties"].items()} == defaults
+    assert body["additionalProperties"] is False and not _accepted("no_such_setting", 1)
+    for name, prop in body["properties"].items():
+        if prop["type"] == "boolean":
+            assert _accepted(name, True) and _accepted(name, False)
+        elif prop["type"] == "string":
+            assert all(_accepted(name, choice) for choice in prop["enum"])
+            assert not _accepted(name, "no-such-choice")
+        elif "exclusiveMinimum" in prop:
+            lo, hi = prop["exclusiveMinimum"], prop["exclusiveMaximum"]
+            assert not _accepted(name, lo) and not _accepted(name, hi)
+            assert _accepted(name, lo + (hi - lo) / 3)
+        elif "anyOf" in prop:
+            zero, span = prop["anyOf"]
+            assert zero == {"const": 0} and _accepted(name, 0)
+            assert _accepted(name, span["minimum"]) and _accepted(name, span["maximum"])
+            assert not _accepted(name, span["maximum"] + span["multipleOf"])
+            assert not _accepted(name, span["minimum"] + span["multipleOf"] // 2)
+        else:
+            lo, hi = prop["minimum"], prop["maximum"]
+            assert _accepted(name, lo) and _accepted(name, hi)
+            step = 1 if prop["type"] == "integer" else 0.01
+            assert not _accepted(name, lo - step) and not _accepted(name, hi + step)
     assert body["properties"]["patch_prompt_threshold"]["exclusiveMaximum"] == 1.0
     import json
     json.dumps(body)
