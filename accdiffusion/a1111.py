@@ -78,6 +78,31 @@ class A1111Backend:
     def before_sampling(self, p: Any, job: "Job") -> None:
         """Nothing to do here on A1111: the recorder is attached for the whole first pass."""
 
+    @contextmanager
+    def probe_unet(self, p: Any, job: "Job", sampler: Any, recorder: AttentionRecorder,
+                   conds: Sequence[Any]) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """The probe pass's UNet call: the k-diffusion denoiser (``sampler.model_wrap``) on the
+        positive rows only, with the cond dict the CFG denoiser would build for them
+        (sd_samplers_cfg_denoiser.py:189-200); the recorder on the attn2 modules meanwhile."""
+        recorder.row_images = list(range(len(conds)))
+        is_dict = isinstance(conds[0], dict)
+        rows = [dict(c) if is_dict else {"c_crossattn": c} for c in conds]
+        like = {k: v for k, v in rows[0].items()} if is_dict else {"c_crossattn": [conds[0]]}
+
+        def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            cond = stack_cond(rows, like)
+            cond = {k: (v.to(x.device) if isinstance(v, torch.Tensor) else [t.to(x.device) for t in v])
+                    for k, v in cond.items()}
+            cond["c_concat"] = [p.txt2img_image_conditioning(x)]
+            with job.webui.autocast():
+                return sampler.model_wrap(x, sigma, cond=cond)
+
+        recorder.attach(find_cross_attention(p.sd_model.model.diffusion_model, include_middle=False))
+        try:
+            yield call
+        finally:
+            recorder.detach()
+
     def prepare_stage(self, p: Any, job: "Job") -> None:
         """Nothing to reset on A1111 between stages."""
 

@@ -6,6 +6,9 @@ skipped (branch weight < ε), UNet calls, the tile batch used (automatic by defa
 encodes, time and peak memory; totals against the formula; the first pass's time with and
 without attention recording. ``--quality`` adds the seam measurement (overlap, overlap with
 jitter, shifted) and the word-mask agreement of recording on a subset of steps.
+The probe pass (img2img / Upscale button maps): its UNet calls and time against each tiled pass.
+``--probe-agreement``: how well the probe's word masks agree (IoU) with the first pass's own
+recorded masks on generated images, per set of probe timesteps (how PROBE_TIMESTEPS was chosen).
 
 CPU default: the tiny SD1-like UNet. On a GPU: ``--device cuda --model sdxl-real --base 128`` (needs diffusers)
 times a 1024² → 2048² / 4096² pass with SDXL widths (random weights).
@@ -23,10 +26,47 @@ from typing import Iterator
 
 import torch
 
-from .reference import Host, build_unet, first_pass, hires_pass, load_tokenizer
+from .probe import PROBE_TIMESTEPS, mask_iou
+from .prompts import build_word_masks
+from .reference import Host, build_unet, first_pass, hires_pass, load_tokenizer, probe_pass, word_positions
 from .settings import AccDiffusionSettings
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, high quality"
+AGREEMENT_PROMPTS = (PROMPT, "a red fox sitting in tall grass under a blue sky",
+                     "two cats on a sofa next to a window, evening light",
+                     "a lighthouse on a rocky coast with waves and seagulls")
+TIMESTEP_SETS: tuple[tuple[int, ...], ...] = (
+    (200,), (300,), (400,), (500,), (600,), (700,), (800,), (900,),
+    (300, 500, 700), (400, 550, 700), (500, 650, 800), (300, 400, 500, 600, 700, 800), (100, 300, 500, 700, 900))
+
+
+def _masks(host: Host, prompt: str, token_maps: torch.Tensor) -> torch.Tensor:
+    words, positions = word_positions(host, prompt)
+    masks = build_word_masks(token_maps, positions)
+    return masks.masks[masks.located]
+
+
+def probe_agreement(host: Host, size: tuple[int, int], steps: int, seeds: int = 3,
+                    sets: tuple[tuple[int, ...], ...] = TIMESTEP_SETS) -> list[tuple[tuple[int, ...], float, float]]:
+    """Per timestep set: mean word-mask IoU of the probe on a generated image against that
+    image's first-pass masks, and (control) against the masks of another image of the same prompt
+    (another seed): a probe that reads the image beats the control."""
+    cases = []
+    for prompt in AGREEMENT_PROMPTS:
+        for seed in range(seeds):
+            latent, recorder = first_pass(host, [prompt], "", size, steps, seed=seed)
+            cases.append((prompt, seed, latent, _masks(host, prompt, recorder.maps(0))))
+    out = []
+    for timesteps in sets:
+        own, other = [], []
+        for i, (prompt, seed, latent, first_masks) in enumerate(cases):
+            recorder, _ = probe_pass(host, latent, [prompt], [seed], timesteps)
+            probe_masks = _masks(host, prompt, recorder.maps(0))
+            own.append(float(mask_iou(probe_masks, first_masks).mean()))
+            control = next(c for c in cases if c[0] == prompt and c[1] != seed)
+            other.append(float(mask_iou(probe_masks, control[3]).mean()))
+        out.append((timesteps, sum(own) / len(own), sum(other) / len(other)))
+    return out
 
 
 def _rss_bytes() -> int:
@@ -105,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--denoise", type=float, default=0.6)
     parser.add_argument("--tile-batch-size", type=int, default=0, help="0 = automatic")
     parser.add_argument("--fp16", action="store_true", help="autocast to float16 (GPU)")
+    parser.add_argument("--probe-agreement", action="store_true",
+                        help="only measure probe/first-pass word-mask agreement per timestep set")
     parser.add_argument("--quality", action="store_true",
                         help="also measure seams (overlap, overlap + jitter, shifted) and mask agreement "
                              "of recording on a subset of steps")
@@ -122,6 +164,16 @@ def main(argv: list[str] | None = None) -> None:
           f"model {args.model}, UNet params {sum(p.numel() for p in host.unet.parameters()) / 1e6:.1f} M, "
           f"first pass {args.base * 8}x{args.base * 8} px, hires steps {args.steps}, "
           f"denoise {args.denoise}, tile batch {args.tile_batch_size or 'automatic'}, fp16 {args.fp16}")
+
+    if args.probe_agreement:
+        print(f"probe agreement: word-mask IoU with the first pass's own maps ({len(AGREEMENT_PROMPTS)} prompts x 3 "
+              f"seeds, first pass {args.first_steps} steps); control = another seed's first pass")
+        with autocast:
+            for timesteps, own, other in probe_agreement(host, size, args.first_steps):
+                mark = " (PROBE_TIMESTEPS)" if tuple(timesteps) == PROBE_TIMESTEPS else ""
+                print(f"  t = {','.join(map(str, timesteps)):<28} own {own:.3f}  control {other:.3f}  "
+                      f"margin {own - other:+.3f}{mark}")
+        return
 
     with autocast:
         first_pass(host, [PROMPT], "", size, 1, seed=0)  # warm-up
@@ -141,6 +193,18 @@ def main(argv: list[str] | None = None) -> None:
             with autocast:
                 _, subset = first_pass(host, [PROMPT], "", size, args.first_steps, seed=0, record_every=every)
             print(f"  recording every {every}th step: word-mask IoU against every step {_mask_iou(recorder, subset):.3f}")
+
+    with autocast:
+        probe_times = []
+        for _ in range(3):
+            _sync(device)
+            start = time.perf_counter()
+            _, probe_stats = probe_pass(host, latent, [PROMPT], [0])
+            _sync(device)
+            probe_times.append(time.perf_counter() - start)
+    probe_time = min(probe_times)
+    print(f"probe pass at {args.base * 8}x{args.base * 8} px: {probe_stats.unet_calls} UNet calls "
+          f"(timesteps {PROBE_TIMESTEPS}, positive prompt only), {probe_time:.3f} s")
 
     totals: dict[str, dict[str, int]] = {}
     for scale in [int(s) for s in args.scales.split(",")]:
@@ -174,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"skipped {stats.skipped_evals // rows} (local {stats.skipped_local_evals // rows}, "
                       f"dilated {stats.skipped_dilated_evals // rows}); {stats.unet_calls} UNet calls; "
                       f"batch {stats.tile_batch}; {encodes} tile-prompt encodes")
+            calls = sum(st.unet_calls for st in result.stage_stats)
+            print(f"  probe vs this tiled pass: {probe_stats.unet_calls} / {calls} UNet calls, "
+                  f"{probe_time:.3f} / {elapsed:.2f} s = {100 * probe_time / elapsed:.2f} % of the time")
     print("\ntotals per CFG row (window evaluations; ratio to the overlap formula):")
     for name, t in totals.items():
         print(f"  {name}: local {t['local']} / {t['formula_local']} = {t['local'] / t['formula_local']:.3f}, "

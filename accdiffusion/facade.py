@@ -16,11 +16,16 @@ from .forge import ForgeBackend
 from .job import JOB_ATTR, Job, comment
 from .passes import make_hr_pass, make_sample
 from .settings import AccDiffusionSettings
+from .upscale import img2img_fallback_reason, make_img2img_sample
 
 log = logging.getLogger("accdiffusion")
 
 __all__ = ["JOB_ATTR", "backend_for", "before_batch", "before_sampling", "fail_job", "finish_job", "is_forge",
            "start_job"]
+
+
+def is_img2img(p: Any) -> bool:
+    return getattr(p, "init_images", None) is not None
 
 
 def is_forge(p: Any) -> bool:
@@ -56,12 +61,15 @@ def companion_tiler(p: Any) -> str | None:
 
 def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job | None:
     """Called from the script's ``process``. Returns the job, or None when nothing is attached
-    (not enabled, no hires fix, unsupported model: the WebUI then runs exactly as without us)."""
+    (not enabled, no hires fix, unsupported model, an img2img job the tiled pass does not serve:
+    the WebUI then runs exactly as without us)."""
     if not settings.enabled:
         return None
-    if not getattr(p, "enable_hr", False):
+    img2img = is_img2img(p)
+    if not img2img and not getattr(p, "enable_hr", False):
         log.info("AccDiffusion is enabled but Hires. fix is off: nothing to do")
         return None
+    stock = "img2img" if img2img else "hires fix"
     backend = backend_for(p)
     reason = backend.unsupported_reason(p)
     if getattr(p, "refiner_checkpoint", None) not in (None, "", "None"):
@@ -69,13 +77,15 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
     tiler = companion_tiler(p)
     if tiler:  # two tilers on one UNet call would fight: the other one was asked for explicitly
         reason = f"{tiler} is enabled and tiles the UNet itself (one tiler per job)"
-    if reason:
-        comment(p, f"AccDiffusion: {reason}; the WebUI's own hires fix ran instead.")
-        return None
     if webui is None:
         from .webui import WebUI
 
         webui = WebUI()
+    if not reason and img2img:
+        reason = img2img_fallback_reason(p, webui)
+    if reason:
+        comment(p, f"AccDiffusion: {reason}; the WebUI's own {stock} ran instead.")
+        return None
     job = Job(settings, webui, backend=backend)
     setattr(p, JOB_ATTR, job)
     # a new dict: X/Y/Z cells are shallow copies of one p and would share it
@@ -90,10 +100,13 @@ def fail_job(p: Any, error: Exception, webui: Any = None) -> None:
 
 
 def before_batch(p: Any) -> None:
-    """Replace ``p.sample`` / ``p.sample_hr_pass`` on the instance for this batch; the
+    """Replace ``p.sample`` / ``p.sample_hr_pass`` (img2img: ``p.sample``) on the instance for this batch; the
     replacements chain to what was there and are undone when the batch's sampling ends."""
     job: Job | None = getattr(p, JOB_ATTR, None)
     if job is None:
+        return
+    if is_img2img(p):
+        job.set_attr(p, "sample", make_img2img_sample(p, job), batch=True)
         return
     job.set_attr(p, "sample", make_sample(p, job), batch=True)
     job.set_attr(p, "sample_hr_pass", make_hr_pass(p, job), batch=True)

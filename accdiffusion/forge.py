@@ -31,7 +31,8 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -88,6 +89,30 @@ def transformer_options_for(options: dict, cond_or_uncond: Sequence[int], blocks
     return out
 
 
+def _recording_unet(unet_patcher: Any, recorder: AttentionRecorder) -> Any:
+    """A clone of a UnetPatcher whose attn2 replace patches feed the recorder with the cond rows
+    and return what attn2 itself computes."""
+    from backend.nn import unet as forge_unet  # the attention function attn2 itself calls
+
+    unet = unet_patcher.clone()
+    tokens = recorder.grid[0] * recorder.grid[1]
+
+    def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+        heads = extra["n_heads"]
+        if q.shape[1] == tokens:
+            images = cond_rows_to_images(extra.get("cond_or_uncond", [0]), q.shape[0])
+            rows = [r for r, img in enumerate(images) if img is not None]
+            if rows:
+                index = torch.tensor(rows, device=q.device)
+                recorder.add_qk(q.index_select(0, index), k.index_select(0, index), heads,
+                                [images[r] for r in rows])
+        return forge_unet.attention_function(q, k, v, heads)
+
+    for block, number, index in attn2_positions(unet.model.diffusion_model):
+        unet.set_model_attn2_replace(record, block, number, index)
+    return unet
+
+
 class ForgeBackend:
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
@@ -109,26 +134,40 @@ class ForgeBackend:
         recorder = job.recorder
         if p.is_hr_pass or recorder is None:
             return
-        from backend.nn import unet as forge_unet  # the attention function attn2 itself calls
-
         objects = p.sd_model.forge_objects
-        unet = objects.unet.clone()
-        tokens = recorder.grid[0] * recorder.grid[1]
+        job.set_attr(objects, "unet", _recording_unet(objects.unet, recorder))
 
-        def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
-            heads = extra["n_heads"]
-            if q.shape[1] == tokens:
-                images = cond_rows_to_images(extra.get("cond_or_uncond", [0]), q.shape[0])
-                rows = [r for r, img in enumerate(images) if img is not None]
-                if rows:
-                    index = torch.tensor(rows, device=q.device)
-                    recorder.add_qk(q.index_select(0, index), k.index_select(0, index), heads,
-                                    [images[r] for r in rows])
-            return forge_unet.attention_function(q, k, v, heads)
+    @contextmanager
+    def probe_unet(self, p: Any, job: Job, sampler: Any, recorder: AttentionRecorder,
+                   conds: Sequence[Any]) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """The probe pass's UNet call: the positive rows only, straight to the model's
+        ``apply_model`` as sampling_function.py:273 calls it (one cond chunk), on a clone of the
+        UNet (LoRA applied) with the recording attn2 patches; loaded and released like a sampling
+        (sampling_prepare / sampling_cleanup)."""
+        from backend.sampling.sampling_function import sampling_cleanup, sampling_prepare
 
-        for block, number, index in attn2_positions(unet.model.diffusion_model):
-            unet.set_model_attn2_replace(record, block, number, index)
-        job.set_attr(objects, "unet", unet)
+        unet = _recording_unet(p.sd_model.forge_objects_after_applying_lora.unet, recorder)
+        sdxl = isinstance(conds[0], dict)
+        crossattn = stack_cond([{"c_crossattn": c["crossattn"] if sdxl else c} for c in conds],
+                               {"c_crossattn": None})["c_crossattn"]
+        vector = torch.stack([c["vector"] for c in conds]) if sdxl else None
+
+        loaded: list[bool] = []
+
+        def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if not loaded:  # sized by the probe's input, once
+                sampling_prepare(unet, x)
+                loaded.append(True)
+            options = transformer_options_for(unet.model_options.get("transformer_options", {}), [0], 1, sigma)
+            extra = {"y": vector.to(x.device)} if vector is not None else {}
+            return unet.model.apply_model(x, sigma, c_crossattn=crossattn.to(x.device), transformer_options=options,
+                                          **extra)
+
+        try:
+            yield call
+        finally:
+            if loaded:
+                sampling_cleanup(unet)
 
     # --- hires -------------------------------------------------------------------------------
     def prepare_stage(self, p: Any, job: Job) -> None:

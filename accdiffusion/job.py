@@ -77,6 +77,8 @@ class Job:
     stage_stats: list[StageStats] = field(default_factory=list)
     _restore: list[Callable[[], None]] = field(default_factory=list)  # pass and stage hooks
     _batch_restore: list[Callable[[], None]] = field(default_factory=list)  # p.sample overrides
+    conditioning: Any = None  # the batch's positive conditioning (for a probe pass), set by p.sample
+    probe_stats: list[Any] = field(default_factory=list)  # probe.ProbeStats of each probe pass
 
     # --- hooks -------------------------------------------------------------------------------
     def set_attr(self, obj: Any, name: str, value: Any, batch: bool = False) -> None:
@@ -131,6 +133,10 @@ class TiledPassSource:
     seeds: list[int]  # per image; the first seeds the dilated sampling's shuffles
     prompts: list[str]  # per image, written on its tile-prompt map
     map_images: list[Any] | None = None  # per image, the PIL image its tile-prompt map is drawn on
+    # img2img: the first stage's input at a stage size (the upscaled init image); None: the hires
+    # upscaler on ``latent`` / ``pixels``
+    first_input: Callable[[tuple[int, int]], torch.Tensor] | None = None
+    stats_of: torch.Tensor | None = None  # the latent whose mean/std the stages keep (None: latent)
 
 
 @dataclass
@@ -155,7 +161,7 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
     base = (samples.shape[-2], samples.shape[-1])
     stages = plan_stages(base, target.latent_size, settings.progressive)
     webui.add_progress(len(stages) - 1, (len(stages) - 1) * target.steps)
-    mean, std = latent_stats(samples.float())
+    mean, std = latent_stats((source.stats_of if source.stats_of is not None else samples).float())
     cache: EncodeCache[list] = EncodeCache(
         lambda prompts: webui.learned_conditioning(p, prompts, target.width, target.height))
     positives = positive_texts(target.cond)
@@ -165,7 +171,10 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
     for stage in stages:
         if state.interrupted or state.skipped:
             break
-        x_up = _stage_input(p, job, stage, latent, samples, source.pixels)
+        if stage.index == 1 and source.first_input is not None:
+            x_up = source.first_input(stage.size)
+        else:
+            x_up = _stage_input(p, job, stage, latent, samples, source.pixels)
         x_up = restandardise(x_up.float(), mean, std).to(samples.dtype)
         state.nextjob()
         p.rng = webui.image_rng(x_up.shape[1:], p)

@@ -9,8 +9,9 @@ replacement calls what ``p.sample`` / ``p.sample_hr_pass`` resolved to when it w
 class method directly. The first pass records attention; the hires pass builds a
 :class:`~accdiffusion.job.TiledPassSource` from the first pass and its maps.
 
-img2img and the txt2img Upscale button are meant to be siblings here: build a source (the
-upscaled init image, probe maps) and a target, then call the same tiled pass.
+The txt2img Upscale button (``p.firstpass_image`` set, no first pass) takes the same hires route
+with maps from the probe pass (:func:`accdiffusion.upscale.upscale_button_maps`); img2img lives in
+:mod:`accdiffusion.upscale`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from .hires import AccDiffusionError
 from .job import (Job, TiledPassSource, TiledPassTarget, comment, decode_latent, image_plans, run_tiled_pass,
                   to_pil)
+from .upscale import upscale_button_maps
 
 
 # --- txt2img: first pass -------------------------------------------------------------------------
@@ -34,6 +36,7 @@ def make_sample(p: Any, job: Job) -> Callable[..., Any]:
         try:
             if job.error is not None:
                 raise AccDiffusionError(str(job.error)) from job.error
+            job.conditioning = conditioning  # the Upscale button's probe reads it
             if job.settings.patch_prompts and getattr(p, "firstpass_image", None) is None:
                 job.recorder = job.backend.start_recording(p, job, conditioning, prompts)
             return previous_sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength,
@@ -63,8 +66,6 @@ def make_hr_pass(p: Any, job: Job) -> Callable[..., Any]:
 
 
 def hires_fallback_reason(p: Any, job: Job, samples: Any) -> str | None:
-    if getattr(p, "firstpass_image", None) is not None or samples is None:
-        return "'Upscale' of an existing image has no first pass to read the attention of"
     sampler_name = p.hr_sampler_name or p.sampler_name
     if not job.webui.is_kdiffusion_sampler(sampler_name):
         return f"the hires sampler '{sampler_name}' is not a k-diffusion sampler (use Euler, DPM++, ...)"
@@ -76,16 +77,23 @@ def target_latent_size(p: Any) -> tuple[int, int]:
     return (p.hr_upscale_to_y // 8 - p.truncate_y, p.hr_upscale_to_x // 8 - p.truncate_x)
 
 
-def run_hires(p: Any, job: Job, samples: torch.Tensor, decoded_samples: torch.Tensor | None) -> Any:
+def run_hires(p: Any, job: Job, samples: torch.Tensor | None, decoded_samples: torch.Tensor | None) -> Any:
     """What the WebUI's ``sample_hr_pass`` does (processing.py:1364-1464), with the tiled pass in
-    place of its one ``sample_img2img``."""
+    place of its one ``sample_img2img``. The Upscale button (``p.firstpass_image``) comes with
+    ``samples`` None for a pixel upscaler (processing.py:1313-1318): its latent is encoded here,
+    and its maps come from the probe pass."""
     webui, settings = job.webui, job.settings
     if webui.state.interrupted:
         return samples
     p.is_hr_pass = True
     try:
-        recorder = job.recorder if settings.patch_prompts else None
-        maps = [recorder.maps(i) for i in range(len(p.prompts))] if recorder is not None else None
+        if samples is None:
+            samples = webui.encode(p.sd_model, torch.clamp((decoded_samples.float() + 1.0) / 2.0, 0, 1))
+        if getattr(p, "firstpass_image", None) is not None:
+            maps = upscale_button_maps(p, job, samples)
+        else:
+            recorder = job.recorder if settings.patch_prompts else None
+            maps = [recorder.maps(i) for i in range(len(p.prompts))] if recorder is not None else None
         source = TiledPassSource(
             latent=samples, pixels=decoded_samples, plans=image_plans(p, job, maps),
             seeds=[int(s) for s in p.seeds], prompts=list(p.prompts),

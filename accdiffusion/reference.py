@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from .tiles import Window
 from .settings import AccDiffusionSettings
 from .tileprompts import StageTilePrompts, WindowConditioning
 from .words import align_words, split_words
+
+if TYPE_CHECKING:
+    from .probe import ProbeStats
 
 CHUNK = 75  # tokens per chunk between BOS and EOS, as in the WebUI
 
@@ -338,3 +341,26 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
             result.stage_windows.append([windows] * n)
     result.latent = latent
     return result
+
+
+def probe_pass(host: Host, latent: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int],
+               timesteps: Sequence[int] | None = None) -> tuple[AttentionRecorder, "ProbeStats"]:
+    """The probe pass on the reference host: the positive prompts alone, one UNet call per level,
+    the recorder on the up/down blocks' attn2 (as for a first pass)."""
+    from .probe import PROBE_TIMESTEPS, probe_sigmas, run_probe
+
+    n = latent.shape[0]
+    conds = host.encode(prompts)
+    recorder = AttentionRecorder(tuple(latent.shape[-2:]), n)
+    recorder.row_images = list(range(n))
+    sigmas = probe_sigmas(lambda t: host.denoiser.t_to_sigma(t.to(host.denoiser.sigmas.device)),
+                          PROBE_TIMESTEPS if timesteps is None else timesteps)
+    with torch.no_grad(), recorder.attach(find_cross_attention(host.unet, include_middle=False)):
+        stats = run_probe(latent, seeds, sigmas, lambda x, s: host.row_model(x, s, conds))
+    return recorder, stats
+
+
+def word_positions(host: Host, prompt: str) -> tuple[list, list[list[int]]]:
+    """The words of a prompt and their token positions in the host's context."""
+    words = split_words(prompt)
+    return words, align_words(words, host.context_ids(prompt), host.special_ids, host.tokenize)

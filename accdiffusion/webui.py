@@ -66,6 +66,38 @@ class WebUI:
         method = self.sd_samplers_common.approximation_indexes.get(self.opts.sd_vae_encode_method)
         return self.sd_samplers_common.images_tensor_to_samples(pixels, method, p.sd_model)
 
+    def native_side(self, model: Any) -> int:
+        """The model family's native image side (px): the probe pass's area."""
+        from .probe import NATIVE_SIDE
+
+        if getattr(model, "is_sdxl", False):
+            return NATIVE_SIDE["sdxl"]
+        if getattr(model, "parameterization", None) == "v":  # A1111: ldm's v-prediction SD2 768
+            return NATIVE_SIDE["sd2-v"]
+        predictor = getattr(getattr(getattr(getattr(model, "forge_objects", None), "unet", None), "model", None),
+                            "predictor", None)
+        if getattr(predictor, "prediction_type", None) == "v_prediction":  # Forge
+            return NATIVE_SIDE["sd2-v"]
+        return NATIVE_SIDE["sd1"]
+
+    def probe_image(self, p: Any, image: Any, width: int, height: int) -> torch.Tensor:
+        """An init image (PIL) at the probe size, [3, h, w] in [0, 1], resized as the WebUI resizes
+        it for img2img (processing.py:1693-1697: flatten, then the user's resize mode; mode 3,
+        latent upscale, resizes the pixels plainly here)."""
+        import numpy as np
+
+        image = self.images.flatten(image, self.opts.img2img_background_color)
+        mode = getattr(p, "resize_mode", 0)
+        image = self.images.resize_image(0 if mode == 3 else mode, image, width, height)
+        array = np.moveaxis(np.array(image.convert("RGB")).astype(np.float32) / 255.0, 2, 0)
+        return torch.from_numpy(array)
+
+    def encode(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, h, w] in [0, 1] → latent, with the user's VAE encode method."""
+        method = self.sd_samplers_common.approximation_indexes.get(self.opts.sd_vae_encode_method)
+        pixels = pixels.to(self.shared.device, dtype=self.devices.dtype_vae)
+        return self.sd_samplers_common.images_tensor_to_samples(pixels, method, model)
+
     def decode(self, model: Any, latent: torch.Tensor) -> torch.Tensor:
         return self.sd_samplers_common.decode_first_stage(model, latent)
 
@@ -80,8 +112,9 @@ class WebUI:
     def learned_conditioning(self, p: Any, prompts: list[str], width: int, height: int) -> list:
         """Per prompt, the WebUI's schedule list [(end_at_step, cond)], encoded like the hires
         prompt (processing.py:1499-1511), so emphasis, BREAK, embeddings and LoRA apply."""
-        sampler_config = self.sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
-        steps = p.hr_second_pass_steps or p.steps
+        # img2img's p has no hr_* fields: its own sampler and steps
+        sampler_config = self.sd_samplers.find_sampler_config(getattr(p, "hr_sampler_name", None) or p.sampler_name)
+        steps = getattr(p, "hr_second_pass_steps", None) or p.steps
         total = sampler_config.total_steps(steps) if sampler_config else steps
         texts = self.prompt_parser.SdConditioning(prompts, width=width, height=height)
         with self.autocast():

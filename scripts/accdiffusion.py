@@ -60,14 +60,15 @@ class AccDiffusionScript(scripts.Script):
         return glue.TITLE
 
     def show(self, is_img2img):
-        return False if is_img2img else scripts.AlwaysVisible
+        return scripts.AlwaysVisible  # txt2img (hires fix, Upscale button) and img2img
 
     def ui(self, is_img2img):
         controls = {}
         accordion_id = self.elem_id("enabled")
         with InputAccordion(False, label=glue.TITLE, elem_id=accordion_id) as enabled:
             controls["enabled"] = enabled
-            gr.HTML(value=glue.hires_note_html(accordion_id), elem_id=self.elem_id("hires_note"))
+            if not is_img2img:  # img2img needs no hires fix
+                gr.HTML(value=glue.hires_note_html(accordion_id), elem_id=self.elem_id("hires_note"))
             _controls(self, glue.everyday_fields(), controls)
             with gr.Accordion("Advanced", open=False, elem_id=self.elem_id("advanced")):
                 _controls(self, glue.advanced_fields(), controls)
@@ -118,7 +119,7 @@ def register_xyz_axes():
     xyz = _xyz_module()
     if xyz is None:
         return
-    option = getattr(xyz, "AxisOptionTxt2Img", xyz.AxisOption)
+    option = xyz.AxisOption  # both tabs (AxisOptionTxt2Img / AxisOptionImg2Img would pick one)
     known = {getattr(o, "label", None) for o in xyz.axis_options}
     for spec in glue.xyz_axis_specs():
         if spec.label not in known:

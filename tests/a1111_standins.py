@@ -12,6 +12,11 @@ UNet and the real k-diffusion samplers. Attribute names and call shapes mirror v
   InterruptedException(BaseException), 265-281 launch_sampling
 - processing.py:1166-1199 / 137-226 StableDiffusionProcessingTxt2Img fields, 1307-1362 sample(),
   1364-1464 sample_hr_pass(), 296 comment(), 299 txt2img_image_conditioning()
+- processing.py:1557-1735 StableDiffusionProcessingImg2Img: __post_init__ moves ``mask`` to
+  ``image_mask``; init() resizes each init image to width×height (images.resize_image with the
+  resize mode), one image repeated over the batch (1720-1729), encodes into init_latent; sample()
+  draws x from p.rng and calls sample_img2img(p, init_latent, x, c, uc, image_conditioning), then
+  blends with the mask
 - sd-webui-controlnet v1.1.455 (scripts/): enums.py:157 ControlModelType, :225 HiResFixOption;
   hook.py:162-243 ControlParams (hint_cond setter clears used_hint_cond, disabled_by_hr_option,
   apply_effective_region_mask), hook.py:472-640 the hooked UNet forward (hint choice by height
@@ -125,6 +130,13 @@ class CompVisDenoiserStandIn(nn.Module):
 
     def sigma_to_t(self, sigma):
         return self.kd.sigma_to_t(sigma)
+
+    def t_to_sigma(self, t):
+        return self.kd.t_to_sigma(t)
+
+    @property
+    def sigmas(self):
+        return self.kd.sigmas
 
     def get_sigmas(self, n):
         return self.kd.get_sigmas(n)
@@ -251,7 +263,7 @@ class KDiffusionSamplerStandIn:
         return self._run(p, x * sigmas[0], sigmas, c, uc, image_conditioning)
 
     def sample_img2img(self, p, x, noise, c, uc, steps=None, image_conditioning=None):
-        requested = steps
+        requested = steps or p.steps  # sd_samplers_common.py:22-31
         steps = int(requested / min(p.denoising_strength, 0.999))
         t_enc = requested - 1
         sigmas = self.model_wrap.get_sigmas(steps)
@@ -312,10 +324,28 @@ class WebUIStandIn:
         return {"Latent": {"mode": "bilinear", "antialias": False}}.get(name)
 
     def pixel_upscale(self, p, decoded, width, height):
-        raise AssertionError("latent upscaler expected")
+        """A 'pixel upscaler': bicubic on the decoded image, encoded back."""
+        pixels = torch.nn.functional.interpolate((decoded.float() + 1) / 2, size=(height, width), mode="bicubic")
+        return self.encode(p.sd_model, pixels.clamp(0, 1))
+
+    native = 512  # native_side(): tests lower it to make the probe smaller than the image
 
     def decode(self, model, latent):
         return torch.tanh(torch.nn.functional.interpolate(latent[:, :3].float(), scale_factor=8, mode="nearest"))
+
+    def encode(self, model, pixels):
+        """A stand-in VAE encoder ([0, 1] pixels → latent), roughly the inverse of decode."""
+        self.encodes = getattr(self, "encodes", 0) + 1
+        x = torch.nn.functional.avg_pool2d(pixels.float() * 2 - 1, 8).clamp(-0.95, 0.95)
+        x = torch.atanh(x)
+        return torch.cat([x, x.mean(1, keepdim=True) * 0.5], 1)
+
+    def native_side(self, model):
+        return self.native
+
+    def probe_image(self, p, image, width, height):
+        self.probe_sizes = getattr(self, "probe_sizes", []) + [(width, height)]
+        return pil_to_tensor(resize_image(getattr(p, "resize_mode", 0), image, width, height))
 
     def decode_batch(self, model, latent):
         return [self.decode(model, latent[i:i + 1])[0] for i in range(latent.shape[0])]
@@ -405,6 +435,12 @@ class Txt2ImgStandIn:
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = self.webui.create_sampler(self.sampler_name, self.sd_model)
+        if self.firstpass_image is not None and self.enable_hr:  # the Upscale button (processing.py:1310-1329)
+            image = pil_to_tensor(self.firstpass_image)[None]
+            if self.latent_scale_mode is None:
+                return self.sample_hr_pass(None, image * 2 - 1, seeds, subseeds, subseed_strength, prompts)
+            samples = self.webui.encode(self.sd_model, image)
+            return self.sample_hr_pass(samples, None, seeds, subseeds, subseed_strength, prompts)
         x = self.rng.next()
         samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning,
                                       image_conditioning=self.txt2img_image_conditioning(x))
@@ -417,7 +453,10 @@ class Txt2ImgStandIn:
         self.is_hr_pass = True
         target = (self.hr_upscale_to_y // 8, self.hr_upscale_to_x // 8)
         self.sampler = self.webui.create_sampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
-        samples = torch.nn.functional.interpolate(samples, size=target, mode="bilinear")
+        if samples is None:  # pixel upscaler
+            samples = self.webui.pixel_upscale(self, decoded_samples, target[1] * 8, target[0] * 8)
+        else:
+            samples = torch.nn.functional.interpolate(samples, size=target, mode="bilinear")
         self.webui.state.nextjob()
         self.rng = ImageRNGStandIn(samples.shape[1:], self.seeds)
         noise = self.rng.next()
@@ -427,6 +466,120 @@ class Txt2ImgStandIn:
                                               image_conditioning=self.txt2img_image_conditioning(samples))
         self.is_hr_pass = False
         return self.webui.decode_batch(self.sd_model, samples)
+
+
+def resize_image(mode, image, width, height):
+    """images.resize_image for modes 0 (stretch) and 1 (crop to fill), without an upscaler."""
+    from PIL import Image
+
+    if mode == 1:
+        ratio = max(width / image.width, height / image.height)
+        w, h = round(image.width * ratio), round(image.height * ratio)
+        resized = image.resize((w, h), Image.LANCZOS)
+        left, top = (w - width) // 2, (h - height) // 2
+        return resized.crop((left, top, left + width, top + height))
+    return image.resize((width, height), Image.LANCZOS)
+
+
+def pil_to_tensor(image):
+    import numpy as np
+
+    return torch.from_numpy(np.moveaxis(np.array(image.convert("RGB")).astype(np.float32) / 255.0, 2, 0))
+
+
+def picture(width, height, seed=0):
+    """A picture with structure (a bright disc on a gradient), so latents and maps are not flat."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+    disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < (0.25 * min(width, height)) ** 2).astype(np.float32)
+    rgb = np.stack([xx / width, yy / height, disc], -1) * 0.8 + 0.1 + rng.normal(0, 0.03, (height, width, 3))
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+
+class Img2ImgStandIn:
+    """StableDiffusionProcessingImg2Img: the fields the flow reads, init() and sample() as in
+    processing.py:1598-1735 (no inpainting fill, no color correction)."""
+
+    def __init__(self, model: StandInModel, webui: WebUIStandIn, prompts, init_images, negative="", width=128,
+                 height=128, seed=1, steps=3, sampler_name="Euler", denoising_strength=0.5, cfg_scale=5.0,
+                 resize_mode=0, mask=None):
+        self.sd_model, self.webui = model, webui
+        self.prompts = list(prompts)
+        self.batch_size = len(prompts)
+        self.init_images = list(init_images)
+        self.negative_prompts = [negative] * len(prompts)
+        self.seeds = [seed + i for i in range(len(prompts))]
+        self.subseeds, self.subseed_strength = self.seeds, 0.0
+        self.seed_resize_from_h = self.seed_resize_from_w = 0
+        self.width, self.height, self.steps, self.firstpass_steps = width, height, steps, steps
+        self.sampler_name, self.resize_mode = sampler_name, resize_mode
+        self.denoising_strength, self.cfg_scale = denoising_strength, cfg_scale
+        self.image_mask, self.mask = mask, None  # __post_init__ (processing.py:1584-1587)
+        self.extra_generation_params: dict = {}
+        self.scripts = None
+        self.comments: dict = {}
+        self.is_hr_pass = False
+        self.sampler = self.init_latent = self.image_conditioning = None
+        self.rng = None
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def txt2img_image_conditioning(self, x, width=None, height=None):
+        return x.new_zeros(x.shape[0], 5, 1, 1)
+
+    conds = Txt2ImgStandIn.conds
+
+    def init(self, all_prompts=None, all_seeds=None, all_subseeds=None):
+        self.extra_generation_params["Denoising strength"] = self.denoising_strength
+        self.sampler = self.webui.create_sampler(self.sampler_name, self.sd_model)
+        images = [pil_to_tensor(resize_image(self.resize_mode, im, self.width, self.height)) for im in self.init_images]
+        if len(images) == 1:
+            batch = images[0][None].repeat(self.batch_size, 1, 1, 1)
+        else:
+            self.batch_size = len(images)
+            batch = torch.stack(images)
+        self.init_latent = self.webui.encode(self.sd_model, batch)
+        if self.image_mask is not None:
+            self.mask = torch.ones_like(self.init_latent[:, :1])
+            self.nmask = 1 - self.mask
+        self.image_conditioning = self.txt2img_image_conditioning(self.init_latent)
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        x = self.rng.next()
+        samples = self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning,
+                                              image_conditioning=self.image_conditioning)
+        if self.mask is not None:
+            samples = samples * self.nmask + self.init_latent * self.mask
+        return samples
+
+
+def process_img2img(p: Img2ImgStandIn, settings, adapter, n_iter: int = 1) -> SimpleNamespace:
+    """process_images_inner for img2img: script process (915) → p.init (921) → per batch: rng
+    (948), conds, before_process_batch (952), p.sample (988), decode unless already decoded
+    (995-1002) → postprocess."""
+    if settings is not None:
+        adapter.start_job(p, settings, webui=p.webui)
+    p.init()
+    images = []
+    seeds = list(p.seeds)
+    for n in range(n_iter):
+        p.seeds = [s + n * len(seeds) for s in seeds]
+        p.rng = ImageRNGStandIn(p.init_latent.shape[1:], p.seeds)
+        c = p.conds(p.prompts)
+        uc = p.conds(p.negative_prompts, negative=True)
+        adapter.before_batch(p)
+        with torch.no_grad():
+            out = p.sample(conditioning=c, unconditional_conditioning=uc, seeds=p.seeds, subseeds=p.subseeds,
+                           subseed_strength=p.subseed_strength, prompts=p.prompts)
+        images += list(out) if not isinstance(out, torch.Tensor) else p.webui.decode_batch(p.sd_model, out)
+    processed = SimpleNamespace(images=images, infotexts=["info"] * len(images))
+    adapter.finish_job(p, processed)
+    return processed
 
 
 def process_images(p: Txt2ImgStandIn, settings, adapter) -> SimpleNamespace:

@@ -36,9 +36,9 @@ from torch import nn
 
 from accdiffusion.reference import RowCond
 
-from a1111_standins import (CFGDenoiserStandIn, KDiffusionSamplerStandIn, StandInEmbedder, StandInModel, Txt2ImgStandIn,
-                            WebUIStandIn, reconstruct_cond_batch, reconstruct_multicond_batch,
-                            InterruptedException)
+from a1111_standins import (CFGDenoiserStandIn, Img2ImgStandIn, KDiffusionSamplerStandIn, StandInEmbedder,
+                            StandInModel, Txt2ImgStandIn, WebUIStandIn, reconstruct_cond_batch,
+                            reconstruct_multicond_batch, InterruptedException)
 
 
 def attention_function(q, k, v, heads, mask=None):
@@ -50,13 +50,20 @@ def attention_function(q, k, v, heads, mask=None):
 
 
 def install_backend_module() -> None:
-    """``backend.nn.unet.attention_function``, which the adapter's recording patch returns through."""
+    """``backend.nn.unet.attention_function``, which the adapter's recording patch returns through,
+    and ``backend.sampling.sampling_function.sampling_prepare / sampling_cleanup`` (:366, :402),
+    which record their calls."""
     if "backend.nn.unet" in sys.modules:
         return
-    backend, nn_mod, unet_mod = (types.ModuleType(n) for n in ("backend", "backend.nn", "backend.nn.unet"))
+    names = ("backend", "backend.nn", "backend.nn.unet", "backend.sampling", "backend.sampling.sampling_function")
+    backend, nn_mod, unet_mod, sampling, sampling_function_mod = (types.ModuleType(n) for n in names)
     unet_mod.attention_function = attention_function
+    sampling_function_mod.calls = []
+    sampling_function_mod.sampling_prepare = lambda unet, x: sampling_function_mod.calls.append("prepare")
+    sampling_function_mod.sampling_cleanup = lambda unet: sampling_function_mod.calls.append("cleanup")
     backend.nn, nn_mod.unet = nn_mod, unet_mod
-    sys.modules.update({"backend": backend, "backend.nn": nn_mod, "backend.nn.unet": unet_mod})
+    backend.sampling, sampling.sampling_function = sampling, sampling_function_mod
+    sys.modules.update(dict(zip(names, (backend, nn_mod, unet_mod, sampling, sampling_function_mod))))
 
 
 class KModelStandIn(nn.Module):
@@ -229,6 +236,13 @@ class ForgeScheduleLinkerStandIn(nn.Module):
     def sigma_to_t(self, sigma):
         return self.kd.sigma_to_t(sigma)
 
+    def t_to_sigma(self, t):
+        return self.kd.t_to_sigma(t)
+
+    @property
+    def sigmas(self):
+        return self.kd.sigmas
+
     def get_sigmas(self, n):
         return self.kd.get_sigmas(n)
 
@@ -339,3 +353,19 @@ class ControlNetScriptsStandIn:
 
     def before_hr(self, p):
         pass
+
+
+class ForgeImg2ImgStandIn(Img2ImgStandIn):
+    """Forge's img2img sample(): forge_objects reset, then process_before_every_sampling
+    (processing.py:666-671), then A1111's."""
+
+    def __init__(self, *args, adapter=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter = adapter
+        self.pbes_calls = 0
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
+        self.pbes_calls += 1
+        self.adapter.before_sampling(self)
+        return super().sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)

@@ -224,15 +224,7 @@ def test_tile_prompt_map_is_added(sd1_model):
     assert hasattr(out.images[1], "size") and webui.saved
 
 
-def test_upscale_of_an_existing_image_falls_back_to_stock_hires(sd1_model):
-    """The txt2img 'Upscale' button sets p.firstpass_image and skips the first pass: no maps."""
-    webui = WebUIStandIn()
-    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
-    p.firstpass_image = object()
-    out = process_images(p, ON, facade)
-    assert any("existing image" in c for c in p.comments)
-    assert out.images[0].shape == (3, 128, 128) and len(webui.samplers) == 2
-    assert_clean(p, sd1_model, webui)
+# the Upscale button (p.firstpass_image): tests/test_img2img.py::test_upscale_button_takes_its_maps_from_the_probe
 
 
 def test_refiner_is_declined_with_a_message(sd1_model):

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "accdiffusion"
-HOST_FACING = {"webui", "job", "passes", "facade", "a1111", "forge"}
+HOST_FACING = {"webui", "job", "passes", "upscale", "facade", "a1111", "forge"}
 BACKENDS = {"a1111", "forge"}
 
 
@@ -68,13 +68,13 @@ def check_layout(modules: dict[str, tuple[set[str], set[str]]]) -> list[str]:
                 problems.append(f"engine module {name} imports the WebUI")
             if inside & HOST_FACING:
                 problems.append(f"engine module {name} imports {sorted(inside & HOST_FACING)}")
-        if name in BACKENDS and inside & (BACKENDS - {name} | {"passes", "facade"}):
-            problems.append(f"backend {name} imports {sorted(inside & (BACKENDS - {name} | {'passes', 'facade'}))}")
+        if name in BACKENDS and inside & (BACKENDS - {name} | {"passes", "upscale", "facade"}):
+            problems.append(f"backend {name} imports {sorted(inside & (BACKENDS - {name} | {'passes', 'upscale', 'facade'}))}")
         if name != "facade" and "facade" in inside:
             problems.append(f"{name} imports the facade (only the glue may)")
         if name in HOST_FACING - {"webui"} and "modules" in outside:
             problems.append(f"{name} imports modules.* (only webui.py may)")
-        if name in {"job", "passes", "webui"} and inside & BACKENDS:
+        if name in {"job", "passes", "upscale", "webui"} and inside & BACKENDS:
             problems.append(f"host-neutral module {name} imports a backend")
     cycle = find_cycle({name: inside for name, (inside, _) in modules.items()})
     if cycle:

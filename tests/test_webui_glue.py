@@ -307,8 +307,12 @@ class _Component:
 
 def _stand_in_modules(monkeypatch):
     gr = types.ModuleType("gradio")
+    gr.built = []
     for name in ("Checkbox", "Slider", "Radio", "HTML", "Row", "Accordion"):
-        setattr(gr, name, type(name, (_Component,), {}))
+        def init(self, *args, _name=name, **kwargs):
+            _Component.__init__(self, *args, **kwargs)
+            gr.built.append(_name)
+        setattr(gr, name, type(name, (_Component,), {"__init__": init}))
     modules = types.ModuleType("modules")
     scripts = types.ModuleType("modules.scripts")
     scripts.AlwaysVisible = object()
@@ -354,13 +358,20 @@ def test_script_with_stand_ins(monkeypatch):
 
     n_axes = len(xyz.axis_options)
     assert n_axes == 1 + sum(f.xyz for f in FIELDS)
+    # plain AxisOption: xyz_grid offers exactly those in both tabs (xyz_grid.py:420)
+    assert all(type(o) is AxisOption for o in xyz.axis_options)
     dict(callbacks.registered)["before_ui"]()  # registering again adds nothing
     assert len(xyz.axis_options) == n_axes
 
     script = module.AccDiffusionScript()
     assert script.title() == "AccDiffusion"
-    assert script.show(False) is scripts.AlwaysVisible and script.show(True) is False
+    assert script.show(False) is scripts.AlwaysVisible and script.show(True) is scripts.AlwaysVisible
+    gr = sys.modules["gradio"]
+    img2img_controls = script.ui(True)
+    assert "HTML" not in gr.built  # the hires note is txt2img's only
+    assert [c.value for c in img2img_controls] == AccDiffusionSettings().to_positional()
     controls = script.ui(False)
+    assert "HTML" in gr.built
     assert [c.value for c in controls] == AccDiffusionSettings().to_positional()
     assert [c.kwargs["elem_id"] for c in controls][:2] == ["script_accdiffusion_enabled",
                                                             "script_accdiffusion_patch_prompts"]

@@ -1,0 +1,171 @@
+"""The flows that start from an existing image: img2img and the txt2img *Upscale* button.
+
+Neither has a first pass to record attention from, so their maps come from the probe pass
+(:mod:`accdiffusion.probe`): the image at the probe size, a few noise levels, the positive prompt
+through the UNet with the recorder attached (``job.backend.probe_unet``). The tiled pass itself is
+the one txt2img hires uses (:func:`accdiffusion.job.run_tiled_pass`).
+
+img2img (A1111 processing.py:1598-1735, Forge the same): ``init()`` has resized every init image
+to width×height (resize mode, img2img upscaler) and encoded it into ``p.init_latent``; its
+``sample()`` would run one ``sample_img2img`` at the target size. ``p.sample`` is replaced per
+batch on the instance (:func:`make_img2img_sample`): the probe runs on the init images, then the
+progressive tiled pass from the probe size up to the target, with the upscaled init latent as the
+first stage's input and the skip residual's reference; *Denoising strength* sets where each stage
+starts, as for hires. Masks (inpainting) fall back to the previous ``p.sample``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .attention import AttentionRecorder
+from .hires import AccDiffusionError
+from .job import (Job, TiledPassSource, TiledPassTarget, comment, decode_latent, image_plans, run_tiled_pass,
+                  to_pil)
+from .probe import ProbeStats, probe_latent_size, probe_sigmas, run_probe
+from .tiles import cover_resize
+
+log = logging.getLogger("accdiffusion")
+
+
+# --- the probe, host side ----------------------------------------------------------------------
+def positive_conds(multicond: Any) -> list[Any | None]:
+    """Per image, the conditioning of its positive prompt's final schedule entry (the variant the
+    words are aligned to), or None for an AND prompt (its tiles keep the full prompt anyway)."""
+    out = []
+    for subprompts in multicond.batch:
+        out.append(subprompts[0].schedules[-1].cond if len(subprompts) == 1 else None)
+    return out
+
+
+def probe_maps(p: Any, job: Job, latents: torch.Tensor, conditioning: Any,
+               seeds: Sequence[int]) -> list[torch.Tensor | None]:
+    """Per image: its token maps from the probe pass on ``latents`` (probe size), or None."""
+    conds = positive_conds(conditioning)
+    images = [i for i, c in enumerate(conds) if c is not None]
+    out: list[torch.Tensor | None] = [None] * latents.shape[0]
+    if not images:
+        return out
+    sampler = p.sampler if getattr(getattr(p, "sampler", None), "model_wrap", None) is not None else \
+        job.webui.create_sampler(p.sampler_name, p.sd_model)
+    schedule = sampler.model_wrap
+    sigmas = probe_sigmas(lambda t: schedule.t_to_sigma(t.to(schedule.sigmas.device)))
+    recorder = AttentionRecorder(tuple(latents.shape[-2:]), len(images))
+    index = torch.tensor(images, device=latents.device)
+    stats = ProbeStats()
+    with job.backend.probe_unet(p, job, sampler, recorder, [conds[i] for i in images]) as call:
+        run_probe(latents.index_select(0, index), [int(seeds[i]) for i in images], sigmas, call, stats)
+    job.probe_stats.append(stats)
+    for k, i in enumerate(images):
+        out[i] = recorder.maps(k)
+    return out
+
+
+# --- img2img -------------------------------------------------------------------------------------
+def batch_init_images(p: Any, count: int) -> list[Any]:
+    """The init image of each image of the batch (processing.py:1720-1729: one image serves the
+    whole batch, else one per image)."""
+    images = list(p.init_images)
+    return images * count if len(images) == 1 else images[:count]
+
+
+def probe_size_for(p: Any, webui: Any, images: Sequence[Any]) -> tuple[int, int]:
+    """The probe latent size of an img2img job: the smallest any of its images allows."""
+    target = (p.height // 8, p.width // 8)
+    native = webui.native_side(p.sd_model)
+    sizes = [probe_latent_size(target, (image.height, image.width), native) for image in images]
+    return min(sizes, key=lambda s: s[0] * s[1])
+
+
+def img2img_fallback_reason(p: Any, webui: Any) -> str | None:
+    """Why an img2img job runs the stock img2img (decided before anything is hooked), or None."""
+    if getattr(p, "image_mask", None) is not None or getattr(p, "mask", None) is not None:
+        return "inpainting (a mask, inpaint sketch) is not supported"
+    if not getattr(p, "init_images", None):
+        return "there is no init image"
+    if not webui.is_kdiffusion_sampler(p.sampler_name):
+        return f"the sampler '{p.sampler_name}' is not a k-diffusion sampler (use Euler, DPM++, ...)"
+    probe = probe_size_for(p, webui, p.init_images)
+    if p.height // 8 <= probe[0] and p.width // 8 <= probe[1]:
+        return (f"the target {p.width}×{p.height} is not larger than the probe size "
+                f"{probe[1] * 8}×{probe[0] * 8} (upscale with 'Resize by' above 1)")
+    return None
+
+
+def make_img2img_sample(p: Any, job: Job) -> Callable[..., Any]:
+    """``p.sample`` for an img2img batch: the tiled pass, or the previous ``p.sample`` (another
+    extension's wrapper or the bound class method) when the batch has a mask after all."""
+    previous_sample = p.sample
+
+    def sample(conditioning: Any, unconditional_conditioning: Any, seeds: Any, subseeds: Any,
+               subseed_strength: Any, prompts: Any) -> Any:
+        try:
+            if job.error is not None:
+                raise AccDiffusionError(str(job.error)) from job.error
+            if getattr(p, "mask", None) is not None:
+                comment(p, "AccDiffusion: inpainting (a mask) is not supported; the WebUI's own img2img ran instead.")
+                return previous_sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength,
+                                       prompts)
+            return run_img2img(p, job, conditioning, unconditional_conditioning)
+        finally:
+            job.end_batch()
+
+    return sample
+
+
+def run_img2img(p: Any, job: Job, conditioning: Any, unconditional_conditioning: Any) -> Any:
+    """The probe on the batch's init images, then the tiled pass up to ``p.init_latent``'s size."""
+    webui, settings = job.webui, job.settings
+    init_latent: torch.Tensor = p.init_latent
+    count = init_latent.shape[0]
+    target = (int(init_latent.shape[-2]), int(init_latent.shape[-1]))
+    images = batch_init_images(p, count)
+    probe = probe_size_for(p, webui, images)
+    pixels = torch.stack([webui.probe_image(p, image, probe[1] * 8, probe[0] * 8) for image in images])
+    with torch.no_grad():
+        probe_latent = webui.encode(p.sd_model, pixels).to(init_latent)
+        seeds = [int(s) for s in p.seeds]
+        maps = probe_maps(p, job, probe_latent, conditioning, seeds) if settings.patch_prompts else None
+
+        def first_input(size: tuple[int, int]) -> torch.Tensor:
+            if size == target:
+                return init_latent
+            return cover_resize(init_latent, size, "bilinear", antialias=True)
+
+        source = TiledPassSource(
+            latent=probe_latent, pixels=None, plans=image_plans(p, job, maps), seeds=seeds, prompts=list(p.prompts),
+            map_images=[to_pil(pixels[i] * 2 - 1) for i in range(count)] if settings.tile_prompt_map else None,
+            first_input=first_input, stats_of=init_latent)
+        target_spec = TiledPassTarget(
+            latent_size=target, width=p.width, height=p.height, steps=p.steps, sampler_name=p.sampler_name,
+            cond=conditioning, uncond=unconditional_conditioning, image_conditioning=p.txt2img_image_conditioning)
+        own_sampler = p.sampler
+        try:
+            latent = run_tiled_pass(p, job, source, target_spec)
+        finally:
+            p.sampler = own_sampler  # the job's sampler (init() made it) serves every batch
+        if latent is probe_latent:  # interrupted before the first stage
+            latent = init_latent
+        webui.torch_gc()
+        return decode_latent(p, job, latent)
+
+
+# --- the txt2img Upscale button ----------------------------------------------------------------------
+def upscale_button_maps(p: Any, job: Job, samples: torch.Tensor) -> list[torch.Tensor | None] | None:
+    """Maps for the Upscale button's existing first-pass image (``p.firstpass_image``; ``samples``
+    is its latent): the probe at the probe size (the latent itself when that is its size)."""
+    if not job.settings.patch_prompts or job.conditioning is None:
+        return None
+    webui = job.webui
+    base = (int(samples.shape[-2]), int(samples.shape[-1]))
+    image = p.firstpass_image
+    probe = probe_latent_size(base, (image.height, image.width), webui.native_side(p.sd_model))
+    if probe == base:
+        latents = samples
+    else:
+        pixels = webui.probe_image(p, image, probe[1] * 8, probe[0] * 8)[None].repeat(samples.shape[0], 1, 1, 1)
+        latents = webui.encode(p.sd_model, pixels).to(samples)
+    return probe_maps(p, job, latents, job.conditioning, [int(s) for s in p.seeds])
