@@ -437,3 +437,42 @@ def test_batch_of_one_prompt_gets_one_tile_prompt_map_per_image(models, spy, mon
     out = process_images(p, ROUTING.replace(tile_prompt_map=True), facade)
     assert len(out.images) == 4 and len(webui.saved) == 2
     assert drawn == [[tile_label(i, w) for w in range(4)] for i in range(2)]
+
+
+# --- rows: places first, content for the rest ----------------------------------------------------------
+def test_row_images_places_then_content():
+    from accdiffusion.rows import UNPLACED, row_images
+
+    g = torch.Generator().manual_seed(0)
+    a, b, neg = (torch.randn(77, 8, generator=g) for _ in range(3))
+    ab = torch.cat([a, b])  # a prompt that goes on after a's whole first chunk
+    pad = lambda t, n: torch.cat([t, t[-1:].expand(n - t.shape[0], -1)])
+    same = [[a], [a]]
+    # equal prompts, no layout: told apart by their order
+    assert row_images([a, a, neg, neg], same) == [0, 1, None, None]
+    # Forge's [uncond, cond] chunks, placed; a placed row whose text is not its image's is left alone
+    assert row_images([neg, neg, a, a], same, [None, None, 0, 1]) == [None, None, 0, 1]
+    assert row_images([neg, b], same, [None, 1]) == [None, None]
+    # the longest match wins over a prefix; a padded shorter prompt is still itself
+    assert row_images([pad(a, 154), ab], [[a], [ab]]) == [0, 1]
+    assert row_images([ab, pad(a, 154)], [[a], [ab]]) == [1, 0]
+    # unplaced rows go to the images no placed row took
+    assert row_images([a, a], same, [1, UNPLACED]) == [1, 0]
+
+
+def test_a1111_cfg_rows_follow_the_denoisers_layout():
+    from types import SimpleNamespace
+
+    from accdiffusion.a1111 import CfgRows
+    from accdiffusion.rows import UNPLACED
+
+    layout = CfgRows()
+    assert layout.take(2) == [UNPLACED] * 2  # no step started: unplaced (content decides)
+    # image 0: "a AND b" (two cond rows, no tile prompts), image 1 plain; then the uncond rows
+    layout.start_step(SimpleNamespace(batch=[[1, 2], [3]]))
+    assert layout.take(2) == [None, None] and layout.take(2) == [1, None] and layout.take(1) == [None]
+    assert layout.take(1) == [UNPLACED]  # more rows than the layout has: someone changed x_in
+    layout.start_step(SimpleNamespace(batch=[[1], [2]]))
+    assert layout.take(2) == [0, 1]  # skip-uncond: the step ends here; the next one starts afresh
+    layout.start_step(SimpleNamespace(batch=[[1], [2]]))
+    assert layout.take(4) == [0, 1, None, None]
