@@ -61,6 +61,9 @@ class AttentionRecorder:
         self._resolved_rows: list[int | None] = []
         self.sums: torch.Tensor | None = None  # [images, tokens, gh*gw], float32, on the UNet's device
         self.counts = torch.zeros(num_images, dtype=torch.long)
+        # False skips recording (a host may record a subset of steps); outputs are never touched
+        self.active = True
+        self._index_cache: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
         self._attached: list[tuple[nn.Module, Any]] = []
 
     # --- attach / detach ----------------------------------------------------------------------
@@ -112,26 +115,39 @@ class AttentionRecorder:
     # --- recording ----------------------------------------------------------------------------
     @torch.no_grad()
     def observe(self, module: nn.Module, x: torch.Tensor, context: torch.Tensor) -> None:
+        if not self.active:
+            return
         rows = [(r, img) for r, img in enumerate(self._rows_for(context))
                 if img is not None and r < x.shape[0]]
         if not rows:
             return
-        index = torch.tensor([r for r, _ in rows], device=x.device)
-        q = module.to_q(x.index_select(0, index))
-        k = module.to_k(context.index_select(0, index))
+        picked = self._select([r for r, _ in rows], x.device)
+        q = module.to_q(x[picked] if isinstance(picked, slice) else x.index_select(0, picked))
+        k = module.to_k(context[picked] if isinstance(picked, slice) else context.index_select(0, picked))
         self.add_qk(q, k, module.heads, [img for _, img in rows])
+
+    def _select(self, indices: list[int], device: torch.device) -> slice | torch.Tensor:
+        """A slice for consecutive indices (the usual cond block), else a cached index tensor: a
+        new host→device copy per layer would make the CPU wait for the GPU at every layer."""
+        if indices == list(range(indices[0], indices[-1] + 1)):
+            return slice(indices[0], indices[-1] + 1)
+        key = (tuple(indices), str(device))
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(indices, device=device)
+        return self._index_cache[key]
 
     @torch.no_grad()
     def add_qk(self, q: torch.Tensor, k: torch.Tensor, heads: int, images: Sequence[int]) -> None:
         """Add softmax(QKᵀ/√d), averaged over heads, of projected queries [b, n, heads·d] and keys
         [b, m, heads·d] (row i belongs to ``images[i]``): hosts that hand out q and k (Forge's
-        attention patches) call this directly."""
-        q, k = q.float(), k.float()
+        attention patches) call this directly. One batched product in the model's own precision
+        (as the attention itself computes it), softmax accumulated in float32."""
         b, n, inner = q.shape
         dim_head = inner // heads
         q = q.reshape(b, n, heads, dim_head).transpose(1, 2)
         k = k.reshape(b, k.shape[1], heads, dim_head).transpose(1, 2)
-        probs = torch.softmax(q @ k.transpose(-1, -2) * dim_head ** -0.5, dim=-1)  # [b, h, n, m]
+        scores = q @ (k.transpose(-1, -2) * dim_head ** -0.5).to(q.dtype)  # [b, h, n, m]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         token_maps = probs.mean(dim=1).transpose(1, 2)  # [b, m, n]; stays on the device: no sync
         self._accumulate(list(images), token_maps)
 
@@ -152,8 +168,16 @@ class AttentionRecorder:
             grown = token_maps.new_zeros(self.num_images, tokens, self.sums.shape[2])
             grown[:, : self.sums.shape[1]] = self.sums
             self.sums = grown
-        for row, img in enumerate(images):
-            self.sums[img, :tokens] += token_maps[row]
+        if len(set(images)) == len(images):  # one add for all rows
+            target = self._select(images, self.sums.device)
+            if isinstance(target, slice):
+                self.sums[target, :tokens] += token_maps
+            else:
+                self.sums[:, :tokens].index_add_(0, target, token_maps)
+        else:
+            for row, img in enumerate(images):
+                self.sums[img, :tokens] += token_maps[row]
+        for img in images:
             self.counts[img] += 1
 
     # --- results ------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Benchmark of the engine on a random-weight UNet: ``python -m accdiffusion.bench``.
 
-Prints, per target scale: UNet calls and latent pixels per stage against the formula
-((2s−1)² + s²)·steps (per CFG row), tile-prompt encodes per stage, time and peak memory; plus the
-first pass's time with and without attention recording and the recorder's size.
+Prints, per target scale and window mode (overlap, shifted): window evaluations per stage against
+the overlap formula ((2s−1)² + s²)·steps (per CFG row), the local branch's share, evaluations
+skipped (branch weight < ε), UNet calls, the tile batch used (automatic by default), tile-prompt
+encodes, time and peak memory; totals against the formula; the first pass's time with and
+without attention recording. ``--quality`` adds the seam measurement (overlap, overlap with
+jitter, shifted) and the word-mask agreement of recording on a subset of steps.
 
 CPU default: the tiny SD1-like UNet. On a GPU: ``--device cuda --model sdxl-real --base 128`` (needs diffusers)
 times a 1024² → 2048² / 4096² pass with SDXL widths (random weights).
@@ -66,6 +69,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _mask_iou(a, b) -> float:
+    """Mean IoU over words of two recorders' opened word masks (image 0, token = word)."""
+    from .prompts import build_word_masks
+
+    maps_a, maps_b = a.maps(0), b.maps(0)
+    words = [[i] for i in range(1, maps_a.shape[0]) if float(maps_a[i].std()) > 0]
+    ma, mb = build_word_masks(maps_a, words).masks, build_word_masks(maps_b, words).masks
+    inter = (ma & mb).flatten(1).sum(1).float()
+    union = (ma | mb).flatten(1).sum(1).float().clamp_min(1)
+    return float((inter / union).mean())
+
+
+def _seam_score(x: torch.Tensor) -> float:
+    """Seam visibility of a latent: the largest column (row) mean of |∂x| over the median one,
+    for both axes; 1 = no column stands out, a fixed seam shows as a peak."""
+    scores = []
+    for dim in (-1, -2):
+        grad = x.diff(dim=dim).abs()
+        profile = grad.mean(dim=[d for d in range(grad.ndim) if d != grad.ndim + dim])[2:-2]  # not the border
+        scores.append(float(profile.max() / profile.median()))
+    return max(scores)
+
+
 def main(argv: list[str] | None = None) -> None:
     here = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,11 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="sd1", choices=["sd1", "sdxl", "sdxl-size", "sdxl-real"])
     parser.add_argument("--base", type=int, default=32, help="first-pass latent side (image px / 8)")
     parser.add_argument("--scales", default="2,3,4")
+    parser.add_argument("--modes", default="overlap,shifted")
     parser.add_argument("--steps", type=int, default=4, help="hires steps per stage")
     parser.add_argument("--first-steps", type=int, default=4)
     parser.add_argument("--denoise", type=float, default=0.6)
-    parser.add_argument("--tile-batch-size", type=int, default=4)
+    parser.add_argument("--tile-batch-size", type=int, default=0, help="0 = automatic")
     parser.add_argument("--fp16", action="store_true", help="autocast to float16 (GPU)")
+    parser.add_argument("--quality", action="store_true",
+                        help="also measure seams (overlap, overlap + jitter, shifted) and mask agreement "
+                             "of recording on a subset of steps")
     parser.add_argument("--tokenizer", default=os.environ.get(
         "ACCDIFFUSION_TOKENIZER_DIR", str(here.parent / "shared" / "tinymodel" / "clip-text-tiny")))
     args = parser.parse_args(argv)
@@ -87,47 +117,96 @@ def main(argv: list[str] | None = None) -> None:
     host = Host(build_unet(args.model), load_tokenizer(args.tokenizer),
                 vector_conditioning=args.model != "sd1").to(device)
     size = (args.base, args.base)
-    settings = AccDiffusionSettings(enabled=True, tile_batch_size=args.tile_batch_size)
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=args.fp16)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"model {args.model}, UNet params {sum(p.numel() for p in host.unet.parameters()) / 1e6:.1f} M, "
           f"first pass {args.base * 8}x{args.base * 8} px, hires steps {args.steps}, "
-          f"denoise {args.denoise}, tile batch {args.tile_batch_size}, fp16 {args.fp16}")
+          f"denoise {args.denoise}, tile batch {args.tile_batch_size or 'automatic'}, fp16 {args.fp16}")
 
     with autocast:
         first_pass(host, [PROMPT], "", size, 1, seed=0)  # warm-up
-        timings = {}
-        for record in (False, True, False, True):
+        timings: dict[bool, list[float]] = {}
+        for record in (False, True, False, True, False, True):
             _sync(device)
             start = time.perf_counter()
             latent, recorder = first_pass(host, [PROMPT], "", size, args.first_steps, seed=0, record=record)
             _sync(device)
             timings.setdefault(record, []).append(time.perf_counter() - start)
     plain, recorded = min(timings[False]), min(timings[True])
-    print(f"first pass: {plain:.3f} s plain, {recorded:.3f} s recording, ratio {recorded / plain:.3f}; "
-          f"recorder holds {recorder.nbytes()} bytes (grid {recorder.grid[0]}x{recorder.grid[1]}, "
-          f"{recorder.sums.shape[1]} tokens, 1 image)")
+    print(f"first pass: {plain:.3f} s plain, {recorded:.3f} s recording, overhead "
+          f"{(recorded / plain - 1) * 100:.1f} %; recorder holds {recorder.nbytes()} bytes "
+          f"(grid {recorder.grid[0]}x{recorder.grid[1]}, {recorder.sums.shape[1]} tokens, 1 image)")
+    if args.quality:
+        for every in (2, 3):
+            with autocast:
+                _, subset = first_pass(host, [PROMPT], "", size, args.first_steps, seed=0, record_every=every)
+            print(f"  recording every {every}th step: word-mask IoU against every step {_mask_iou(recorder, subset):.3f}")
 
+    totals: dict[str, dict[str, int]] = {}
     for scale in [int(s) for s in args.scales.split(",")]:
         target = (args.base * scale, args.base * scale)
-        with autocast, peak_memory(device) as mem:
-            _sync(device)
-            start = time.perf_counter()
-            result = hires_pass(host, latent, [PROMPT], "", recorder, settings, target, args.steps,
-                                args.denoise, seed=0)
-            _sync(device)
-            elapsed = time.perf_counter() - start
-        print(f"\n{scale}x -> {target[1] * 8}x{target[0] * 8} px: {elapsed:.2f} s "
-              f"({elapsed / (args.steps * len(result.stages)):.3f} s per step on average), "
-              f"peak memory {mem['peak'] / 2**20:.1f} MiB")
-        for stage, stats, encodes in zip(result.stages, result.stage_stats, result.stage_encodes):
-            s = stage.dilation
-            formula = ((2 * s - 1) ** 2 + s * s) * args.steps
-            print(f"  stage {stage.index} ({stage.scale:g}x, latent {stage.size[1]}x{stage.size[0]}, s={s}): "
-                  f"{stats.unet_calls} UNet calls, {stats.window_evals // 2} window evals per CFG row "
-                  f"(formula ((2s-1)^2 + s^2)*steps = {formula}), "
-                  f"{stats.latent_pixels / 2 / 1e6:.3f} M latent px per row, "
-                  f"{encodes} tile-prompt encodes")
+        for mode in args.modes.split(","):
+            settings = AccDiffusionSettings(enabled=True, tile_batch_size=args.tile_batch_size, window_mode=mode)
+            with autocast, peak_memory(device) as mem:
+                _sync(device)
+                start = time.perf_counter()
+                result = hires_pass(host, latent, [PROMPT], "", recorder, settings, target, args.steps,
+                                    args.denoise, seed=0)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+            print(f"\n{scale}x {mode} -> {target[1] * 8}x{target[0] * 8} px: {elapsed:.2f} s "
+                  f"({elapsed / (args.steps * len(result.stages)):.3f} s per step on average), "
+                  f"peak memory {mem['peak'] / 2**20:.1f} MiB")
+            total = totals.setdefault(f"{scale}x {mode}", {"local": 0, "all": 0, "formula_local": 0, "formula": 0})
+            for stage, stats, encodes in zip(result.stages, result.stage_stats, result.stage_encodes):
+                s = stage.dilation
+                steps = stats.steps
+                formula_local = (2 * s - 1) ** 2 * steps
+                formula = formula_local + s * s * steps
+                rows = 2
+                total["local"] += stats.local_evals // rows
+                total["all"] += stats.window_evals // rows
+                total["formula_local"] += formula_local
+                total["formula"] += formula
+                print(f"  stage {stage.index} ({stage.scale:g}x, latent {stage.size[1]}x{stage.size[0]}, s={s}): "
+                      f"window evals per CFG row {stats.window_evals // rows} (local {stats.local_evals // rows}) "
+                      f"against the overlap formula ((2s-1)^2 + s^2)*steps = {formula} (local {formula_local}); "
+                      f"skipped {stats.skipped_evals // rows} (local {stats.skipped_local_evals // rows}, "
+                      f"dilated {stats.skipped_dilated_evals // rows}); {stats.unet_calls} UNet calls; "
+                      f"batch {stats.tile_batch}; {encodes} tile-prompt encodes")
+    print("\ntotals per CFG row (window evaluations; ratio to the overlap formula):")
+    for name, t in totals.items():
+        print(f"  {name}: local {t['local']} / {t['formula_local']} = {t['local'] / t['formula_local']:.3f}, "
+              f"whole pass {t['all']} / {t['formula']} = {t['all'] / t['formula']:.3f}")
+
+    if args.quality:
+        _quality(host, latent, recorder, args, autocast)
+
+
+def _quality(host, latent, recorder, args, autocast) -> None:
+    """Seams of the local branch alone (dilated sampling and skip residual off, so only the window
+    schedule differs), against the untiled pass (one window = the whole latent: no seams by construction):
+    relative RMS distance and the seam score, mean over seeds."""
+    scale = 2
+    target = (args.base * scale, args.base * scale)
+    base = AccDiffusionSettings(enabled=True, dilated_sampling=False, patch_prompts=False, skip_residual=False,
+                                tile_batch_size=args.tile_batch_size)
+    runs = {"untiled": (base.replace(window_size=min(512, target[0])), 0),
+            "overlap": (base, 0), "overlap + jitter": (base, max(1, args.base // 8)),
+            "shifted": (base.replace(window_mode="shifted"), 0)}
+    print(f"\nseams at {scale}x, local branch only, {args.steps} steps, denoise 1, seeds 0-2:")
+    results: dict[str, list[torch.Tensor]] = {}
+    for name, (settings, jitter) in runs.items():
+        for seed in range(3):
+            with autocast:
+                out = hires_pass(host, latent, [PROMPT], "", recorder, settings, target, args.steps,
+                                 1.0, seed=seed, jitter=jitter).latent.float().cpu()
+            results.setdefault(name, []).append(out)
+    for name, outs in results.items():
+        dist = sum(float((o - u).pow(2).mean().sqrt() / u.pow(2).mean().sqrt())
+                   for o, u in zip(outs, results["untiled"])) / len(outs)
+        seam = sum(_seam_score(o) for o in outs) / len(outs)
+        print(f"  {name}: seam score {seam:.3f}, distance to untiled {dist:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 The denoiser hooks the sampler at the denoised (x0) output, which every k-diffusion sampler —
 first or second order, ancestral or not — turns into its next state the same way. It fuses
-  local  : overlapping windows, each with its own tile prompt, averaged (MultiDiffusion);
+  local  : overlapping windows, each with its own tile prompt, averaged (MultiDiffusion); or, with
+           window_mode "shifted", non-overlapping windows moved by a seeded offset every step;
   dilated: sub-latents x[..., i::s, j::s] of a blurred copy, shuffled position-wise by a seeded
            bijection (window interaction), denoised, un-shuffled; the prediction is re-expressed
            against the unblurred latent, i.e. denoised = D(x_blur) + (x − x_blur);
-mixed as (1 − c2)·local + c2·dilated. The skip residual changes the sampler's own state in place
+mixed as (1 − c2)·local + c2·dilated; a branch whose weight is below ε (BRANCH_EPSILON) is not
+evaluated, which moves the result by at most ε·|local − dilated| per pixel. The skip residual changes the sampler's own state in place
 (see :meth:`StageDenoiser.skip_residual_`).
 """
 
@@ -20,13 +22,22 @@ import torch
 
 from .dilated import (blur_restandardised, gather_sublatents, scatter_sublatents, seeded_generator,
                       shuffle_sublatents, unshuffle_sublatents, window_permutation)
+from .batching import CPU_TILE_BATCH, AutoTileBatch, batch_key
 from .schedule import SigmaToT, StepFactors, step_factors, timestep_of
 from .settings import AccDiffusionSettings
-from .tiles import Window, cover_resize, window_grid
+from .tiles import Window, cover_resize, nearest_window, shift_offset, shifted_windows, window_grid
 
 C = TypeVar("C")  # a host's per-row conditioning
 # (x [N, C, h, w], sigma [N], one conditioning per row) -> denoised x0 [N, C, h, w]
 RowModel = Callable[[torch.Tensor, torch.Tensor, Sequence[Any]], torch.Tensor]
+# a row's tile conditioning: one per window of ``StageDenoiser.windows`` (list), a lookup
+# ``window -> conditioning`` for any window (needed by the shifted schedule), or None (the row's
+# own conditioning everywhere)
+TileConds = Sequence[Any] | Callable[[Window], Any] | None
+
+# A branch whose mixing weight is below this is not evaluated: |fused − exact| ≤ ε·|local − dilated|
+BRANCH_EPSILON = 0.01
+SHIFT_KEY = 1  # keeps the window offsets' random stream apart from the permutation's
 
 
 class AccDiffusionError(RuntimeError):
@@ -108,6 +119,14 @@ class StageStats:
     window_evals: int = 0  # per-row window / sub-latent evaluations
     latent_pixels: int = 0
     steps: int = 0
+    local_evals: int = 0  # of window_evals: the local branch's windows
+    skipped_local_evals: int = 0  # per-row evaluations not run: the branch's weight was < ε
+    skipped_dilated_evals: int = 0
+    tile_batch: int = 0  # the most windows one UNet call took (the automatic choice, if automatic)
+
+    @property
+    def skipped_evals(self) -> int:
+        return self.skipped_local_evals + self.skipped_dilated_evals
 
 
 @dataclass
@@ -122,7 +141,11 @@ class StageDenoiser(Generic[C]):
     reference: torch.Tensor | None = None  # upscaled previous latent (clean), [B, C, H, W]
     noise: torch.Tensor | None = None  # the stage's starting noise, [B, C, H, W]
     stats: StageStats = field(default_factory=StageStats)
+    auto_batch: AutoTileBatch | None = None  # share one across stages: each shape measured once
+    branch_epsilon: float = BRANCH_EPSILON
+    jitter: int = 0  # overlap mode: move inner windows by up to this many latent pixels per step (measured, off)
     _step_of_sigma: dict[float, int] = field(default_factory=dict)
+    _windows_of_step: dict[int, list[Window]] = field(default_factory=dict)
 
     def factors(self, sigma: torch.Tensor | float) -> StepFactors:
         s = self.settings
@@ -150,53 +173,152 @@ class StageDenoiser(Generic[C]):
         x.mul_(1.0 - c1).add_(renoised, alpha=c1)
         return x
 
+    @property
+    def window_size(self) -> tuple[int, int]:
+        """The local window (H, W): the overlap grid's, which the shifted schedule keeps."""
+        if not self.windows:
+            return self.stage.size
+        return max(w.height for w in self.windows), max(w.width for w in self.windows)
+
+    def windows_at(self, step: int) -> list[Window]:
+        """The local windows of a step. overlap: always :attr:`windows`. shifted: a non-overlapping
+        tiling moved by an offset drawn from (seed, stage, step), so all calls of one step share it
+        and the same seed gives the same offsets."""
+        if self.settings.window_mode != "shifted" and not self.jitter:
+            return self.windows
+        if step not in self._windows_of_step and self.settings.window_mode != "shifted":
+            first = self.windows[0]
+            tops, lefts = sorted({w.top for w in self.windows}), sorted({w.left for w in self.windows})
+            stride = (max((b - a for a, b in zip(tops, tops[1:])), default=first.height),
+                      max((b - a for a, b in zip(lefts, lefts[1:])), default=first.width))
+            self._windows_of_step[step] = window_grid(
+                self.stage.size[0], self.stage.size[1], (first.height, first.width), stride, self.jitter,
+                seeded_generator(self.seed, self.stage.index, step, SHIFT_KEY))
+        if step not in self._windows_of_step:
+            window = self.window_size
+            offset = shift_offset(window, seeded_generator(self.seed, self.stage.index, step, SHIFT_KEY),
+                                  self.size_multiple)
+            self._windows_of_step[step] = shifted_windows(self.stage.size, window, offset, self.size_multiple)
+        return self._windows_of_step[step]
+
+    def branches(self, c2: float) -> tuple[bool, bool]:
+        """(run local, run dilated) for a dilated weight c2: a branch whose weight (1 − c2 or c2) is
+        below ε is skipped, which changes the fused result by at most ε·|local − dilated| per
+        pixel; weights ≥ ε always run."""
+        if not self.settings.dilated_sampling:
+            return True, False
+        eps = self.branch_epsilon
+        run_dilated = c2 >= eps
+        run_local = (1.0 - c2) >= eps or not run_dilated
+        return run_local, run_dilated
+
     def __call__(self, model: RowModel, x: torch.Tensor, sigma: torch.Tensor, row_conds: Sequence[C],
-                 row_tile_conds: Sequence[Sequence[C] | None] | None = None) -> torch.Tensor:
+                 row_tile_conds: Sequence[TileConds] | None = None) -> torch.Tensor:
         """Fused denoised latent for the rows of x (any mix of cond/uncond/AND rows).
-        ``row_tile_conds[r]`` holds one conditioning per window for row r, or None to use
-        ``row_conds[r]`` in every window."""
+        ``row_tile_conds[r]`` for row r: a list with one conditioning per window of
+        :attr:`windows`, a callable ``window -> conditioning`` (any window: what the shifted
+        schedule needs), or None to use ``row_conds[r]`` in every window."""
         if x.shape[-2:] != torch.Size(self.stage.size):
             raise AccDiffusionError(
                 f"AccDiffusion: latent {tuple(x.shape[-2:])} does not match stage size {self.stage.size}")
         sigma = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma
         row_tile_conds = row_tile_conds or [None] * x.shape[0]
-        local = self._local(model, x, sigma, row_conds, row_tile_conds)
-        if not self.settings.dilated_sampling:
+        step = self.step_index(sigma[0])
+        windows = self.windows_at(step)
+        factors = self.factors(sigma[0]) if self.settings.dilated_sampling else None
+        run_local, run_dilated = self.branches(factors.c2 if factors else 0.0)
+        rows = x.shape[0]
+        local = dilated = None
+        if run_local:
+            before = self.stats.window_evals
+            local = self._local(model, x, sigma, row_conds, row_tile_conds, windows)
+            self.stats.local_evals += self.stats.window_evals - before
+        else:
+            self.stats.skipped_local_evals += len(windows) * rows
+        if run_dilated:
+            dilated = self._dilated(model, x, sigma, row_conds, factors, step)
+        elif factors is not None:
+            self.stats.skipped_dilated_evals += self.stage.dilation ** 2 * rows
+        if local is None:
+            return dilated
+        if dilated is None:
             return local
-        factors = self.factors(sigma[0])
-        dilated = self._dilated(model, x, sigma, row_conds, factors, self.step_index(sigma[0]))
         return torch.lerp(local, dilated, factors.c2)
+
+    def _tile_batch(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any],
+                    rows_per_item: int, outs: list[torch.Tensor]) -> tuple[int, int]:
+        """(windows per call, items already evaluated): the setting, or automatic — on CUDA the
+        first call of a new window shape runs one window alone to measure its peak memory."""
+        if self.settings.tile_batch_size:
+            return self.settings.tile_batch_size, 0
+        auto = self.auto_batch if self.auto_batch is not None else AutoTileBatch()
+        self.auto_batch = auto
+        if not auto.applies(xs.device):
+            return CPU_TILE_BATCH, 0
+        key = batch_key(xs, rows_per_item)
+        done = 0
+        if key not in auto.costs:
+            first = slice(0, rows_per_item)
+            outs.append(auto.measure(key, lambda: model(xs[first], sigmas[first], conds[first]), xs.device))
+            self._count_call(xs[first])
+            done = 1
+        return auto.batch(key, xs.device), done
+
+    def _count_call(self, part: torch.Tensor) -> None:
+        self.stats.unet_calls += 1
+        self.stats.window_evals += part.shape[0]
+        self.stats.latent_pixels += part.shape[0] * part.shape[-2] * part.shape[-1]
 
     def _run(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any],
              rows_per_item: int) -> torch.Tensor:
-        """Evaluate items in chunks of ``tile_batch_size`` windows (× rows)."""
-        chunk = self.settings.tile_batch_size * rows_per_item
-        outs = []
-        for start in range(0, xs.shape[0], chunk):
+        """Evaluate items in chunks of ``tile_batch_size`` windows (× rows); 0 = automatic."""
+        outs: list[torch.Tensor] = []
+        batch, done = self._tile_batch(model, xs, sigmas, conds, rows_per_item, outs)
+        self.stats.tile_batch = max(self.stats.tile_batch, min(batch, xs.shape[0] // rows_per_item))
+        chunk = batch * rows_per_item
+        for start in range(done * rows_per_item, xs.shape[0], chunk):
             part = slice(start, start + chunk)
             outs.append(model(xs[part], sigmas[part], conds[part]))
-            self.stats.unet_calls += 1
-            self.stats.window_evals += xs[part].shape[0]
-            self.stats.latent_pixels += xs[part].shape[0] * xs.shape[-2] * xs.shape[-1]
+            self._count_call(xs[part])
         return torch.cat(outs)
 
+    def _window_conds(self, tile_conds: TileConds, own: C, windows: list[Window]) -> list[Any]:
+        """One conditioning per window for one row."""
+        if tile_conds is None:
+            return [own] * len(windows)
+        if callable(tile_conds):
+            return [tile_conds(win) for win in windows]
+        if len(tile_conds) != len(self.windows):
+            raise AccDiffusionError(
+                f"AccDiffusion: {len(tile_conds)} tile conditionings for {len(self.windows)} windows")
+        if windows is self.windows or len(windows) == len(self.windows) and self.jitter:
+            return list(tile_conds)
+        # a list made for the overlap grid, used with other windows: each takes the conditioning of
+        # the overlap window it overlaps most (a fallback; hosts should pass a lookup)
+        return [tile_conds[nearest_window(win, self.windows)] for win in windows]
+
     def _local(self, model: RowModel, x: torch.Tensor, sigma: torch.Tensor, row_conds: Sequence[C],
-               row_tile_conds: Sequence[Sequence[C] | None]) -> torch.Tensor:
+               row_tile_conds: Sequence[TileConds], windows: list[Window] | None = None) -> torch.Tensor:
+        windows = self.windows if windows is None else windows
         rows = x.shape[0]
+        per_row = [self._window_conds(row_tile_conds[r], row_conds[r], windows) for r in range(rows)]
         total = torch.zeros_like(x)
         count = x.new_zeros(x.shape[-2:])
-        # windows of one size are batched together (edge windows of a smaller latent may differ)
+        # windows of one size are batched together (edge windows may differ)
         by_size: dict[tuple[int, int], list[int]] = {}
-        for i, win in enumerate(self.windows):
+        for i, win in enumerate(windows):
             by_size.setdefault((win.height, win.width), []).append(i)
-        for indices in by_size.values():
-            xs = torch.cat([x[(..., *self.windows[i].slices)] for i in indices])
+        for (height, width), indices in by_size.items():
+            xs = torch.cat([x[(..., *windows[i].slices)] for i in indices])
+            pad_h, pad_w = -height % self.size_multiple, -width % self.size_multiple
+            if (pad_h or pad_w) and self.settings.window_mode == "shifted":
+                # shifted edge windows: padded to a size the UNet takes, cropped after
+                xs = torch.nn.functional.pad(xs, (0, pad_w, 0, pad_h), mode="replicate")
             sigmas = sigma.repeat(len(indices))
-            conds = [row_tile_conds[r][i] if row_tile_conds[r] is not None else row_conds[r]
-                     for i in indices for r in range(rows)]
-            out = self._run(model, xs, sigmas, conds, rows)
+            conds = [per_row[r][i] for i in indices for r in range(rows)]
+            out = self._run(model, xs, sigmas, conds, rows)[..., :height, :width]
             for n, i in enumerate(indices):
-                sl = self.windows[i].slices
+                sl = windows[i].slices
                 total[(..., *sl)] += out[n * rows:(n + 1) * rows]
                 count[sl] += 1
         return total / count

@@ -16,10 +16,13 @@ import torch
 from torch import nn
 
 from .attention import AttentionRecorder, find_cross_attention
+from .batching import AutoTileBatch
 from .hires import (EncodeCache, Stage, StageDenoiser, StageStats, latent_stats, plan_stages,
                     restandardise, stage_windows, upscale_latent)
 from .prompts import ImagePromptPlan
+from .tiles import Window
 from .settings import AccDiffusionSettings
+from .tileprompts import StageTilePrompts, WindowConditioning
 from .words import align_words, split_words
 
 CHUNK = 75  # tokens per chunk between BOS and EOS, as in the WebUI
@@ -205,11 +208,12 @@ class JobResult:
     tile_prompts: list[list[list[str]]]  # [stage][image][window]
     recorder_bytes: int = 0
     maps: list[torch.Tensor | None] = field(default_factory=list)
+    stage_windows: list[list[list[Window]]] = field(default_factory=list)  # [stage][image][window]
 
 
 def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[int, int], steps: int,
-               seed: int, cfg_scale: float = 7.0, record: bool = True, sampler: str = "Euler"
-               ) -> tuple[torch.Tensor, AttentionRecorder | None]:
+               seed: int, cfg_scale: float = 7.0, record: bool = True, sampler: str = "Euler",
+               record_every: int = 1) -> tuple[torch.Tensor, AttentionRecorder | None]:
     from k_diffusion import sampling
 
     torch.manual_seed(seed)
@@ -219,9 +223,13 @@ def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[in
     conds = host.encode(prompts) + host.encode([negative] * n)
     recorder = AttentionRecorder(size, n) if record else None
 
+    calls = [0]
+
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if recorder:
             recorder.row_images = list(range(n)) + [None] * n
+            recorder.active = calls[0] % record_every == 0  # a subset of steps, when asked
+            calls[0] += 1
         den = host.row_model(torch.cat([x, x]), torch.cat([sigma, sigma]), conds)
         cond, uncond = den.chunk(2)
         return uncond + (cond - uncond) * cfg_scale
@@ -241,7 +249,7 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
                recorder: AttentionRecorder | None, settings: AccDiffusionSettings,
                target: tuple[int, int], steps: int, denoise: float, seed: int,
                cfg_scale: float = 7.0, sampler: str = "Euler",
-               hires_prompts: Sequence[str] | None = None) -> JobResult:
+               hires_prompts: Sequence[str] | None = None, jitter: int = 0) -> JobResult:
     from k_diffusion import sampling
 
     base = tuple(first_latent.shape[-2:])
@@ -263,20 +271,27 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
     stages = plan_stages(base, target, settings.progressive)
     result = JobResult(first_latent, stages, [], [], [], recorder.nbytes() if recorder else 0)
     latent = first_latent
+    auto_batch = AutoTileBatch()  # one per job: each window shape's memory is measured once
     for stage in stages:
         windows = stage_windows(stage, base, settings)
         before = cache.encodes
-        prompts_per_image = [plan.tile_prompts(stage.size, windows, settings.patch_prompt_threshold)
-                             if plan else None for plan in plans]
-        tile_conds = [cache.get(p) if p else None for p in prompts_per_image]
-        result.stage_encodes.append(cache.encodes - before)
-        result.tile_prompts.append([p or [] for p in prompts_per_image])
-
         x_up = restandardise(upscale_latent(latent, stage.size), mean, std)
         generator = torch.Generator().manual_seed(seed + stage.index)
         noise = torch.randn(x_up.shape, generator=generator).to(x_up)
         denoiser: StageDenoiser[RowCond] = StageDenoiser(stage, windows, settings, seed, host.sigma_to_t,
-                                                         reference=x_up, noise=noise)
+                                                         reference=x_up, noise=noise, auto_batch=auto_batch,
+                                                         jitter=jitter)
+        lookups: list[StageTilePrompts | None] = []
+        if settings.window_mode == "shifted":
+            # the windows move every step: each row looks its window's prompt up when it is used
+            lookups = [StageTilePrompts(plan, stage.size, settings.patch_prompt_threshold) if plan else None
+                       for plan in plans]
+            tile_conds = [WindowConditioning(lookup, cache.get) if lookup else None for lookup in lookups]
+        else:
+            prompts_per_image = [plan.tile_prompts(stage.size, windows, settings.patch_prompt_threshold)
+                                 if plan else None for plan in plans]
+            tile_conds = [cache.get(p) if p else None for p in prompts_per_image]
+            result.tile_prompts.append([p or [] for p in prompts_per_image])
         row_tile_conds = tile_conds + [None] * n
 
         def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -291,5 +306,11 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         with torch.no_grad():
             latent = getattr(sampling, SAMPLERS[sampler])(model, x_up + noise * sigmas[0], sigmas, disable=True)
         result.stage_stats.append(denoiser.stats)
+        result.stage_encodes.append(cache.encodes - before)
+        if lookups:  # every window's prompt used in the stage, in the order first used
+            result.tile_prompts.append([list(l.prompts_seen.values()) if l else [] for l in lookups])
+            result.stage_windows.append([list(l.prompts_seen) if l else [] for l in lookups])
+        else:
+            result.stage_windows.append([windows] * n)
     result.latent = latent
     return result

@@ -97,3 +97,58 @@ def cover_resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic",
     top, left = (cover[0] - size[0]) // 2, (cover[1] - size[1]) // 2
     out = out[..., top:top + size[0], left:left + size[1]]
     return out[0] if squeeze else out
+
+
+# --- shifted (non-overlapping) windows ---------------------------------------------------------
+def shifted_axis(length: int, window: int, offset: int, align: int = 1) -> list[tuple[int, int]]:
+    """(start, size) pieces that tile ``length`` without overlap: n = ⌈length / window⌉ pieces
+    of pitch p = length / n ≤ window, cut at offset + k·p (cuts rounded to multiples of ``align``).
+    A shift leaves two edge slivers that add up to one pitch; the shorter is merged into its
+    neighbour, so the count stays n and edge pieces are between p/2 and 3p/2 long (a window
+    never exceeds 1.5× the window side, plus alignment): every pixel is
+    covered exactly once, at the cost of the same n² evaluations as the unshifted grid."""
+    if window <= 0 or length <= 0:
+        raise ValueError(f"length ({length}) and window ({window}) must be positive")
+    n = max(1, math.ceil(length / window))
+    if n == 1:
+        return [(0, length)]
+    pitch = length / n
+    phase = offset % pitch
+    align = max(1, align)
+    cuts = sorted({int(round((phase + k * pitch) / align)) * align for k in range(-1, n + 1)})
+    bounds = [0] + [c for c in cuts if 0 < c < length] + [length]
+    pieces = [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+    while len(pieces) > n:
+        if pieces[0][1] <= pieces[-1][1]:
+            pieces[:2] = [(0, pieces[0][1] + pieces[1][1])]
+        else:
+            pieces[-2:] = [(pieces[-2][0], pieces[-2][1] + pieces[-1][1])]
+    return pieces
+
+
+def shifted_windows(size: tuple[int, int], window: tuple[int, int], offset: tuple[int, int],
+                    align: int = 1) -> list[Window]:
+    """Row-major non-overlapping windows tiling a latent of ``size`` (H, W), the grid moved by
+    ``offset`` (dy, dx) latent pixels: see :func:`shifted_axis`."""
+    rows = shifted_axis(size[0], window[0], offset[0], align)
+    cols = shifted_axis(size[1], window[1], offset[1], align)
+    return [Window(top, left, h, w) for top, h in rows for left, w in cols]
+
+
+def shift_offset(window: tuple[int, int], generator: torch.Generator, align: int = 1) -> tuple[int, int]:
+    """A uniformly drawn grid offset (dy, dx), multiples of ``align`` in [0, window)."""
+    out = []
+    for side in window:
+        choices = max(1, side // max(1, align))
+        out.append(int(torch.randint(0, choices, (1,), generator=generator)) * max(1, align))
+    return out[0], out[1]
+
+
+def nearest_window(window: Window, candidates: Sequence[Window]) -> int:
+    """Index of the candidate that overlaps ``window`` the most (ties: the first)."""
+    def overlap(c: Window) -> int:
+        h = min(window.top + window.height, c.top + c.height) - max(window.top, c.top)
+        w = min(window.left + window.width, c.left + c.width) - max(window.left, c.left)
+        return max(0, h) * max(0, w)
+
+    return max(range(len(candidates)), key=lambda i: (overlap(candidates[i]), -i))

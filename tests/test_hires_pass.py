@@ -41,7 +41,8 @@ def test_unet_calls_follow_the_formula(sd1_host):
     for stage, stats in zip(result.stages, result.stage_stats):
         s = stage.dilation
         assert stats.steps == steps
-        assert stats.window_evals == ((2 * s - 1) ** 2 + s * s) * steps * 2  # ×2: cond + uncond rows
+        # evaluated + skipped (a branch whose weight is below ε) = the formula; ×2: cond + uncond rows
+        assert stats.window_evals + stats.skipped_evals == ((2 * s - 1) ** 2 + s * s) * steps * 2
     # each distinct tile prompt is encoded once per job (the prompt and the negative "" already were)
     assert result.stage_encodes[0] == len(set(result.tile_prompts[0][0]) - {PROMPT, ""})
     assert result.stage_encodes[1] == len(set(result.tile_prompts[1][0]) - set(result.tile_prompts[0][0]) - {PROMPT, ""})

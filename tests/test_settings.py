@@ -12,14 +12,16 @@ def test_defaults_match_the_contract():
         "enabled": False, "patch_prompts": True, "patch_prompt_threshold": 0.3,
         "dilated_sampling": True, "window_interaction": True, "skip_residual": True,
         "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0, "sigma": 0.8,
-        "window_size": 0, "stride": 0, "tile_batch_size": 4, "progressive": True,
-        "tiled_decode": "auto", "tile_prompt_map": False}
+        "window_size": 0, "stride": 0, "tile_batch_size": 0, "progressive": True,
+        "tiled_decode": "auto", "tile_prompt_map": False, "window_mode": "overlap"}
 
 
 @pytest.mark.parametrize("name,value,needle", [
     ("patch_prompt_threshold", 1.0, "(0, 1)"),
     ("patch_prompt_threshold", 0, "(0, 1)"),
-    ("tile_batch_size", 0, "[1, 64]"),
+    ("tile_batch_size", -1, "0 (automatic) or an integer in [1, 64]"),
+    ("tile_batch_size", 65, "[1, 64]"),
+    ("window_mode", "spiral", "'overlap', 'shifted'"),
     ("tile_batch_size", 2.5, "an integer"),
     ("window_size", 20, "multiple of 8"),
     ("tiled_decode", "maybe", "'auto', 'on', 'off'"),
@@ -78,4 +80,18 @@ def test_schema_lists_every_field_with_defaults_and_ranges():
     assert props["patch_prompt_threshold"]["default"] == 0.3
     assert props["tiled_decode"]["enum"] == ["auto", "on", "off"]
     assert props["window_size"]["anyOf"][0] == {"const": 0}
+    assert props["tile_batch_size"]["anyOf"][0] == {"const": 0} and props["tile_batch_size"]["default"] == 0
+    assert props["window_mode"]["enum"] == ["overlap", "shifted"]
     assert schema["additionalProperties"] is False
+
+
+def test_window_mode_and_automatic_batch_round_trip():
+    s = AccDiffusionSettings(enabled=True, window_mode=" Shifted ", tile_batch_size=0)
+    assert s.window_mode == "shifted" and s.tile_batch_size == 0
+    params = s.infotext_params()
+    # the automatic batch is the default: the infotext only names a batch the user set
+    assert params == {"AccDiffusion": True, "AccDiffusion window mode": "shifted"}
+    assert AccDiffusionSettings.from_infotext({k: str(v) for k, v in params.items()}) == s
+    explicit = s.replace(tile_batch_size=6)
+    assert explicit.infotext_params()["AccDiffusion tile batch size"] == 6
+    assert AccDiffusionSettings.from_dict({"window_mode": "overlap", "tile_batch_size": 3}).tile_batch_size == 3

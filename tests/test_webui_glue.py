@@ -17,7 +17,7 @@ from accdiffusion.tiles import Window, window_grid
 CUSTOM = AccDiffusionSettings(enabled=True, patch_prompts=False, patch_prompt_threshold=0.45,
                               window_interaction=False, cosine_scale_1=2.5, sigma=0.0,
                               window_size=96, stride=48, tile_batch_size=8, progressive=False,
-                              tiled_decode="on", tile_prompt_map=True)
+                              tiled_decode="on", tile_prompt_map=True, window_mode="shifted")
 
 
 def _infotext_roundtrip(settings):
@@ -101,6 +101,8 @@ def test_xyz_specs():
     assert specs["patch_prompts"].type is str
     assert specs["patch_prompts"].choices() == ["True", "False"]
     assert specs["patch_prompt_threshold"].choices is None
+    assert specs["window_mode"].type is str and specs["window_mode"].choices() == ["overlap", "shifted"]
+    assert specs["window_mode"].label == "AccDiffusion Window mode"
 
 
 def test_xyz_apply_does_not_share_dicts():
@@ -146,6 +148,9 @@ def test_xyz_confirm():
     with pytest.raises(ValueError, match="multiple of 8"):
         specs["window_size"].confirm(None, [64, 20])
     specs["window_size"].confirm(None, [0, 64])
+    specs["window_mode"].confirm(None, ["overlap", "shifted"])
+    with pytest.raises(ValueError, match="'overlap', 'shifted'"):
+        specs["window_mode"].confirm(None, ["shifted", "spiral"])
     with pytest.raises(ValueError, match="true or false"):
         specs["dilated_sampling"].confirm(None, ["True", "Maybe"])
     assert glue.parse_bool("false") is False and glue.parse_bool("TRUE") is True
@@ -160,7 +165,9 @@ def test_control_specs():
     st = specs["stride"]
     assert (st.minimum, st.maximum, st.step) == (0, 512, 8)
     tb = specs["tile_batch_size"]
-    assert (tb.minimum, tb.maximum, tb.step, tb.value) == (1, 64, 1, 4)
+    assert (tb.minimum, tb.maximum, tb.step, tb.value) == (0, 64, 1, 0)
+    assert specs["window_mode"].component == "radio"
+    assert specs["window_mode"].choices == ("overlap", "shifted") and specs["window_mode"].value == "overlap"
     assert specs["tiled_decode"].component == "radio"
     assert specs["tiled_decode"].choices == ("auto", "on", "off")
     assert specs["patch_prompts"].component == "checkbox" and specs["patch_prompts"].value is True
