@@ -14,6 +14,18 @@ modules/processing.py unless named).
   sd_samplers_cfg_denoiser.py:203-271), confirmed by content (:mod:`accdiffusion.rows`). In the
   first pass the layout is read through the same two wrappers, installed on ``p.sampler`` from
   ``process_before_every_sampling`` (processing.py:1338, after the sampler is created).
+- ControlNet (Mikubill/sd-webui-controlnet v1.1.455, file:line in its scripts/): its script (title
+  "ControlNet") keeps ``latest_network`` (hook.py:377 ``UnetHook``) whose ``control_params`` hold one
+  ``ControlParams`` (hook.py:162) per unit. In the hooked UNet forward it picks ``hr_hint_cond``
+  when the input's height ×8 is not closer to ``hint_cond``'s (hook.py:518-534, ties go to the
+  hires hint), skips units by ``guidance_stopped`` and ``disabled_by_hr_option`` (hook.py:221),
+  multiplies the control by ``apply_effective_region_mask`` (hook.py:232) and adds it to the UNet
+  (cldm.py ``h += guided_hint``: hint batch N or 1). So for every tiled call each unit's
+  ``hr_hint_cond`` is set to the call's per-item hints (:class:`A1111Control`): ControlNet takes
+  them as its hires hint (it believes it is in the hires pass: "Low res only"/"High res only" and
+  the hires soft weighting work), and puts its own state back when the original returns.
+  ControlNet marks cond/uncond rows with an extra first token (hook.py:48, :81); tile prompts get
+  the mark of the row they replace.
 
 Every ``modules.*`` call goes through ``job.webui`` (:class:`accdiffusion.webui.WebUI`), so the
 tests drive this backend with stand-ins on CPU.
@@ -22,13 +34,15 @@ tests drive this backend with stand-ins on CPU.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
 from .attention import AttentionRecorder, find_cross_attention
+from .control import CallItems, StageHints, hint_rows_for
 from .hires import StageDenoiser
-from .job import hook_skip_residual
+from .job import comment, hook_skip_residual
 from .rows import UNPLACED, positive_texts, row_images, schedule_entry, split_cond, stack_cond, tile_conditions
 from .tiles import Window
 
@@ -157,12 +171,13 @@ class A1111Backend:
                    positives: list[list[torch.Tensor]], tile_schedules: list[list | None],
                    windows: list[Window]) -> None:
         _hook_sampler(job, sampler, denoiser, positives, tile_schedules, windows,
-                      job.webui.sdxl_crop_embedder(p.sd_model))
+                      job.webui.sdxl_crop_embedder(p.sd_model), A1111Control.for_stage(p, denoiser))
 
 
 def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: list[list[torch.Tensor]],
                   tile_schedules: list[list | None], windows: list[Window],
-                  crop_embed: Callable[[int, int], torch.Tensor] | None) -> None:
+                  crop_embed: Callable[[int, int], torch.Tensor] | None,
+                  control: "A1111Control | None" = None) -> None:
     cfg = sampler.model_wrap_cfg
     inner = cfg.inner_model
     inner_forward = inner.forward
@@ -180,6 +195,9 @@ def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: li
             out["vector"] = vector
         else:
             out["c_crossattn"] = cond
+        if control is not None:  # ControlNet's cond/uncond mark goes with the row
+            key = "crossattn" if "crossattn" in out else "c_crossattn"
+            out[key] = with_mark(row[key], out[key])
         return out
 
     def fused_forward(x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None, **kwargs: Any) -> torch.Tensor:
@@ -187,7 +205,9 @@ def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: li
         places = layout.take(x.shape[0])
 
         def row_model(xs: torch.Tensor, sigmas: torch.Tensor, conds: Sequence[dict]) -> torch.Tensor:
-            return inner_forward(xs, sigmas, cond=stack_cond(conds, cond), **kwargs)
+            tiled = control.tiled(denoiser.items, len(rows)) if control is not None else nullcontext()
+            with tiled:
+                return inner_forward(xs, sigmas, cond=stack_cond(conds, cond), **kwargs)
 
         return denoiser(row_model, x, sigma, rows,
                         tile_conditions(rows, positives, tile_schedules, windows, tile_row, places))
@@ -218,3 +238,142 @@ def _with_crop(vector: torch.Tensor, crop_embed: Callable[[int, int], torch.Tens
     out = vector.clone()
     out[offset:offset + embedded.shape[0]] = embedded
     return out
+
+
+# --- ControlNet (sd-webui-controlnet) -------------------------------------------------------------
+CONTROLNET_TITLE = "ControlNet"
+MARK_TOKEN = 1024.0  # hook.py:36 POSITIVE_MARK_TOKEN (negative rows: -1024)
+# ControlModelType names (scripts/enums.py:157) whose only spatial input is the hint: tiled
+TILED_TYPES = {"ControlNet", "ControlLoRA", "InstantID", "ControlNetUnion"}
+# no spatial input: the same on any batch of windows
+GLOBAL_TYPES = {"IPAdapter", "ReVision", "T2I_StyleAdapter"}
+
+
+def controlnet_network(p: Any) -> Any:
+    """sd-webui-controlnet's ``UnetHook`` of this job (its script's ``latest_network``), or None."""
+    scripts = getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []
+    for script in scripts:
+        try:
+            title = script.title()
+        except Exception:  # another extension's title() is not ours to debug
+            continue
+        if title == CONTROLNET_TITLE and getattr(script, "latest_network", None) is not None:
+            return script.latest_network
+    return None
+
+
+def is_marked(token: torch.Tensor) -> bool:
+    return bool(torch.all((token.abs() - MARK_TOKEN).abs() < 1e-3))
+
+
+def with_mark(row_text: torch.Tensor, tile_text: torch.Tensor) -> torch.Tensor:
+    """A tile prompt replacing a marked row carries the same mark as its first token."""
+    if row_text.shape[0] > 0 and is_marked(row_text[0]) and not is_marked(tile_text[0]):
+        return torch.cat([row_text[:1].to(tile_text), tile_text])
+    return tile_text
+
+
+def _name(value: Any) -> str:
+    return str(getattr(value, "name", value))
+
+
+class A1111Control:
+    """sd-webui-controlnet's units during one stage: per tiled call, each unit's hires hint (and
+    its effective-region mask) becomes the call's per-item hints; units that cannot be tiled sit
+    the call out, with a note."""
+
+    def __init__(self, p: Any, params: list[Any], denoiser: StageDenoiser):
+        self.p = p
+        self.params = params
+        stage = denoiser.stage
+        cut = lambda t: StageHints(t, stage.size, denoiser.windows, stage.dilation, denoiser.size_multiple)
+        self.hints: dict[int, StageHints] = {}
+        self.masks: dict[int, StageHints] = {}
+        self.skipped: dict[int, str] = {}
+        for i, param in enumerate(params):
+            reason = self._untileable(param)
+            if reason is None and _name(param.control_model_type) in TILED_TYPES:
+                self.hints[i] = cut(param.hr_hint_cond)
+                mask = getattr(param, "effective_region_mask", None)
+                if isinstance(mask, torch.Tensor):
+                    self.masks[i] = cut(mask)
+            elif reason is not None:
+                self.skip(i, reason)
+
+    @staticmethod
+    def for_stage(p: Any, denoiser: StageDenoiser) -> "A1111Control | None":
+        network = controlnet_network(p)
+        params = list(getattr(network, "control_params", None) or [])
+        return A1111Control(p, params, denoiser) if params else None
+
+    @staticmethod
+    def _untileable(param: Any) -> str | None:
+        kind = _name(param.control_model_type)
+        if kind in GLOBAL_TYPES:
+            return None if getattr(param, "effective_region_mask", None) is None else \
+                "its effective region mask is not cut into tiles"
+        if kind not in TILED_TYPES:
+            return f"{kind} units are not cut into tiles"
+        module = str((getattr(param, "preprocessor", None) or {}).get("name", ""))
+        if "inpaint_only" in module or "colorfix" in module:
+            return f"'{module}' encodes its hint with the VAE, which is not cut into tiles"
+        hint, hr_hint = getattr(param, "hint_cond", None), getattr(param, "hr_hint_cond", None)
+        if not (isinstance(hint, torch.Tensor) and isinstance(hr_hint, torch.Tensor) and hint.ndim == 4
+                and hr_hint.ndim == 4):
+            return "it has no hires hint image"
+        return None
+
+    def skip(self, index: int, reason: str) -> None:
+        param = self.params[index]
+        self.skipped[index] = reason
+        if _name(getattr(param, "hr_option", "")) in ("LOW_RES_ONLY", "Low res only"):
+            return  # off in the hires pass anyway
+        module = (getattr(param, "preprocessor", None) or {}).get("name", "?")
+        comment(self.p, f"AccDiffusion: ControlNet unit {index + 1} ({module}) was left out of the tiled hires "
+                        f"pass: {reason}.")
+
+    @contextmanager
+    def tiled(self, items: CallItems | None, rows: int) -> Iterator[None]:
+        saved: list[tuple[Any, str, Any]] = []
+
+        def put(param: Any, name: str, value: Any) -> None:
+            saved.append((param, name, getattr(param, name)))
+            setattr(param, name, value)
+
+        try:
+            if items is not None:
+                for i, param in enumerate(self.params):
+                    hints = self.hints.get(i)
+                    hint_rows = hint_rows_for(hints.batch, rows) if hints is not None else None
+                    if hints is not None and hint_rows is None:
+                        del self.hints[i]
+                        self.skip(i, f"its {hints.batch} hint images do not match the batch")
+                    if i in self.skipped:
+                        put(param, "guidance_stopped", True)
+                        put(param, "hr_hint_cond", None)  # so it does not vote on "hires or not"
+                    elif hints is not None:
+                        put(param, "hr_hint_cond", hints.for_call(items, hint_rows))
+                        if i in self.masks:
+                            mask_rows = hint_rows_for(self.masks[i].batch, rows) or [0] * rows
+                            put(param, "effective_region_mask", self.masks[i].for_call(items, mask_rows))
+                if log.isEnabledFor(logging.DEBUG):
+                    log_call(items, self.hints)
+            yield
+        finally:
+            for param, name, value in reversed(saved):
+                setattr(param, name, value)
+
+
+def log_call(items: CallItems, hints: dict[int, StageHints]) -> None:
+    """Debug: which hint region each item of a call got (live checks read this)."""
+    for i, stage_hints in hints.items():
+        f = stage_hints.factor
+        if items.kind == "local":
+            text = ", ".join(f"window px y{win.top * f}:{(win.top + win.height) * f} "
+                             f"x{win.left * f}:{(win.left + win.width) * f}" for win in dict.fromkeys(items.slots))
+            if any(items.pad):
+                text += f" (padded by {items.pad} latent px)"
+        else:
+            text = f"dilated slots {sorted(set(items.slots))} of s={stage_hints.dilation}" + \
+                   (" shuffled" if items.perm is not None else "")
+        log.debug("AccDiffusion ControlNet unit %d hint %s: %s", i + 1, tuple(stage_hints.hint.shape), text)

@@ -31,6 +31,29 @@ def backend_for(p: Any) -> Any:
     return ForgeBackend() if is_forge(p) else A1111Backend()
 
 
+# Other extensions that tile the UNet themselves (title → what it is); their first script argument
+# is their "enabled" switch: Tiled Diffusion and DemoFusion (pkuliyi2015/multidiffusion-upscaler-
+# for-automatic1111 scripts/tilediffusion.py:93, tileglobal.py:50), Forge's built-in MultiDiffusion
+# (extensions-builtin/sd_forge_multidiffusion/scripts/forge_multidiffusion.py:13).
+UNET_TILERS = {"Tiled Diffusion": "Tiled Diffusion", "demofusion": "DemoFusion",
+               "MultiDiffusion Integrated": "Forge's MultiDiffusion"}
+
+
+def companion_tiler(p: Any) -> str | None:
+    """The name of another UNet tiler enabled in this job, or None."""
+    runner = getattr(p, "scripts", None)
+    args = getattr(p, "script_args", None) or ()
+    for script in getattr(runner, "alwayson_scripts", None) or []:
+        try:
+            title = script.title()
+        except Exception:
+            continue
+        start = getattr(script, "args_from", None)
+        if title in UNET_TILERS and start is not None and start < len(args) and args[start] is True:
+            return UNET_TILERS[title]
+    return None
+
+
 def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job | None:
     """Called from the script's ``process``. Returns the job, or None when nothing is attached
     (not enabled, no hires fix, unsupported model: the WebUI then runs exactly as without us)."""
@@ -43,6 +66,9 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
     reason = backend.unsupported_reason(p)
     if getattr(p, "refiner_checkpoint", None) not in (None, "", "None"):
         reason = "the refiner swaps the model during sampling, which the tiled pass cannot follow"
+    tiler = companion_tiler(p)
+    if tiler:  # two tilers on one UNet call would fight: the other one was asked for explicitly
+        reason = f"{tiler} is enabled and tiles the UNet itself (one tiler per job)"
     if reason:
         comment(p, f"AccDiffusion: {reason}; the WebUI's own hires fix ran instead.")
         return None

@@ -18,17 +18,29 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
   holding the batch's images in order: a row's image is its place in its chunk
   (:func:`cond_rows_to_images`), confirmed by content in the hires pass (:mod:`accdiffusion.rows`);
   the recorder gets projected q/k only, so there the place alone decides.
+- ControlNet (built in: extensions-builtin/sd_forge_controlnet, backend/patcher/controlnet.py):
+  units are a linked list of ``ControlBase`` objects on the UnetPatcher (``controlnet_linked_list``,
+  via ``previous_controlnet``); sampling_function.py:261-268 calls the head's ``get_control(x, t,
+  cond, batched_number)`` on the full batch and passes ``control`` / ``control_model`` to the
+  model. ``ControlNet.get_control`` (controlnet.py:292) resizes ``cond_hint_original`` to x×8 unless
+  ``cond_hint`` already has that size, broadcasts its batch, skips outside ``timestep_range`` and
+  weights by ``advanced_mask_weighting`` / ``transformer_options`` (:86-150). In a stage the head's
+  full-size call is turned off (an instance ``get_control`` returning None) and the wrapper calls the
+  original per tiled call with ``cond_hint`` (and the mask) set to the call's per-item hints
+  (:class:`ForgeControl`). Forge's ControlNet reads ``p.is_hr_pass`` itself (hires modes).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import math
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
+from .control import CallItems, StageHints, hint_rows_for
 from .hires import StageDenoiser
-from .job import hook_skip_residual
+from .job import comment, hook_skip_residual
 from .rows import schedule_entry, split_cond, stack_cond, tile_conditions
 from .tiles import Window
 
@@ -144,13 +156,15 @@ class ForgeBackend:
                 out["c_crossattn"] = cond
             return out
 
+        control = ForgeControl.for_stage(p, job, unet, denoiser)
+
         def wrapper(apply_model: Any, args: dict) -> torch.Tensor:
             x, sigma, c = args["input"], args["timestep"], args["c"]
-            if "control" in c:  # ControlNet units carry full-size hints: no tiling possible
-                return apply_model(x, sigma, **c)
+            if c.get("control") is not None and (control is None or control.untiled):
+                return apply_model(x, sigma, **c)  # a control that cannot be tiled: the call runs whole
             tensors = {k: v for k, v in c.items() if k in TENSOR_KEYS and isinstance(v, torch.Tensor)
                        and v.shape[0] == x.shape[0]}
-            others = {k: v for k, v in c.items() if k not in tensors}
+            others = {k: v for k, v in c.items() if k not in tensors and k not in ("control", "control_model")}
             rows = split_cond(tensors)
             options = others.pop("transformer_options", {})
 
@@ -158,7 +172,12 @@ class ForgeBackend:
                 stacked = stack_cond(conds, conds[0])  # rows hold plain tensors here
                 blocks = xs.shape[0] // len(rows)
                 topts = transformer_options_for(options, args["cond_or_uncond"], blocks, sigmas)
-                return apply_model(xs, sigmas, **stacked, **others, transformer_options=topts)
+                extra = {}
+                if control is not None:
+                    extra = control.for_call(denoiser.items, xs, sigmas, {**stacked, **others, "transformer_options": topts},
+                                             len(rows), len(rows) // len(args["cond_or_uncond"]),
+                                             len(args["cond_or_uncond"]) * blocks)
+                return apply_model(xs, sigmas, **stacked, **others, **extra, transformer_options=topts)
 
             places = cond_rows_to_images(args["cond_or_uncond"], len(rows))
             return denoiser(row_model, x, sigma, rows,
@@ -187,3 +206,110 @@ class ForgeBackend:
         unet.set_memory_peak_estimation_modifier(per_window)
         unet.add_object_patch("memory_required", per_window)
 
+
+
+# --- ControlNet (built in) -----------------------------------------------------------------------
+TILED_CONTROLS = {"ControlNet", "ControlLora"}  # backend/patcher/controlnet.py classes with hint-only input
+# preprocessors that patch the UNet with full-size latents of their own (not cut into tiles)
+UNTILED_PREPROCESSORS = ("reference", "inpaint")
+
+
+def control_chain(unet: Any) -> list[Any]:
+    """The UnetPatcher's ControlNets, head first (``previous_controlnet`` links)."""
+    out, node = [], getattr(unet, "controlnet_linked_list", None)
+    while node is not None:
+        out.append(node)
+        node = getattr(node, "previous_controlnet", None)
+    return out
+
+
+def controlnet_preprocessors(p: Any) -> list[str]:
+    """Names of the preprocessors of the enabled ControlNet units (its script's current_params)."""
+    names = []
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
+        try:
+            if script.title() != "ControlNet":
+                continue
+        except Exception:
+            continue
+        for params in (getattr(script, "current_params", None) or {}).values():
+            names.append(str(getattr(getattr(params, "preprocessor", None), "name", "")))
+    return names
+
+
+class ForgeControl:
+    """Forge's ControlNets during one stage: the head's full-size evaluation is off, and each tiled
+    call evaluates the chain with per-item hints."""
+
+    def __init__(self, p: Any, job: Job, chain: list[Any], denoiser: StageDenoiser, untiled: str | None):
+        self.p, self.chain, self.untiled = p, chain, untiled
+        stage = denoiser.stage
+        cut = lambda t: StageHints(t, stage.size, denoiser.windows, stage.dilation, denoiser.size_multiple)
+        self.hints: dict[int, StageHints] = {}
+        self.masks: dict[int, StageHints] = {}
+        self.skipped: set[int] = set()
+        self.get_control: Callable[..., Any] | None = None
+        if untiled:
+            comment(p, f"AccDiffusion: {untiled}; the hires UNet calls ran untiled (no tile prompts).")
+            return
+        for i, cnet in enumerate(chain):
+            hint = getattr(cnet, "cond_hint_original", None)
+            if type(cnet).__name__ in TILED_CONTROLS and isinstance(hint, torch.Tensor) and hint.ndim == 4:
+                self.hints[i] = cut(hint)
+                mask = getattr(cnet, "advanced_mask_weighting", None)
+                if isinstance(mask, torch.Tensor):
+                    self.masks[i] = cut(mask)
+            else:
+                self.skip(i, f"{type(cnet).__name__} is not cut into tiles")
+        head = chain[0]
+        self.get_control = head.get_control  # a bound method, or another extension's wrapper
+        job.set_attr(head, "get_control", lambda *args, **kwargs: None)  # full size: evaluated per call instead
+
+    @staticmethod
+    def for_stage(p: Any, job: Job, unet: Any, denoiser: StageDenoiser) -> "ForgeControl | None":
+        chain = control_chain(unet)
+        if not chain:
+            return None
+        untiled = next((f"ControlNet preprocessor '{n}' patches the UNet at full size" for n in
+                        controlnet_preprocessors(p) if any(k in n for k in UNTILED_PREPROCESSORS)), None)
+        return ForgeControl(p, job, chain, denoiser, untiled)
+
+    def skip(self, index: int, reason: str) -> None:
+        self.skipped.add(index)
+        comment(self.p, f"AccDiffusion: ControlNet unit {index + 1} was left out of the tiled hires pass: {reason}.")
+
+    def for_call(self, items: CallItems | None, xs: torch.Tensor, sigmas: torch.Tensor, cond: dict, rows: int,
+                 images_per_chunk: int, chunks: int) -> dict:
+        """``control`` and ``control_model`` for one tiled call of ``chunks`` chunks; the caller's
+        ``rows`` came as chunks of ``images_per_chunk`` images (one hint per image, as Forge's
+        broadcast_image_to)."""
+        saved: list[tuple[Any, str, Any]] = []
+
+        def put(obj: Any, name: str, value: Any) -> None:
+            saved.append((obj, name, obj.__dict__.get(name)))
+            setattr(obj, name, value)
+
+        try:
+            for i, cnet in enumerate(self.chain):
+                put(cnet, "transformer_options", cond["transformer_options"])
+                hints = self.hints.get(i)
+                hint_rows = hint_rows_for(hints.batch, rows, images_per_chunk) if hints is not None else None
+                if hints is not None and hint_rows is None:
+                    del self.hints[i]
+                    self.skip(i, f"its {hints.batch} hint images do not match the batch")
+                if i in self.skipped or items is None:
+                    put(cnet, "timestep_range", (-math.inf, math.inf))  # get_control: outside the range, skipped
+                elif hints is not None:
+                    dtype = getattr(cnet, "manual_cast_dtype", None) or getattr(cnet.control_model, "dtype", xs.dtype)
+                    put(cnet, "cond_hint", hints.for_call(items, hint_rows).to(dtype))
+                    if i in self.masks:
+                        mask_rows = hint_rows_for(self.masks[i].batch, rows, images_per_chunk) or [0] * rows
+                        put(cnet, "advanced_mask_weighting", self.masks[i].for_call(items, mask_rows))
+            assert self.get_control is not None
+            control = self.get_control(xs, sigmas, dict(cond), chunks)
+        finally:
+            for obj, name, value in reversed(saved):
+                setattr(obj, name, value)
+            for cnet in self.chain:  # Forge re-cuts its own full-size hint next time
+                cnet.cond_hint = None
+        return {"control": control, "control_model": self.chain[0]}

@@ -6,9 +6,11 @@ first or second order, ancestral or not — turns into its next state the same w
            window_mode "shifted", non-overlapping windows moved by a seeded offset every step;
   dilated: sub-latents x[..., i::s, j::s] of a blurred copy, shuffled position-wise by a seeded
            bijection (window interaction), denoised, un-shuffled; the prediction is re-expressed
-           against the unblurred latent, i.e. denoised = D(x_blur) + (x − x_blur);
+           against the unblurred latent, i.e. denoised = D(x_blur) + c_skip(σ)·(x − x_blur)
+           (c_skip = 1 for ε-prediction; see :func:`v_prediction_c_skip`);
 mixed as (1 − c2)·local + c2·dilated; a branch whose weight is below ε (BRANCH_EPSILON) is not
-evaluated, which moves the result by at most ε·|local − dilated| per pixel. The skip residual changes the sampler's own state in place
+evaluated, which moves the result by at most ε·|local − dilated| per pixel. The skip residual
+changes the sampler's own state in place
 (see :meth:`StageDenoiser.skip_residual_`).
 """
 
@@ -20,6 +22,7 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 
+from .control import CallItems
 from .dilated import (blur_restandardised, gather_sublatents, scatter_sublatents, seeded_generator,
                       shuffle_sublatents, unshuffle_sublatents, window_permutation)
 from .batching import CPU_TILE_BATCH, AutoTileBatch, batch_key
@@ -112,6 +115,30 @@ def restandardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
     return (x - x_mean) / x_std.clamp_min(1e-8) * std + mean
 
 
+def v_prediction_c_skip(sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
+    """c_skip(σ) = σ_data² / (σ² + σ_data²) of a v-prediction model (k-diffusion's
+    ``DiscreteVDDPMDenoiser.get_scalings(sigma)[0]``, σ_data = 1). Pass it as
+    :attr:`StageDenoiser.skip_scale` for v-models; ε-models need nothing (their c_skip is 1)."""
+    return sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+
+
+def restandardise_stage_output(latent: torch.Tensor, first_pass_mean: torch.Tensor,
+                               first_pass_std: torch.Tensor) -> torch.Tensor:
+    """A stage's sampled latent, per image re-standardised to the first pass's mean and std.
+    The stage loop calls it after every stage, the last one included, so the latent that is
+    decoded has the first pass's contrast and mean, as in the reference (DemoFusion/AccDiffusion).
+
+    Measured on the reference host (real ldm UNet, tiny random weights, k-diffusion Euler, CFG 7,
+    first pass 10 steps at 16×16, 10 hires steps at denoise 0.5, seeds 0–3, two images each, SD1-
+    and SDXL-like layouts, 2× and 3× progressive): the raw output of every stage came out with a
+    std 1.005–1.012× the first pass's (higher in all 32 image-stages) and a mean shifted by at
+    most 0.12 (first-pass std ≈ 15). Re-standardising removes that small, one-sided contrast gain
+    exactly and costs nothing. Between stages it changes nothing (the next stage re-standardises
+    its upscaled input, and upscaling commutes with the affine map), so its only effect is on the
+    decoded latent."""
+    return restandardise(latent, first_pass_mean, first_pass_std)
+
+
 # --- the fused denoiser ----------------------------------------------------------------------
 @dataclass
 class StageStats:
@@ -140,7 +167,13 @@ class StageDenoiser(Generic[C]):
     size_multiple: int = 8  # sub-latents padded to a size the UNet accepts
     reference: torch.Tensor | None = None  # upscaled previous latent (clean), [B, C, H, W]
     noise: torch.Tensor | None = None  # the stage's starting noise, [B, C, H, W]
+    # c_skip(σ) of the model's parametrisation, [N] → [N]: a model's denoised output is
+    # c_skip·x + c_out·F(c_in·x), so the dilated branch's prediction for x_blur is re-expressed
+    # against x as D(x_blur) + c_skip·(x − x_blur). None = ε-prediction (c_skip = 1); a
+    # v-prediction model needs :func:`v_prediction_c_skip` (or the wrapper's get_scalings()[0]).
+    skip_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
     stats: StageStats = field(default_factory=StageStats)
+    items: CallItems | None = None  # while a model call runs: what its batch rows are (control hints)
     auto_batch: AutoTileBatch | None = None  # share one across stages: each shape measured once
     branch_epsilon: float = BRANCH_EPSILON
     jitter: int = 0  # overlap mode: move inner windows by up to this many latent pixels per step (measured, off)
@@ -245,8 +278,16 @@ class StageDenoiser(Generic[C]):
             return local
         return torch.lerp(local, dilated, factors.c2)
 
+    def _call(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any], part: slice,
+              items: CallItems | None) -> torch.Tensor:
+        self.items = items.part(part) if items is not None else None
+        try:
+            return model(xs[part], sigmas[part], conds[part])
+        finally:
+            self.items = None
+
     def _tile_batch(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any],
-                    rows_per_item: int, outs: list[torch.Tensor]) -> tuple[int, int]:
+                    rows_per_item: int, outs: list[torch.Tensor], items: CallItems | None = None) -> tuple[int, int]:
         """(windows per call, items already evaluated): the setting, or automatic — on CUDA the
         first call of a new window shape runs one window alone to measure its peak memory."""
         if self.settings.tile_batch_size:
@@ -259,7 +300,7 @@ class StageDenoiser(Generic[C]):
         done = 0
         if key not in auto.costs:
             first = slice(0, rows_per_item)
-            outs.append(auto.measure(key, lambda: model(xs[first], sigmas[first], conds[first]), xs.device))
+            outs.append(auto.measure(key, lambda: self._call(model, xs, sigmas, conds, first, items), xs.device))
             self._count_call(xs[first])
             done = 1
         return auto.batch(key, xs.device), done
@@ -270,15 +311,16 @@ class StageDenoiser(Generic[C]):
         self.stats.latent_pixels += part.shape[0] * part.shape[-2] * part.shape[-1]
 
     def _run(self, model: RowModel, xs: torch.Tensor, sigmas: torch.Tensor, conds: list[Any],
-             rows_per_item: int) -> torch.Tensor:
-        """Evaluate items in chunks of ``tile_batch_size`` windows (× rows); 0 = automatic."""
+             rows_per_item: int, items: CallItems | None = None) -> torch.Tensor:
+        """Evaluate items in chunks of ``tile_batch_size`` windows (× rows); 0 = automatic.
+        ``self.items`` describes the chunk while the model runs."""
         outs: list[torch.Tensor] = []
-        batch, done = self._tile_batch(model, xs, sigmas, conds, rows_per_item, outs)
+        batch, done = self._tile_batch(model, xs, sigmas, conds, rows_per_item, outs, items)
         self.stats.tile_batch = max(self.stats.tile_batch, min(batch, xs.shape[0] // rows_per_item))
         chunk = batch * rows_per_item
         for start in range(done * rows_per_item, xs.shape[0], chunk):
             part = slice(start, start + chunk)
-            outs.append(model(xs[part], sigmas[part], conds[part]))
+            outs.append(self._call(model, xs, sigmas, conds, part, items))
             self._count_call(xs[part])
         return torch.cat(outs)
 
@@ -316,7 +358,9 @@ class StageDenoiser(Generic[C]):
                 xs = torch.nn.functional.pad(xs, (0, pad_w, 0, pad_h), mode="replicate")
             sigmas = sigma.repeat(len(indices))
             conds = [per_row[r][i] for i in indices for r in range(rows)]
-            out = self._run(model, xs, sigmas, conds, rows)[..., :height, :width]
+            items = CallItems.local([windows[i] for i in indices], rows,
+                                   (pad_h, pad_w) if self.settings.window_mode == "shifted" else (0, 0))
+            out = self._run(model, xs, sigmas, conds, rows, items)[..., :height, :width]
             for n, i in enumerate(indices):
                 sl = windows[i].slices
                 total[(..., *sl)] += out[n * rows:(n + 1) * rows]
@@ -336,12 +380,15 @@ class StageDenoiser(Generic[C]):
             sub = shuffle_sublatents(sub, perm)
         xs = sub.transpose(0, 1).reshape(count * rows, *sub.shape[2:])  # item = (k, row)
         conds = [row_conds[r] for _ in range(count) for r in range(rows)]
-        out = self._run(model, xs, sigma.repeat(count), conds, rows)
+        out = self._run(model, xs, sigma.repeat(count), conds, rows, CallItems.dilated(count, rows, perm))
         out = out.reshape(count, rows, *sub.shape[2:]).transpose(0, 1)
         if perm is not None:
             out = unshuffle_sublatents(out, perm)
         denoised_blur = scatter_sublatents(out, s, tuple(x.shape[-2:]))
-        return denoised_blur + (x - x_blur)
+        detail = x - x_blur
+        if self.skip_scale is not None:
+            detail = detail * self.skip_scale(sigma).to(detail).reshape(-1, 1, 1, 1)
+        return denoised_blur + detail
 
 
 # --- tiled decode --------------------------------------------------------------------------------

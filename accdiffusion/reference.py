@@ -18,7 +18,7 @@ from torch import nn
 from .attention import AttentionRecorder, find_cross_attention
 from .batching import AutoTileBatch
 from .hires import (EncodeCache, Stage, StageDenoiser, StageStats, latent_stats, plan_stages,
-                    restandardise, stage_windows, upscale_latent)
+                    restandardise, restandardise_stage_output, stage_windows, upscale_latent)
 from .prompts import ImagePromptPlan
 from .tiles import Window
 from .settings import AccDiffusionSettings
@@ -100,15 +100,19 @@ class Host:
     tokenizer: Any
     vector_conditioning: bool = False
     embed_seed: int = 0
+    v_prediction: bool = False  # the UNet predicts v (SD 2.x 768-v), wrapped as A1111 does
     _embedding: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        from k_diffusion.external import DiscreteEpsDDPMDenoiser
+        from k_diffusion.external import CompVisVDenoiser, DiscreteEpsDDPMDenoiser
 
-        def eps(x: torch.Tensor, t: torch.Tensor, cond: RowCond | list[RowCond] = None) -> torch.Tensor:
+        def unet_output(x: torch.Tensor, t: torch.Tensor, cond: RowCond | list[RowCond] = None) -> torch.Tensor:
             return self._eps(x, t, cond)
 
-        self.denoiser = DiscreteEpsDDPMDenoiser(eps, sd_alphas_cumprod(), quantize=False)
+        if self.v_prediction:
+            self.denoiser = CompVisVDenoiser(_CompVisModel(unet_output, sd_alphas_cumprod()), quantize=False)
+        else:
+            self.denoiser = DiscreteEpsDDPMDenoiser(unet_output, sd_alphas_cumprod(), quantize=False)
         dim = self.context_dim
         g = torch.Generator().manual_seed(self.embed_seed)
         self._embedding = torch.randn(len(self.tokenizer), dim, generator=g)
@@ -174,6 +178,12 @@ class Host:
     def row_model(self, x: torch.Tensor, sigma: torch.Tensor, conds: Sequence[RowCond]) -> torch.Tensor:
         return self.denoiser(x, sigma, cond=list(conds))
 
+    def skip_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_skip(σ) of the model's parametrisation (1 for ε), from k-diffusion's own wrapper."""
+        if self.v_prediction:
+            return self.denoiser.get_scalings(sigma)[0]
+        return torch.ones_like(sigma)
+
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.denoiser.sigma_to_t(sigma.to(self.denoiser.sigmas.device))
 
@@ -181,6 +191,18 @@ class Host:
         """The last ``steps`` of a schedule of ⌊steps / denoise⌋ steps, as the WebUI does."""
         total = max(steps, int(steps / denoise))
         return self.denoiser.get_sigmas(total)[-(steps + 1):]
+
+
+class _CompVisModel(nn.Module):
+    """What k-diffusion's CompVis wrappers take: ``alphas_cumprod`` and ``apply_model``."""
+
+    def __init__(self, apply: Any, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self._apply = apply
+        self.register_buffer("alphas_cumprod", alphas_cumprod)
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self._apply(x, t, cond)
 
 
 def _pad_context(context: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -280,6 +302,7 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         noise = torch.randn(x_up.shape, generator=generator).to(x_up)
         denoiser: StageDenoiser[RowCond] = StageDenoiser(stage, windows, settings, seed, host.sigma_to_t,
                                                          reference=x_up, noise=noise, auto_batch=auto_batch,
+                                                         skip_scale=host.skip_scale if host.v_prediction else None,
                                                          jitter=jitter)
         lookups: list[StageTilePrompts | None] = []
         if settings.window_mode == "shifted":
@@ -305,6 +328,7 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         torch.manual_seed(seed + 1000 + stage.index)  # ancestral samplers draw from the global RNG
         with torch.no_grad():
             latent = getattr(sampling, SAMPLERS[sampler])(model, x_up + noise * sigmas[0], sigmas, disable=True)
+        latent = restandardise_stage_output(latent, mean, std)
         result.stage_stats.append(denoiser.stats)
         result.stage_encodes.append(cache.encodes - before)
         if lookups:  # every window's prompt used in the stage, in the order first used

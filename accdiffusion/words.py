@@ -95,15 +95,22 @@ def match_words(words: Sequence[Word], reference: Sequence[Word]) -> list[int | 
     return out
 
 
-_EMPTY_GROUP = re.compile(r"\((?:\s|:\s*[+-]?[\d.]*)*\)|\[[\s:|\d.]*\]")
+# A group left with no word: only blanks, commas, '|' and ':' with an optional weight or step
+# ("(:1.2)", "[::0.5]", "(, )"); a number on its own ("[3]") is a word and stays.
+_EMPTY_GROUP = re.compile(r"\((?:[\s,|]|:\s*[+-]?[\d.]*)*\)|\[(?:[\s,|]|:\s*[+-]?[\d.]*)*\]")
 _COMMAS = re.compile(r"(?:\s*,)+")
 _SPACES = re.compile(r"[ \t]+")
+_COMMA_AFTER_OPEN = re.compile(r"([(\[|:])\s*,")
+_COMMA_BEFORE_CLOSE = re.compile(r",\s*(?=[)\]|:])")
+_BREAK = re.compile(r"\bBREAK\b")
 
 
 def compose_prompt(prompt: str, words: Sequence[Word], keep: Sequence[bool]) -> str:
     """The prompt with the words not kept removed and everything else (syntax, punctuation,
-    order) left; groups that became empty and doubled commas are tidied away. A prompt left with
-    no words becomes ""."""
+    order) left. What dropped words leave behind is tidied away, because each of these changes the
+    encoding: a group left empty ("()", "(:1.2)", "[::0.5]"), a run of commas or a comma against a
+    bracket, and a BREAK with no word on one side (leading, trailing or doubled), which would add
+    a chunk of padding only. A prompt left with no words becomes ""."""
     if len(words) != len(keep):
         raise ValueError("one keep flag per word")
     if all(keep):
@@ -122,10 +129,29 @@ def compose_prompt(prompt: str, words: Sequence[Word], keep: Sequence[bool]) -> 
     while previous != text:
         previous = text
         text = _EMPTY_GROUP.sub("", text)
-    text = _COMMAS.sub(",", text)
+        text = _COMMAS.sub(",", text)
+        text = _COMMA_AFTER_OPEN.sub(r"\1", text)
+        text = _COMMA_BEFORE_CLOSE.sub("", text)
+    text = _drop_empty_breaks(text)
     text = _SPACES.sub(" ", text)
-    text = re.sub(r"\(\s+", "(", text)
+    text = re.sub(r"([(\[])\s+", r"\1", text)
     text = re.sub(r"\s+([),\]])", r"\1", text)
     text = re.sub(r",(?=\S)(?![)\]])", ", ", text)
     text = text.strip().strip(",").strip()
     return text
+
+
+def _drop_empty_breaks(text: str) -> str:
+    """Keep a BREAK only between two pieces that each hold a word; the brackets of a dropped
+    BREAK's piece stay, so groups stay balanced."""
+    pieces = _BREAK.split(text)
+    out = pieces[0]
+    has_words = bool(split_words(pieces[0]))  # words since the last kept BREAK
+    for piece in pieces[1:]:
+        piece_has_words = bool(split_words(piece))
+        if has_words and piece_has_words:
+            out = out.rstrip(" \t,") + " BREAK " + piece.lstrip(" \t,")
+        else:
+            out += " " + piece
+            has_words = has_words or piece_has_words
+    return out

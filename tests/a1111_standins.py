@@ -12,6 +12,11 @@ UNet and the real k-diffusion samplers. Attribute names and call shapes mirror v
   InterruptedException(BaseException), 265-281 launch_sampling
 - processing.py:1166-1199 / 137-226 StableDiffusionProcessingTxt2Img fields, 1307-1362 sample(),
   1364-1464 sample_hr_pass(), 296 comment(), 299 txt2img_image_conditioning()
+- sd-webui-controlnet v1.1.455 (scripts/): enums.py:157 ControlModelType, :225 HiResFixOption;
+  hook.py:162-243 ControlParams (hint_cond setter clears used_hint_cond, disabled_by_hr_option,
+  apply_effective_region_mask), hook.py:472-640 the hooked UNet forward (hint choice by height
+  518-534, skips 589-590, soft injection in hires for canny/mlsd 640-650, cldm's ``h += guided_hint``),
+  controlnet.py Script.latest_network (1199)
 - sd_hijack_clip.py:10-21 PromptChunk(tokens, multipliers, fixes), 81-174 tokenize_line, 346-349
   tokenize; id_start / id_end / id_pad (342-344)
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 from contextlib import nullcontext
+from enum import Enum
 from types import SimpleNamespace
 from typing import Any
 
@@ -78,6 +84,7 @@ class StandInModel:
         self.is_sdxl = sdxl
         self.is_sd3 = False
         self.model = SimpleNamespace(diffusion_model=host.unet)
+        self.controlnet: UnetHookStandIn | None = None  # set while a ControlNet job runs
         self.alphas_cumprod = host.denoiser.sigmas.new_tensor(
             1 / (1 + host.denoiser.sigmas ** 2))
         embedder = StandInEmbedder(host)
@@ -97,7 +104,13 @@ class StandInModel:
             conds = [RowCond(c, v) for c, v in zip(cond["crossattn"], cond["vector"])]
         else:
             conds = [RowCond(c) for c in torch.cat(cond["c_crossattn"], 1)]
-        return self.host._eps(x, t, conds)
+        if self.controlnet is None:
+            return self.host._eps(x, t, conds)
+        control = self.controlnet.control(x)
+        if self.controlnet.control_only:  # eps that makes the denoised latent equal the control
+            sigma = self.host.denoiser.t_to_sigma(t).view(-1, 1, 1, 1).to(x)
+            return (x * (sigma ** 2 + 1) ** 0.5 - control) / sigma
+        return self.host._eps(x, t, conds) + control
 
 
 class CompVisDenoiserStandIn(nn.Module):
@@ -464,27 +477,13 @@ class Txt2ImgStandIn:
         return self.webui.decode_batch(self.sd_model, samples)
 
 
-class ScriptsStandIn:
-    """p.scripts (scripts.ScriptRunner) with our script's callbacks that reach the adapter during
-    sampling; ``calls`` logs process_before_every_sampling as (is_hr_pass,)."""
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-        self.calls: list[bool] = []
-
-    def process_before_every_sampling(self, p, **kwargs):
-        self.calls.append(p.is_hr_pass)
-        self.adapter.before_sampling(p)
-
-    def before_hr(self, p):
-        pass
-
-
 def process_images(p: Txt2ImgStandIn, settings, adapter) -> SimpleNamespace:
     """processing.process_images_inner's order for one batch: script process (915) → conds (966) →
     before_process_batch (952) → p.sample (988) → postprocess (1147)."""
     if p.scripts is None:
-        p.scripts = ScriptsStandIn(adapter)
+        p.scripts = ScriptsStandIn(adapter=adapter)
+    elif getattr(p.scripts, "adapter", False) is None:
+        p.scripts.adapter = adapter
     if settings is not None:
         adapter.start_job(p, settings, webui=p.webui)
     c = p.conds(p.prompts)
@@ -496,3 +495,141 @@ def process_images(p: Txt2ImgStandIn, settings, adapter) -> SimpleNamespace:
     processed = SimpleNamespace(images=list(images), infotexts=["info"] * len(images))
     adapter.finish_job(p, processed)
     return processed
+
+
+# --- sd-webui-controlnet v1.1.455 ------------------------------------------------------------------
+class HiResFixOption(Enum):
+    BOTH = "Both"
+    LOW_RES_ONLY = "Low res only"
+    HIGH_RES_ONLY = "High res only"
+
+
+class ControlModelType(Enum):
+    ControlNet = "ControlNet, Lvmin Zhang"
+    T2I_Adapter = "T2I_Adapter, Chong Mou"
+    AttentionInjection = "AttentionInjection, Lvmin Zhang"
+    IPAdapter = "IPAdapter, Hu Ye"
+
+
+class ControlParamsStandIn:
+    """hook.py:162 ControlParams (the fields the forward reads)."""
+
+    def __init__(self, hint_cond, hr_hint_cond, weight=1.0, module="none", hr_option=HiResFixOption.BOTH,
+                 control_model_type=ControlModelType.ControlNet, effective_region_mask=None, soft_injection=False):
+        self.control_model = SimpleNamespace()
+        self.preprocessor = {"name": module, "threshold_a": 0.5}
+        self._hint_cond = hint_cond
+        self.hr_hint_cond = hr_hint_cond
+        self.weight = weight
+        self.guidance_stopped = False
+        self.start_guidance_percent, self.stop_guidance_percent = 0.0, 1.0
+        self.advanced_weighting = None
+        self.control_model_type = control_model_type
+        self.hr_option = hr_option
+        self.effective_region_mask = effective_region_mask
+        self.soft_injection = soft_injection
+        self.used_hint_cond = None
+
+    @property
+    def hint_cond(self):
+        return self._hint_cond
+
+    @hint_cond.setter
+    def hint_cond(self, value):
+        self._hint_cond = value
+        self.used_hint_cond = None
+
+    def disabled_by_hr_option(self, is_in_high_res_fix):
+        if self.hr_option == HiResFixOption.LOW_RES_ONLY:
+            return is_in_high_res_fix
+        if self.hr_option == HiResFixOption.HIGH_RES_ONLY:
+            return not is_in_high_res_fix
+        return False
+
+    def apply_effective_region_mask(self, out):
+        if self.effective_region_mask is None:
+            return out
+        mask = torch.nn.functional.interpolate(self.effective_region_mask.to(out), size=out.shape[-2:],
+                                               mode="bilinear")
+        return out * mask
+
+
+class UnetHookStandIn:
+    """hook.py:377 UnetHook's forward, for the control it adds: the "ControlNet" paints the block
+    means of its hint's first channel (× weight, × the hires soft-injection factor for canny and mlsd)
+    so a test sees which pixels each item got. ``calls`` records (x shape, is_in_high_res_fix,
+    [(unit, hint shape) of the units that ran])."""
+
+    def __init__(self, control_params, control_only=False):
+        self.control_params = control_params
+        self.control_only = control_only
+        self.is_in_high_res_fix = False
+        self.calls: list = []
+
+    def control(self, x):
+        is_in_high_res_fix = False
+        for param in self.control_params:  # hook.py:518-534
+            if param.used_hint_cond is None:
+                param.used_hint_cond = param.hint_cond
+            if isinstance(param.hr_hint_cond, torch.Tensor) and param.hint_cond.ndim == 4 and param.hr_hint_cond.ndim == 4:
+                h = x.shape[2] * 8
+                if abs(h - param.hint_cond.shape[2]) < abs(h - param.hr_hint_cond.shape[2]):
+                    param.used_hint_cond = param.hint_cond
+                else:
+                    is_in_high_res_fix = True
+                    param.used_hint_cond = param.hr_hint_cond
+        self.is_in_high_res_fix = is_in_high_res_fix
+        total = x.new_zeros(x.shape)
+        ran = []
+        for index, param in enumerate(self.control_params):
+            if param.guidance_stopped or param.disabled_by_hr_option(is_in_high_res_fix):
+                continue
+            if param.control_model_type not in (ControlModelType.ControlNet, ControlModelType.T2I_Adapter):
+                continue
+            hint = param.used_hint_cond
+            guided = torch.nn.functional.avg_pool2d(hint[:, :1].to(x), 8)  # the hint block
+            if guided.shape[0] not in (1, x.shape[0]) or guided.shape[-2:] != x.shape[-2:]:
+                raise RuntimeError(f"The size of tensor a ({x.shape[-1]}) must match the size of tensor b "
+                                   f"({guided.shape[-1]}) at non-singleton dimension 3")  # cldm.py h += guided_hint
+            scale = param.weight
+            if is_in_high_res_fix and any(k in param.preprocessor["name"] for k in ("canny", "mlsd")):
+                scale *= 0.825 ** 12  # the softest of hook.py's soft-injection scales
+            total = total + param.apply_effective_region_mask(guided * scale).expand_as(x)
+            ran.append((index, tuple(hint.shape)))
+        self.calls.append((tuple(x.shape), is_in_high_res_fix, ran))
+        return total
+
+
+class ControlNetScriptStandIn:
+    def __init__(self, network):
+        self.latest_network = network
+
+    def title(self):
+        return "ControlNet"
+
+
+class ScriptsStandIn:
+    """modules.scripts.ScriptRunner: the always-on scripts and the two callbacks the pass calls;
+    ``process_before_every_sampling`` reaches our script (the adapter), and ``calls`` logs it as
+    ``p.is_hr_pass``."""
+
+    def __init__(self, *scripts, adapter=None):
+        self.alwayson_scripts = list(scripts)
+        self.adapter = adapter
+        self.calls: list[bool] = []
+
+    def process_before_every_sampling(self, p, **kwargs):
+        self.calls.append(p.is_hr_pass)
+        if self.adapter is not None:
+            self.adapter.before_sampling(p)
+
+    def before_hr(self, p):
+        pass
+
+
+def attach_controlnet(p, params, control_only=False) -> UnetHookStandIn:
+    """What ControlNet's Script does for a job: a UnetHook on the UNet, found through its script."""
+    network = UnetHookStandIn(params, control_only)
+    p.sd_model.controlnet = network
+    p.scripts = ScriptsStandIn(SimpleNamespace(title=lambda: "Tiled VAE"), ControlNetScriptStandIn(network))
+    return network

@@ -16,6 +16,10 @@ Mirrored:
   → denoised
 - backend/nn/unet.py:254-265: an attn2 replace patch gets to_q(n), to_k(ctx), to_v(ctx) and
   extra_options (n_heads, dim_head, block, cond_or_uncond, ...), its result goes through to_out
+- backend/patcher/controlnet.py:175-339 ControlBase / ControlNet.get_control (timestep_range skip,
+  cond_hint re-cut from cond_hint_original unless it has x's size ×8, broadcast_image_to, mask
+  weighting) and sampling_function.py:261-268 (the head's get_control on the full batch → c["control"],
+  c["control_model"]); the UnetPatcher's controlnet_linked_list
 - backend/diffusion_engine/base.py:7-20 ForgeObjects.shallow_copy; processing.py:1373/:1518 reset
   of forge_objects before sampling; k_diffusion/external.py:41-73 ForgeScheduleLinker (sigma_to_t)
 """
@@ -64,12 +68,24 @@ class KModelStandIn(nn.Module):
         self.diffusion_model = model.host.unet
         self.kd = CompVisDenoiser(model)
         self.memory_calls: list = []
+        self.control_calls: list = []
 
     def memory_required(self, input_shape):
         self.memory_calls.append(list(input_shape))
         return 0
 
-    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, y=None):
+    control_only = False  # tests: the denoised output is the control itself
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, y=None,
+                    control_model=None):
+        if control is not None:
+            self.control_calls.append((tuple(x.shape), tuple(control["middle"][0].shape)))
+            if self.control_only:
+                return control["middle"][0].expand_as(x).clone()
+        return self._apply_model(x, t, c_concat, c_crossattn, transformer_options, y) + (
+            0 if control is None else control["middle"][0])
+
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, transformer_options={}, y=None):
         patches = transformer_options.get("patches_replace", {}).get("attn2", {})
         conds = [RowCond(c, None if y is None else v) for c, v in zip(c_crossattn, y if y is not None else c_crossattn)]
         restore = []
@@ -98,11 +114,13 @@ class UnetPatcherStandIn:
         self.model = kmodel
         self.model_options = {"transformer_options": {}}
         self.object_patches = {}
+        self.controlnet_linked_list = None
 
     def clone(self):
         n = UnetPatcherStandIn(self.model)
         n.model_options = copy.deepcopy(self.model_options)
         n.object_patches = dict(self.object_patches)
+        n.controlnet_linked_list = self.controlnet_linked_list
         return n
 
     def set_model_unet_function_wrapper(self, fn):
@@ -180,6 +198,13 @@ def sampling_function(model: ForgeModelStandIn, x, sigma, cond, uncond, cond_sca
     topts["uncond_indices"] = [i * b + j for i, k in enumerate(cond_or_uncond) if k == 1 for j in range(b)]
     c["transformer_options"] = topts
     x_in, t_in = torch.cat([x] * len(entries)), torch.cat([sigma] * len(entries))
+    if unet.controlnet_linked_list is not None:  # sampling_function.py:261-268
+        node = unet.controlnet_linked_list
+        while node is not None:
+            node.transformer_options = topts
+            node = node.previous_controlnet
+        c["control"] = unet.controlnet_linked_list.get_control(x_in, t_in, dict(c), len(entries))
+        c["control_model"] = unet.controlnet_linked_list
     if "model_function_wrapper" in options:
         out = options["model_function_wrapper"](model.kmodel.apply_model, {"input": x_in, "timestep": t_in, "c": c,
                                                                           "cond_or_uncond": cond_or_uncond})
@@ -249,3 +274,75 @@ class ForgeTxt2ImgStandIn(Txt2ImgStandIn):
         # Forge may call the hook twice per pass (it must be idempotent): once here, once in sample()
         self.scripts.process_before_every_sampling(p=self)
         return super().sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)
+
+
+# --- ControlNet (backend/patcher/controlnet.py) ------------------------------------------------------
+def broadcast_image_to(tensor, target_batch_size, batched_number):  # controlnet.py:153
+    if tensor.shape[0] == 1:
+        return tensor
+    per_batch = target_batch_size // batched_number
+    tensor = tensor[:per_batch]
+    if per_batch > tensor.shape[0]:
+        tensor = torch.cat([tensor] * (per_batch // tensor.shape[0]) + [tensor[:(per_batch % tensor.shape[0])]], dim=0)
+    return tensor if tensor.shape[0] == target_batch_size else torch.cat([tensor] * batched_number, dim=0)
+
+
+class ControlNet:
+    """controlnet.py:282 ControlNet (named like Forge's class: the adapter tiles by class name).
+    The "model" paints the block means of its hint's first channel (× strength, × mask) into
+    control["middle"], so tests see which pixels each item got. ``calls`` records hint shapes."""
+
+    def __init__(self, hint, strength=1.0, start_percent_t=math.inf, end_percent_t=-math.inf, mask=None):
+        self.cond_hint_original = hint
+        self.cond_hint = None
+        self.strength = strength
+        self.timestep_range = (start_percent_t, end_percent_t)
+        self.advanced_mask_weighting = mask
+        self.previous_controlnet = None
+        self.transformer_options = {}
+        self.control_model = types.SimpleNamespace(dtype=torch.float32)
+        self.manual_cast_dtype = None
+        self.calls: list = []
+
+    def get_control(self, x_noisy, t, cond, batched_number):
+        prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number) if self.previous_controlnet else None
+        if self.timestep_range is not None and (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1]):
+            return prev
+        if self.cond_hint is None or x_noisy.shape[2] * 8 != self.cond_hint.shape[2] or x_noisy.shape[3] * 8 != self.cond_hint.shape[3]:
+            self.cond_hint = torch.nn.functional.interpolate(self.cond_hint_original, size=(x_noisy.shape[2] * 8, x_noisy.shape[3] * 8),
+                                                             mode="nearest-exact")
+        if x_noisy.shape[0] != self.cond_hint.shape[0]:
+            self.cond_hint = broadcast_image_to(self.cond_hint, x_noisy.shape[0], batched_number)
+        assert len(self.transformer_options.get("cond_or_uncond", [])) == batched_number
+        self.calls.append(tuple(self.cond_hint.shape))
+        out = torch.nn.functional.avg_pool2d(self.cond_hint[:, :1], 8).to(x_noisy) * self.strength
+        if isinstance(self.advanced_mask_weighting, torch.Tensor):
+            out = out * torch.nn.functional.interpolate(self.advanced_mask_weighting.to(out), size=out.shape[-2:], mode="bilinear")
+        out = out.expand(x_noisy.shape[0], *out.shape[1:])
+        if prev is not None:
+            out = out + prev["middle"][0]
+        return {"input": [], "middle": [out], "output": []}
+
+
+class T2IAdapter(ControlNet):
+    """controlnet.py:477: another ControlBase kind (not tiled by the adapter)."""
+
+
+class ControlNetScriptsStandIn:
+    """Forge's ControlNet script in process_before_every_sampling: puts the chain for this pass on
+    the UnetPatcher (hires hint in the hires pass, p.is_hr_pass)."""
+
+    def __init__(self, make_chain):
+        self.make_chain = make_chain  # (is_hr_pass) -> list of ControlNet, head first
+        self.alwayson_scripts = []
+
+    def process_before_every_sampling(self, p, **kwargs):
+        chain = self.make_chain(p.is_hr_pass)
+        for a, b in zip(chain, chain[1:]):
+            a.previous_controlnet = b
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.controlnet_linked_list = chain[0] if chain else None
+        p.sd_model.forge_objects.unet = unet
+
+    def before_hr(self, p):
+        pass

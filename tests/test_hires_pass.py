@@ -1,8 +1,11 @@
 import pytest
 import torch
 
+from accdiffusion.hires import stage_windows
+from accdiffusion.prompts import ImagePromptPlan
 from accdiffusion.reference import first_pass, hires_pass
 from accdiffusion.settings import AccDiffusionSettings
+from accdiffusion.words import align_words, split_words
 
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 
@@ -20,7 +23,16 @@ def test_two_stage_hires_pass_gives_finite_latents(request, host_name, sampler):
     assert bool(torch.isfinite(result.latent).all())
     # each image got its own tile prompts from its own maps
     assert len(result.tile_prompts[0]) == 2 and len(result.tile_prompts[0][0]) == 9
-    assert all(p in ("", "a cat", "cat", "a") or p for p in result.tile_prompts[0][1])
+    assert all(p in ("", "a cat", "cat", "a") for p in result.tile_prompts[0][1])
+    prompt_words = {w.text for w in split_words(PROMPT)}
+    assert all({w.text for w in split_words(p)} <= prompt_words for p in result.tile_prompts[0][0])
+    for i, prompt in enumerate([PROMPT, "a cat"]):
+        words = split_words(prompt)
+        plan = ImagePromptPlan.build(words, align_words(words, host.context_ids(prompt), host.special_ids,
+                                                        host.tokenize),
+                                     recorder.maps(i), prompt, words)
+        windows = stage_windows(result.stages[0], (16, 24), AccDiffusionSettings(enabled=True))
+        assert result.tile_prompts[0][i] == plan.tile_prompts((32, 48), windows, 0.3)
 
 
 def test_same_seed_same_result_and_seed_matters(sd1_host):

@@ -1,7 +1,9 @@
 import torch
 
 from accdiffusion.hires import plan_stages, stage_windows
-from accdiffusion.prompts import (ImagePromptPlan, open_masks, threshold_masks)
+from accdiffusion.prompts import (ImagePromptPlan, WordMasks, build_word_masks, open_masks,
+                                  threshold_masks, tile_keep)
+from accdiffusion.tiles import Window
 from accdiffusion.settings import AccDiffusionSettings
 from accdiffusion.words import align_words, compose_prompt, match_words, split_words
 
@@ -163,3 +165,91 @@ def test_small_maps_are_not_opened():
     mask = torch.zeros(1, 8, 8, dtype=torch.bool)
     mask[0, 2, 2] = True
     assert torch.equal(open_masks(mask), mask)
+
+
+def only(prompt, *kept):
+    words = split_words(prompt)
+    return compose_prompt(prompt, words, [w.text in kept for w in words])
+
+
+def test_dropped_words_leave_no_stray_break():
+    # a leading, trailing or doubled BREAK would add a chunk of padding only
+    assert only("a castle BREAK a dragon", "dragon") == "dragon"
+    assert only("a castle BREAK a dragon", "castle") == "castle"
+    assert only("cat BREAK sky BREAK dog", "cat", "dog") == "cat BREAK dog"
+    assert only("cat BREAK sky BREAK dog", "sky") == "sky"
+    assert only("cat, BREAK sky, dog", "cat", "dog") == "cat BREAK dog"
+    assert only("cat BREAK sky BREAK dog", "cat", "sky", "dog") == "cat BREAK sky BREAK dog"
+    # a BREAK inside a group: the group's brackets stay balanced
+    assert only("(cat BREAK dog:1.2), sun", "dog", "sun") == "(dog:1.2), sun"
+
+
+def test_dropped_words_leave_no_empty_group_or_comma_run():
+    assert only("a (dragon:1.2), castle", "castle") == "castle"
+    assert only("a (red, blue) car", "car") == "car"
+    assert only("castle, [(dragon:1.2)], ((wings)), sky", "castle", "sky") == "castle, sky"
+    assert only("a [red:blue:0.5] car, ( sky : 1.3 )", "car") == "car"
+    assert only("cat, sky, sun, moon, dog", "cat", "dog") == "cat, dog"
+    assert only("(red, blue, green:1.2) car", "red", "green", "car") == "(red, green:1.2) car"
+    assert only("(red, blue:1.2) car", "blue", "car") == "(blue:1.2) car"
+    assert only("(cat, dog,) sun", "cat", "sun") == "(cat) sun"
+    # a number on its own is a word, not an empty group
+    assert only("[3] cats and dogs", "3", "dogs") == "[3] dogs"
+
+
+def test_repeated_word_takes_its_own_occurrences_tokens(sd1_host):
+    tokenize = sd1_host.tokenize
+    for prompt, second_red in (("a red car and a red house", 6), ("a red car BREAK a red house", 77 + 2)):
+        words = split_words(prompt)
+        ids = sd1_host.context_ids(prompt)
+        positions = align_words(words, ids, sd1_host.special_ids, tokenize)
+        assert [w.text for w in words].count("red") == 2
+        first, second = [positions[i] for i, w in enumerate(words) if w.text == "red"]
+        assert first == [2] and second == [second_red]
+        assert [ids[p] for p in second] == tokenize("red")
+        # and the word after each takes the position after it
+        assert positions[2] == [3] and positions[-1] == [second_red + 1]
+
+
+def test_repeated_word_gets_its_own_occurrences_map(sd1_host):
+    # the first "red" attends left, the second right: each tile keeps the red that is there
+    prompt = "a red car and a red house"
+    words = split_words(prompt)
+    positions = align_words(words, sd1_host.context_ids(prompt), sd1_host.special_ids, sd1_host.tokenize)
+    maps = torch.ones(77, 16, 16)
+    for i, region in ((1, slice(0, 8)), (2, slice(0, 8)), (5, slice(8, 16)), (6, slice(8, 16))):
+        for p in positions[i]:  # red₁, car on the left; red₂, house on the right
+            maps[p] = 0.1
+            maps[p, :, region] = 5.0
+    plan = ImagePromptPlan.build(words, positions, maps, prompt, words)
+    left, right = Window(0, 0, 16, 8), Window(0, 8, 16, 8)
+    keep = tile_keep(plan.masks, (16, 16), [left, right], 0.3)
+    assert [w.text for w, k in zip(words, keep[0]) if k] == ["red", "car"]
+    assert [i for i, k in enumerate(keep[0]) if k] == [1, 2]
+    assert [i for i, k in enumerate(keep[1]) if k] == [5, 6]
+
+
+def test_word_masks_are_opened_before_the_share_test():
+    # a 16-row map: the opening runs once and removes a one-pixel speck of the word's mask
+    maps = torch.full((2, 16, 16), 0.1)
+    maps[0, :, :8] = 5.0  # a region on the left
+    maps[0, 12, 13] = 5.0  # a speck on the right
+    masks = build_word_masks(maps, [[0], [1]])
+    assert masks.masks[0, 12, 13].item() is False
+    assert bool(masks.masks[0, :, :7].all())
+    speck, region = Window(12, 13, 1, 1), Window(0, 0, 8, 8)
+    keep = tile_keep(masks, (16, 16), [speck, region], 0.3)
+    assert keep[:, 0].tolist() == [False, True]
+
+
+def test_a_share_of_exactly_c_is_left_out():
+    # Eq. 8 is strict: a word covering exactly c of a tile stays out, a pixel more brings it in
+    mask = torch.zeros(2, 10, 10, dtype=torch.bool)
+    mask[0, :, :3] = True  # 30 of 100 pixels
+    mask[1, :, :3] = True
+    mask[1, 0, 3] = True  # 31 of 100
+    masks = WordMasks(mask, torch.ones(2, dtype=torch.bool))
+    keep = tile_keep(masks, (10, 10), [Window(0, 0, 10, 10)], 0.3)
+    assert keep.tolist() == [[False, True]]
+    keep = tile_keep(masks, (10, 10), [Window(0, 0, 10, 10)], 0.25)
+    assert keep.tolist() == [[True, True]]

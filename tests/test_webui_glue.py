@@ -10,7 +10,7 @@ from PIL import Image, ImageChops
 
 from accdiffusion import webui_glue as glue
 from accdiffusion.settings import (FIELD_BY_NAME, FIELDS, AccDiffusionSettings, SettingsError,
-                                   infotext_key, json_schema)
+                                   infotext_key)
 from accdiffusion.tilemap import draw_tile_prompt_map, wrap_text
 from accdiffusion.tiles import Window, window_grid
 
@@ -189,10 +189,42 @@ def test_control_specs():
     assert len({s.label for s in specs.values()}) == len(specs)
 
 
+def _accepted(name, value):
+    try:
+        AccDiffusionSettings.from_dict({name: value})
+        return True
+    except SettingsError:
+        return False
+
+
 def test_schema_endpoint():
+    # what the endpoint serves must describe what the settings model accepts
     body = glue.settings_schema()
-    assert body == json_schema()
     assert set(body["properties"]) == {f.name for f in FIELDS}
+    defaults = AccDiffusionSettings().to_dict()
+    assert {name: prop["default"] for name, prop in body["properties"].items()} == defaults
+    assert body["additionalProperties"] is False and not _accepted("no_such_setting", 1)
+    for name, prop in body["properties"].items():
+        if prop["type"] == "boolean":
+            assert _accepted(name, True) and _accepted(name, False)
+        elif prop["type"] == "string":
+            assert all(_accepted(name, choice) for choice in prop["enum"])
+            assert not _accepted(name, "no-such-choice")
+        elif "exclusiveMinimum" in prop:
+            lo, hi = prop["exclusiveMinimum"], prop["exclusiveMaximum"]
+            assert not _accepted(name, lo) and not _accepted(name, hi)
+            assert _accepted(name, lo + (hi - lo) / 3)
+        elif "anyOf" in prop:
+            zero, span = prop["anyOf"]
+            assert zero == {"const": 0} and _accepted(name, 0)
+            assert _accepted(name, span["minimum"]) and _accepted(name, span["maximum"])
+            assert not _accepted(name, span["maximum"] + span["multipleOf"])
+            assert not _accepted(name, span["minimum"] + span["multipleOf"] // 2)
+        else:
+            lo, hi = prop["minimum"], prop["maximum"]
+            assert _accepted(name, lo) and _accepted(name, hi)
+            step = 1 if prop["type"] == "integer" else 0.01
+            assert not _accepted(name, lo - step) and not _accepted(name, hi + step)
     assert body["properties"]["patch_prompt_threshold"]["exclusiveMaximum"] == 1.0
     import json
     json.dumps(body)

@@ -1,0 +1,97 @@
+"""Forge's built-in ControlNet in the tiled pass, through stand-ins of backend/patcher/controlnet.py
+and sampling_function (tests/forge_standins.py). Position-coded hints as in tests/test_control.py:
+with a control-only model the fused denoised latent equals the hires hint's block means exactly
+when every window and dilated item got its own crop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accdiffusion import facade
+from accdiffusion.hires import StageDenoiser, plan_stages, stage_windows
+from accdiffusion.settings import AccDiffusionSettings
+
+from a1111_standins import process_images
+from forge_standins import (ControlNet, ControlNetScriptsStandIn, ForgeModelStandIn, ForgeTxt2ImgStandIn,
+                            ForgeWebUIStandIn, T2IAdapter, install_backend_module, sampling_function)
+from test_control import block_means, position_hint
+
+PROMPT = "a red-haired astronaut riding a horse on the moon"
+
+
+@pytest.fixture(autouse=True)
+def backend_module():
+    install_backend_module()
+
+
+@pytest.fixture()
+def sd1(sd1_host):
+    return ForgeModelStandIn(sd1_host, sdxl=False)
+
+
+@pytest.mark.parametrize("base,target,window_size", [((8, 8), (16, 16), 0), ((8, 8), (12, 12), 0),
+                                                     ((8, 8), (20, 20), 16)])
+def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, target, window_size):
+    """Two units (one hint per image of a batch of two, and one hint for all), Forge's [uncond,
+    cond] chunks."""
+    settings = AccDiffusionSettings(enabled=True, sigma=0.0, window_size=window_size, tile_batch_size=3)
+    stage = plan_stages(base, target, progressive=False)[0]
+    windows = stage_windows(stage, base, settings)
+    webui = ForgeWebUIStandIn()
+    p = ForgeTxt2ImgStandIn(sd1, webui, adapter=facade, prompts=[PROMPT, PROMPT], width=base[1] * 8,
+                            height=base[0] * 8)
+    per_image, shared = position_hint(*target, batch=2), position_hint(*target) * 0.5
+    units = [ControlNet(per_image), ControlNet(shared)]
+    p.scripts = ControlNetScriptsStandIn(lambda hr: units)
+    job = facade.start_job(p, settings, webui=webui)
+    sampler = webui.create_sampler("Euler", sd1)
+    denoiser = StageDenoiser(stage, windows, settings, 1, sampler.model_wrap.sigma_to_t)
+    sd1.kmodel.control_only = True
+    try:
+        job.backend.prepare_stage(p, job)
+        p.scripts.process_before_every_sampling(p)
+        job.backend.hook_stage(job, p, sampler, denoiser, [[], []], [None, None], windows)
+        text = torch.stack([sd1.encode(PROMPT)] * 2)
+        x = torch.randn(2, 4, *target)
+        for sigma in (4.0, 2.0):
+            out = sampling_function(sd1, x, torch.full((2,), sigma), text, text, 1.0)
+            expected = (block_means(per_image) + block_means(shared))[:, :1].expand_as(out)
+            assert torch.allclose(out, expected, atol=1e-4)
+    finally:
+        sd1.kmodel.control_only = False
+        job.end_batch()
+    assert all(shape[-2:] != (target[0] * 8, target[1] * 8) for u in units for shape in u.calls)  # never full size
+    assert "get_control" not in units[0].__dict__ and all(u.cond_hint is None for u in units)
+
+
+def test_whole_job_with_controlnet_and_an_untileable_unit(sd1):
+    """1.5× with padding, window_size 16, batch 2: images come back, every control evaluation is
+    window-sized, the T2I-adapter sits out with a note."""
+    webui = ForgeWebUIStandIn()
+    p = ForgeTxt2ImgStandIn(sd1, webui, adapter=facade, prompts=[PROMPT, "a cat"], width=128, height=128,
+                            hr_scale=1.5)
+    units = [ControlNet(torch.rand(1, 3, 192, 192)), T2IAdapter(torch.rand(1, 3, 192, 192))]
+    p.scripts = ControlNetScriptsStandIn(lambda hr: units if hr else [])
+    out = process_images(p, AccDiffusionSettings(enabled=True, window_size=16), facade)
+    assert len(out.images) == 2 and out.images[0].shape == (3, 192, 192)
+    assert units[0].calls and {shape[-1] for shape in units[0].calls} == {128}  # 16-latent windows and sub-latents
+    assert units[1].calls == []
+    assert any("unit 2" in c and "T2IAdapter" in c for c in p.comments)
+    assert sd1.kmodel.control_calls and all(x[-1] == 16 for x, _ in sd1.kmodel.control_calls)
+    assert "get_control" not in units[0].__dict__
+
+
+def test_reference_preprocessor_runs_untiled_with_a_note(sd1):
+    from types import SimpleNamespace
+
+    webui = ForgeWebUIStandIn()
+    p = ForgeTxt2ImgStandIn(sd1, webui, adapter=facade, prompts=[PROMPT], width=64, height=64)
+    units = [ControlNet(torch.rand(1, 3, 128, 128))]
+    p.scripts = ControlNetScriptsStandIn(lambda hr: units if hr else [])
+    p.scripts.alwayson_scripts = [SimpleNamespace(title=lambda: "ControlNet", current_params={
+        0: SimpleNamespace(preprocessor=SimpleNamespace(name="reference_only"))})]
+    out = process_images(p, AccDiffusionSettings(enabled=True), facade)
+    assert out.images[0].shape == (3, 128, 128)
+    assert {shape[-1] for shape in units[0].calls} == {128}  # the whole latent
+    assert any("reference_only" in c and "untiled" in c for c in p.comments)
