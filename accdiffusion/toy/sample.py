@@ -15,7 +15,7 @@ from .model import ToyHost
 from .scenes import LATENT
 
 FIRST_STEPS = 20
-HIRES_STEPS = 10
+HIRES_STEPS = 8
 DENOISE = 0.6
 CFG = 5.0
 RECORD_DOWNSAMPLE = 1  # the 8×8 latent's own grid: attention at ds 1 (input block 1, output blocks)
@@ -58,3 +58,27 @@ def upscale(host: ToyHost, latent: torch.Tensor, prompts: Sequence[str], recorde
     size = (LATENT * scale, LATENT * scale)
     return hires_pass(host, latent, prompts, "", recorder, settings, size, steps, denoise, seed,
                       cfg_scale=cfg_scale)
+
+
+def upscale_progressive(host: ToyHost, latent: torch.Tensor, prompts: Sequence[str],
+                        recorder: AttentionRecorder | None, settings: AccDiffusionSettings, scale: int,
+                        seed: int, **kwargs) -> tuple[JobResult, list[torch.Tensor]]:
+    """One progressive job to ``scale``× and the latent after each of its stages: stage k of a 3×
+    job is exactly the 2× job (same windows, prompts and seeds), so one job measures both. The
+    stage outputs are read where ``hires_pass`` hands them to ``upscale_latent`` for the next
+    stage (the name is swapped back in ``finally``)."""
+    from .. import reference
+
+    seen: list[torch.Tensor] = []
+    original = reference.upscale_latent
+
+    def spy(x: torch.Tensor, size: tuple[int, int], *args, **kw) -> torch.Tensor:
+        seen.append(x.clone())
+        return original(x, size, *args, **kw)
+
+    reference.upscale_latent = spy  # type: ignore[assignment]
+    try:
+        result = upscale(host, latent, prompts, recorder, settings, scale, seed, **kwargs)
+    finally:
+        reference.upscale_latent = original  # type: ignore[assignment]
+    return result, seen[1:] + [result.latent]
