@@ -53,3 +53,59 @@ def test_counting_sees_a_duplicate():
     wide = torch.cat([latent, latent], -1)  # the scene twice, side by side
     once, twice = counts(latent), counts(wide)
     assert all(twice[c] == 2 * once[c] for c in COLOURS)
+
+
+# --- on the committed weights ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_host():
+    from accdiffusion.toy.model import load_host
+
+    return load_host()
+
+
+def test_committed_weights_load_and_the_recorder_reads_an_8x8_grid(toy_host):
+    from accdiffusion.toy.sample import first_pass
+
+    assert toy_host.meta["steps"] > 0
+    latent, recorder = first_pass(toy_host, ["a red disk"], seed=0, steps=2)
+    assert latent.shape == (1, 4, LATENT, LATENT)
+    assert recorder.maps(0).shape == (77, 8, 8)
+
+
+PROBE_SEEDS = 8
+
+
+def test_shape_word_maps_find_their_objects_on_real_scenes(toy_host):
+    """Real scenes, noised to four timesteps and denoised once each with the recorder on: the
+    shape word's map (the noun: in a causal text encoder it has seen its colour) peaks on its
+    object and its Eq. 5 mask overlaps that object well above its overlap with the scene's other
+    objects. Measured on seeds 0-7: peak on its object 0.90, IoU 0.22 vs 0.07 (see README)."""
+    from accdiffusion.toy.evaluate import WordIoU, caption_ious, probe_maps, scene_truth
+
+    total = WordIoU([], [], [])
+    for seed in range(PROBE_SEEDS):
+        scene = make_scene(seed)
+        total.add(caption_ious(toy_host, scene.caption, probe_maps(toy_host, scene, seed=seed),
+                               scene_truth(scene)))
+    peak, shape_iou, chance = (float(np.mean(v)) for v in
+                               (total.shape_points, total.shape, total.shape_other_object))
+    assert peak >= 0.6, peak  # an object covers ~10 % of the grid: chance is ~0.1
+    assert shape_iou >= 0.15, shape_iou
+    assert shape_iou > 2 * chance, (shape_iou, chance)
+
+
+def test_accdiffusion_repeats_fewer_objects_than_plain_tiling(toy_host):
+    """2× upscale of the first passes of seeds 0-7: plain tiling (one prompt in every window, no
+    dilated branch, no skip residual) draws the captioned objects again in many windows;
+    AccDiffusion's defaults draw far fewer. Measured: 11 vs 3 extra objects (see README)."""
+    from accdiffusion.toy.evaluate import CONFIGS, duplicates
+    from accdiffusion.toy.sample import first_pass, upscale
+
+    captions = [make_scene(seed).caption for seed in range(8)]
+    latent, recorder = first_pass(toy_host, captions, seed=0)
+    extra = {}
+    for name in ("plain tiling", "AccDiffusion defaults"):
+        result = upscale(toy_host, latent, captions, recorder, CONFIGS[name], scale=2, seed=0)
+        extra[name] = sum(duplicates(f, u)[0] for f, u in zip(latent, result.latent))
+    assert extra["plain tiling"] >= 4, extra
+    assert extra["AccDiffusion defaults"] * 2 < extra["plain tiling"], extra

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -38,10 +38,15 @@ SCALES = (2, 3)
 
 
 # --- duplicates ------------------------------------------------------------------------------
-def duplicates(first: dict[str, int], upscaled: dict[str, int]) -> tuple[int, int]:
-    """(extra objects, lost objects) of an upscaled image against its first pass, per colour."""
-    extra = sum(max(0, upscaled[c] - first[c]) for c in COLOURS)
-    lost = sum(max(0, first[c] - upscaled[c]) for c in COLOURS)
+def duplicates(first: torch.Tensor, upscaled: torch.Tensor) -> tuple[int, int]:
+    """(extra objects, lost objects) of an upscaled latent against its first pass, per colour.
+    Extra: objects of ≥ 3 latent px (the smallest object the model draws) beyond every blob of
+    that colour the first pass had, specks included (a speck that grows is not a duplicate).
+    Lost: first-pass objects (≥ 2 px) missing from the upscaled image (≥ 2 px)."""
+    up_objects, up_any = counts(upscaled, min_area=3), counts(upscaled)
+    first_any, first_objects = counts(first, min_area=1), counts(first)
+    extra = sum(max(0, up_objects[c] - first_any[c]) for c in COLOURS)
+    lost = sum(max(0, first_objects[c] - up_any[c]) for c in COLOURS)
     return extra, lost
 
 
@@ -68,6 +73,13 @@ class WordIoU:
     colour: list[float]
     shape: list[float]
     other_object: list[float]  # colour word vs. another object of the scene: the chance level
+    shape_other_object: list[float] = field(default_factory=list)
+    colour_points: list[float] = field(default_factory=list)  # 1 when the map's peak is on the object
+    shape_points: list[float] = field(default_factory=list)
+
+    def add(self, other: "WordIoU") -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
 
 
 def caption_ious(host: ToyHost, caption: str, token_maps: torch.Tensor,
@@ -75,18 +87,35 @@ def caption_ious(host: ToyHost, caption: str, token_maps: torch.Tensor,
     """IoU of each object's colour word and shape word with that object's mask (``truth``: colour
     → 8×8 mask of the object of that colour; the caption's colours are distinct)."""
     masks = word_masks(host, caption, token_maps)
+    maps = raw_word_maps(host, caption, token_maps)
     out = WordIoU([], [], [])
     objects = _caption_objects(caption)
+    shape_counts = {shape: sum(s == shape for _, s in objects) for _, shape in objects}
     for colour, shape in objects:
         if colour not in truth:
             continue
         out.colour.append(iou(masks[colour][0], truth[colour]))
-        shapes = masks.get(shape, [])
-        if len(shapes) == 1:  # a shape named twice cannot be told apart
-            out.shape.append(iou(shapes[0], truth[colour]))
+        out.colour_points.append(float(truth[colour].flat[int(maps[colour][0].argmax())]))
+        unique_shape = shape_counts[shape] == 1  # a shape named twice cannot be told apart
+        if unique_shape:
+            out.shape.append(iou(masks[shape][0], truth[colour]))
+            out.shape_points.append(float(truth[colour].flat[int(maps[shape][0].argmax())]))
         for other, _ in objects:
             if other != colour and other in truth:
                 out.other_object.append(iou(masks[colour][0], truth[other]))
+                if unique_shape:
+                    out.shape_other_object.append(iou(masks[shape][0], truth[other]))
+    return out
+
+
+def raw_word_maps(host: ToyHost, caption: str, token_maps: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    from ..prompts import word_maps as merge_tokens
+
+    words = split_words(caption)
+    positions = align_words(words, host.context_ids(caption), host.special_ids, host.tokenize)
+    out: dict[str, list[torch.Tensor]] = {}
+    for word, m in zip(words, merge_tokens(token_maps, positions)):
+        out.setdefault(word.text, []).append(m)
     return out
 
 
@@ -154,6 +183,7 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
         recorders.append(recorder)
     first = torch.cat(firsts)
     first_counts = [counts(l) for l in first]
+    saved: dict[str, list[torch.Tensor]] = {"first": [first]}
     matched = [matches_caption(l, c) for l, c in zip(first, captions)]
     report["first_pass"] = {"caption_match_share": sum(matched) / scenes,
                             "objects_per_scene": sum(sum(c.values()) for c in first_counts) / scenes,
@@ -164,14 +194,15 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
     for i, (scene, latent) in enumerate(zip(scene_list, first)):
         rec = recorders[i // chunk]
         maps = rec.maps(i % chunk)
-        r = caption_ious(host, scene.caption, maps, generated_truth(latent))
-        gen.colour += r.colour; gen.shape += r.shape; gen.other_object += r.other_object
-        p = caption_ious(host, scene.caption, probe_maps(host, scene, seed=i), scene_truth(scene))
-        real.colour += p.colour; real.shape += p.shape; real.other_object += p.other_object
+        gen.add(caption_ious(host, scene.caption, maps, generated_truth(latent)))
+        real.add(caption_ious(host, scene.caption, probe_maps(host, scene, seed=i), scene_truth(scene)))
     mean = lambda v: round(float(np.mean(v)), 3) if v else None
-    report["iou"] = {name: {"colour word": mean(w.colour), "shape word": mean(w.shape),
-                            "colour word vs another object (chance)": mean(w.other_object),
-                            "pairs": len(w.colour)}
+    report["iou"] = {name: {"colour word IoU": mean(w.colour), "shape word IoU": mean(w.shape),
+                            "colour word IoU with another object (chance)": mean(w.other_object),
+                            "shape word IoU with another object (chance)": mean(w.shape_other_object),
+                            "colour word peak on its object": mean(w.colour_points),
+                            "shape word peak on its object": mean(w.shape_points),
+                            "objects": len(w.colour)}
                      for name, w in (("generated first pass", gen), ("real scenes, probed", real))}
     if verbose:
         print(json.dumps(report, indent=1), f"{time.time() - start:.0f} s", flush=True)
@@ -185,8 +216,9 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
                 scale = round(stage.scale)
                 if scale not in rows:
                     continue
+                saved.setdefault(f"{name}/{scale}x", []).append(up)  # type: ignore[arg-type]
                 for j, one in enumerate(up):
-                    e, l = duplicates(first_counts[c0 * chunk + j], counts(one, scale))
+                    e, l = duplicates(first[c0 * chunk + j], one)
                     rows[scale]["extra"].append(e)
                     rows[scale]["lost"].append(l)
                     tiles = result.tile_prompts[stage.index - 1][j] or [caps[j]]
@@ -204,6 +236,8 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
     report["seconds"] = round(time.time() - start)
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
+        # every latent, so the counting can be re-run without sampling again
+        torch.save({k: torch.cat(v) for k, v in saved.items()}, Path(out).with_suffix(".pt"))
     return report
 
 
@@ -237,7 +271,7 @@ def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: in
                for w in stage_windows(stage, (LATENT, LATENT), CONFIGS["AccDiffusion defaults"])]
     tile_map = draw_tile_prompt_map(_to_image(latent[0], side), windows, acc.tile_prompts[-1][0],
                                     (stage.size[0] * k, stage.size[1] * k)).resize((side, side))
-    first_n, plain_n, acc_n = counts(latent[0]), counts(plain.latent[0], scale), counts(acc.latent[0], scale)
+    first_n, plain_n, acc_n = counts(latent[0]), counts(plain.latent[0]), counts(acc.latent[0])
     fmt = lambda c: ", ".join(f"{v} {k}" for k, v in c.items() if v) or "nothing"
     panels = [(f"first pass 64 px: {fmt(first_n)}", _to_image(latent[0], side)),
               (f"(a) plain tiling {scale}x: {fmt(plain_n)}", _to_image(plain.latent[0], side)),

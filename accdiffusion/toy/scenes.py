@@ -161,10 +161,12 @@ def segment(rgb: torch.Tensor, min_area: float) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def counts(latent: torch.Tensor, scale: float = 1.0) -> dict[str, int]:
-    """Objects per colour in one latent [4, h, w]; ``scale`` is its size relative to the native
-    8×8, so the minimum area (1 latent px at native size) grows with it (2× → 3, 3× → 7)."""
-    seg = segment(latent_rgb(latent[None])[0], min_area=max(1.0, round(0.75 * scale * scale)))
+def counts(latent: torch.Tensor, min_area: float = 2.0) -> dict[str, int]:
+    """Objects per colour in one latent [4, h, w]: connected regions of at least ``min_area``
+    latent pixels. The model's objects cover 3–9 latent pixels at the native size, and a tile of
+    an upscaled image draws new ones at that same size, so the default (2) is used at every
+    scale; 1 counts every blob of colour, specks included."""
+    seg = segment(latent_rgb(latent[None])[0], min_area=min_area)
     return {k: len(v) for k, v in seg.items()}
 
 
@@ -173,7 +175,8 @@ def caption_colours(caption: str) -> list[str]:
 
 
 def matches_caption(latent: torch.Tensor, caption: str) -> bool:
-    """Exactly one object of every colour the caption names and none of any other colour."""
+    """Exactly one blob of every colour the caption names and none of any other colour (every
+    blob counts: a small triangle may keep one strongly coloured latent pixel)."""
     wanted = set(caption_colours(caption))
-    got = counts(latent)
+    got = counts(latent, min_area=1)
     return all(got[c] == (1 if c in wanted else 0) for c in COLOURS)
