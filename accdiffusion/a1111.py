@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from .attention import AttentionRecorder, find_cross_attention
-from .control import CallItems, StageHints, hint_rows_for
+from .control import CallItems, StageHints, hint_rows_for, log_call
 from .hires import StageDenoiser
 from .job import comment, hook_skip_residual
 from .rows import positive_texts, row_image, schedule_entry, split_cond, stack_cond, tile_conditions
@@ -292,23 +292,9 @@ class A1111Control:
                             mask_rows = hint_rows_for(self.masks[i].batch, rows) or [0] * rows
                             put(param, "effective_region_mask", self.masks[i].for_call(items, mask_rows))
                 if log.isEnabledFor(logging.DEBUG):
-                    log_call(items, self.hints)
+                    log_call(items, {i + 1: h for i, h in self.hints.items()})
             yield
         finally:
             for param, name, value in reversed(saved):
                 setattr(param, name, value)
 
-
-def log_call(items: CallItems, hints: dict[int, StageHints]) -> None:
-    """Debug: which hint region each item of a call got (live checks read this)."""
-    for i, stage_hints in hints.items():
-        f = stage_hints.factor
-        if items.kind == "local":
-            text = ", ".join(f"window px y{win.top * f}:{(win.top + win.height) * f} "
-                             f"x{win.left * f}:{(win.left + win.width) * f}" for win in dict.fromkeys(items.slots))
-            if any(items.pad):
-                text += f" (padded by {items.pad} latent px)"
-        else:
-            text = f"dilated slots {sorted(set(items.slots))} of s={stage_hints.dilation}" + \
-                   (" shuffled" if items.perm is not None else "")
-        log.debug("AccDiffusion ControlNet unit %d hint %s: %s", i + 1, tuple(stage_hints.hint.shape), text)

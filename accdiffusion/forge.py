@@ -30,6 +30,7 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from .attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
-from .control import CallItems, StageHints, hint_rows_for
+from .control import CallItems, StageHints, hint_rows_for, log_call
 from .hires import StageDenoiser
 from .job import comment, hook_skip_residual
 from .rows import schedule_entry, split_cond, stack_cond, tile_conditions
@@ -45,6 +46,8 @@ from .tiles import Window
 
 if TYPE_CHECKING:
     from .job import Job
+
+log = logging.getLogger("accdiffusion")
 
 TENSOR_KEYS = ("c_crossattn", "y", "c_concat")
 
@@ -310,9 +313,15 @@ class ForgeControl:
                         controlnet_preprocessors(p) if any(k in n for k in UNTILED_PREPROCESSORS)), None)
         return ForgeControl(p, job, chain, denoiser, untiled)
 
+    def unit_number(self, index: int) -> int:
+        """The user's unit number of ``chain[index]``: Forge's ControlNet adds the units in order,
+        each new one becoming the head (backend/patcher/unet.py:68-70), so the head is the last."""
+        return len(self.chain) - index
+
     def skip(self, index: int, reason: str) -> None:
         self.skipped.add(index)
-        comment(self.p, f"AccDiffusion: ControlNet unit {index + 1} was left out of the tiled hires pass: {reason}.")
+        comment(self.p, f"AccDiffusion: ControlNet unit {self.unit_number(index)} was left out of the tiled hires "
+                        f"pass: {reason}.")
 
     def for_call(self, items: CallItems | None, xs: torch.Tensor, sigmas: torch.Tensor, cond: dict, rows: int,
                  images_per_chunk: int, chunks: int) -> dict:
@@ -341,6 +350,8 @@ class ForgeControl:
                     if i in self.masks:
                         mask_rows = hint_rows_for(self.masks[i].batch, rows, images_per_chunk) or [0] * rows
                         put(cnet, "advanced_mask_weighting", self.masks[i].for_call(items, mask_rows))
+            if items is not None and log.isEnabledFor(logging.DEBUG):
+                log_call(items, {self.unit_number(i): h for i, h in self.hints.items() if i not in self.skipped})
             assert self.get_control is not None
             control = self.get_control(xs, sigmas, dict(cond), chunks)
         finally:

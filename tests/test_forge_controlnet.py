@@ -65,9 +65,13 @@ def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, targe
     assert "get_control" not in units[0].__dict__ and all(u.cond_hint is None for u in units)
 
 
-def test_whole_job_with_controlnet_and_an_untileable_unit(sd1):
+def test_whole_job_with_controlnet_and_an_untileable_unit(sd1, caplog):
     """1.5× with padding, window_size 16, batch 2: images come back, every control evaluation is
-    window-sized, the T2I-adapter sits out with a note."""
+    window-sized, the T2I-adapter (the user's unit 2: Forge's chain has it as head) sits out with a
+    note that names it, and the debug log names the tiled unit 1 with its windows."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="accdiffusion")
     webui = ForgeWebUIStandIn()
     p = ForgeTxt2ImgStandIn(sd1, webui, adapter=facade, prompts=[PROMPT, "a cat"], width=128, height=128,
                             hr_scale=1.5)
@@ -78,6 +82,10 @@ def test_whole_job_with_controlnet_and_an_untileable_unit(sd1):
     assert units[0].calls and {shape[-1] for shape in units[0].calls} == {128}  # 16-latent windows and sub-latents
     assert units[1].calls == []
     assert any("unit 2" in c and "T2IAdapter" in c for c in p.comments)
+    assert not any("unit 1" in c for c in p.comments)
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "ControlNet unit" in r.getMessage()]
+    assert logged and all(m.startswith("AccDiffusion ControlNet unit 1 hint (1, 3, 192, 192): ") for m in logged)
+    assert any("window px y0:128 x0:128" in m for m in logged) and any("dilated slots" in m for m in logged)
     assert sd1.kmodel.control_calls and all(x[-1] == 16 for x, _ in sd1.kmodel.control_calls)
     assert "get_control" not in units[0].__dict__
 
