@@ -144,3 +144,34 @@ def test_two_units_in_the_tiled_pass(cn_model, case, modes):
         windows = {(int(top), int(left)) for *_, where in crops
                    for top, _, left, _ in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where)}
         assert found == windows
+
+
+def test_img2img_with_two_units(cn_model):
+    """img2img upscale through the tiled pass (probe pass first): two units, crops logged and, on
+    Forge with the probe extension, found where the logged windows are."""
+    from test_live_api import init_image
+
+    start = log_size()
+    status, out = call("/sdapi/v1/img2img", {
+        "init_images": [init_image()], "prompt": "a red-haired astronaut riding a horse on the moon",
+        "negative_prompt": "blurry", "steps": 4, "width": 128, "height": 128, "denoising_strength": 0.5, "seed": 7,
+        "sampler_name": "Euler", "cfg_scale": 5, "resize_mode": 0,
+        "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True}]},
+                             "ControlNet": {"args": [unit(cn_model), unit(cn_model, weight=0.6, guidance_start=0.2)]}}})
+    assert status == 200, out
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).size == (128, 128)
+    assert "AccDiffusion: True" in out["info"]
+    if not LOG:
+        return
+    text = log_text(start)
+    crops = logged_crops(text)
+    assert {int(u) for u, *_ in crops} == {1, 2}
+    windows = {(int(top), int(left)) for _, h, w, where in crops
+               for top, _, left, _ in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where)}
+    assert all((int(h), int(w)) == (128, 128) for _, h, w, _ in crops) and windows
+    probed = probed_forge_crops(text)
+    if FORGE and probed:
+        found = {tuple(map(int, xy)) for _, src in probed for xy in re.findall(r"\((\d+), (\d+)\)", src)}
+        assert found == windows and not any(src.startswith("whole hint") for _, src in probed)
