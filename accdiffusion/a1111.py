@@ -10,7 +10,10 @@ modules/processing.py unless named).
   and the k-diffusion denoiser's ``forward`` (``model_wrap_cfg.inner_model``, called at
   sd_samplers_cfg_denoiser.py:246-271 with the CFG rows), where the fused tiled denoiser runs. Both
   wrappers call the ``forward`` they replaced (bound method or another extension's wrapper).
-- Rows are recognised by content (:mod:`accdiffusion.rows`).
+- Rows are recognised by their place in the CFG denoiser's layout (:class:`CfgRows`,
+  sd_samplers_cfg_denoiser.py:203-271), confirmed by content (:mod:`accdiffusion.rows`). In the
+  first pass the layout is read through the same two wrappers, installed on ``p.sampler`` from
+  ``process_before_every_sampling`` (processing.py:1338, after the sampler is created).
 - ControlNet (Mikubill/sd-webui-controlnet v1.1.455, file:line in its scripts/): its script (title
   "ControlNet") keeps ``latest_network`` (hook.py:377 ``UnetHook``) whose ``control_params`` hold one
   ``ControlParams`` (hook.py:162) per unit. In the hooked UNet forward it picks ``hr_hint_cond``
@@ -40,7 +43,7 @@ from .attention import AttentionRecorder, find_cross_attention
 from .control import CallItems, StageHints, hint_rows_for, log_call, resize_hint
 from .hires import StageDenoiser
 from .job import comment, hook_skip_residual
-from .rows import positive_texts, row_image, schedule_entry, split_cond, stack_cond, tile_conditions
+from .rows import UNPLACED, positive_texts, row_images, schedule_entry, split_cond, stack_cond, tile_conditions
 from .tiles import Window
 
 if TYPE_CHECKING:
@@ -62,21 +65,104 @@ def unsupported_reason(p: Any) -> str | None:
     return None
 
 
+class CfgRows:
+    """Where the rows of the inner-model calls of one CFG step come from (A1111 v1.10.1,
+    sd_samplers_cfg_denoiser.py:203-271): x_in holds, per image, one cond row per AND sub-prompt
+    (repeats), then one uncond row per image. The inner model gets all of them in one call, or
+    consecutive slices of them (batch_cond_uncond off: slices of batch-size rows; cond and uncond
+    of different token counts: the cond rows in slices, then the uncond rows); skip-uncond
+    (NGMS / skip early CFG) drops the uncond rows at the end. So the rows of each call are the
+    next slice of the step's layout.
+
+    :meth:`start_step` is called from the CFG denoiser's ``forward``, :meth:`take` from the inner
+    model's; a call that does not fit the layout (an extension that changed x_in) is unplaced."""
+
+    def __init__(self) -> None:
+        self.places: list[int | None] | None = None
+        self.offset = 0
+        self.current: list[int | None] | None = None  # the places of the inner call in progress
+
+    def start_step(self, cond: Any) -> None:
+        batch = getattr(cond, "batch", None)
+        if batch is None:
+            self.places = None
+            return
+        places: list[int | None] = []
+        for image, subprompts in enumerate(batch):
+            places += [image if len(subprompts) == 1 else None] * len(subprompts)  # AND: no tile prompts
+        self.places = places + [None] * len(batch)
+        self.offset = 0
+
+    def take(self, rows: int) -> list[int | None]:
+        if self.places is None or self.offset + rows > len(self.places):
+            self.current = [UNPLACED] * rows
+        else:
+            self.current = self.places[self.offset:self.offset + rows]
+            self.offset += rows
+        return self.current
+
+
+def _cond_argument(args: tuple, kwargs: dict) -> Any:
+    """``cond`` of CFGDenoiser.forward(x, sigma, uncond, cond, ...), by name (k-diffusion passes
+    extra_args as keywords) or by position."""
+    return kwargs["cond"] if "cond" in kwargs else (args[1] if len(args) > 1 else None)
+
+
+def hook_cfg_rows(job: "Job", sampler: Any, layout: CfgRows) -> None:
+    """Start the layout at every CFG step; the wrapper calls the ``forward`` that was there."""
+    cfg = sampler.model_wrap_cfg
+    cfg_forward = cfg.forward
+
+    def rows_forward(x: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        layout.start_step(_cond_argument(args, kwargs))
+        return cfg_forward(x, sigma, *args, **kwargs)
+
+    job.set_attr(cfg, "forward", rows_forward)
+
+
 class A1111Backend:
     """How AUTOMATIC1111 is hooked: instance forwards on the ldm/sgm attn2 modules and on the
     sampler's k-diffusion denoiser."""
+
+    def __init__(self) -> None:
+        self.first_pass_rows = CfgRows()
 
     def unsupported_reason(self, p: Any) -> str | None:
         return unsupported_reason(p)
 
     def start_recording(self, p: Any, job: "Job", conditioning: Any, prompts: Sequence[str]) -> AttentionRecorder:
+        """The recorder resolves each UNet call's rows by the place the layout gave them (see
+        :meth:`before_sampling`); without it (no ``process_before_every_sampling``), by content."""
         recorder = AttentionRecorder((p.height // 8, p.width // 8), len(prompts))
         positives = positive_texts(conditioning)
-        recorder.resolve_rows = lambda context: [row_image(t, positives) for t in context]
+        layout = self.first_pass_rows = CfgRows()
+
+        def resolve(context: torch.Tensor) -> list[int | None]:
+            places = layout.current if layout.current is not None and len(layout.current) == len(context) else None
+            return row_images(list(context), positives, places)
+
+        recorder.resolve_rows = resolve
         return recorder.attach(find_cross_attention(p.sd_model.model.diffusion_model, include_middle=False))
 
     def before_sampling(self, p: Any, job: "Job") -> None:
-        """Nothing to do here on A1111: the recorder is attached for the whole first pass."""
+        """First pass (the sampler exists by now, processing.py:1308/1338): follow the CFG layout
+        so the recorder knows each row's image. The attn2 wrappers stay for the whole pass."""
+        sampler = getattr(p, "sampler", None)
+        if p.is_hr_pass or job.recorder is None or sampler is None or not hasattr(sampler, "model_wrap_cfg"):
+            return
+        layout = self.first_pass_rows
+        inner = sampler.model_wrap_cfg.inner_model
+        inner_forward = inner.forward
+
+        def placed_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            layout.take(x.shape[0])
+            try:
+                return inner_forward(x, *args, **kwargs)
+            finally:
+                layout.current = None
+
+        hook_cfg_rows(job, sampler, layout)
+        job.set_attr(inner, "forward", placed_forward)
 
     @contextmanager
     def probe_unet(self, p: Any, job: "Job", sampler: Any, recorder: AttentionRecorder,
@@ -120,6 +206,7 @@ def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: li
     cfg = sampler.model_wrap_cfg
     inner = cfg.inner_model
     inner_forward = inner.forward
+    layout = CfgRows()
     crop_offset: dict[Any, Any] = {}  # the crop segment's offset and per-window embeddings
 
     def tile_row(row: dict, schedule: list, window: Window) -> dict:
@@ -140,15 +227,18 @@ def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: li
 
     def fused_forward(x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None, **kwargs: Any) -> torch.Tensor:
         rows = split_cond(cond)
+        places = layout.take(x.shape[0])
 
         def row_model(xs: torch.Tensor, sigmas: torch.Tensor, conds: Sequence[dict]) -> torch.Tensor:
             tiled = control.tiled(denoiser.items, len(rows)) if control is not None else nullcontext()
             with tiled:
                 return inner_forward(xs, sigmas, cond=stack_cond(conds, cond), **kwargs)
 
-        return denoiser(row_model, x, sigma, rows, tile_conditions(rows, positives, tile_schedules, windows, tile_row))
+        return denoiser(row_model, x, sigma, rows,
+                        tile_conditions(rows, positives, tile_schedules, windows, tile_row, places))
 
     hook_skip_residual(job, sampler, denoiser)
+    hook_cfg_rows(job, sampler, layout)
     job.set_attr(inner, "forward", fused_forward)
 
 

@@ -14,8 +14,10 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
   sampling_function.py:270 with ``apply_model`` and {"input", "timestep" (= sigma), "c",
   "cond_or_uncond"}) runs the fused tiled denoiser; the memory estimators are told that the peak
   is one batch of windows, not the full latent (unet.py:121, base.py:197, sampling_function.py:208).
-- the batch comes as chunks in ``cond_or_uncond`` order (Forge runs [uncond, cond]); rows are
-  recognised by content, as on A1111, so the order does not matter.
+- the batch comes as chunks in ``cond_or_uncond`` order (Forge runs [uncond, cond]), each chunk
+  holding the batch's images in order: a row's image is its place in its chunk
+  (:func:`cond_rows_to_images`), confirmed by content in the hires pass (:mod:`accdiffusion.rows`);
+  the recorder gets projected q/k only, so there the place alone decides.
 - ControlNet (built in: extensions-builtin/sd_forge_controlnet, backend/patcher/controlnet.py):
   units are a linked list of ``ControlBase`` objects on the UnetPatcher (``controlnet_linked_list``,
   via ``previous_controlnet``); sampling_function.py:261-268 calls the head's ``get_control(x, t,
@@ -219,8 +221,9 @@ class ForgeBackend:
                                              len(args["cond_or_uncond"]) * blocks)
                 return apply_model(xs, sigmas, **stacked, **others, **extra, transformer_options=topts)
 
+            places = cond_rows_to_images(args["cond_or_uncond"], len(rows))
             return denoiser(row_model, x, sigma, rows,
-                            tile_conditions(rows, positives, tile_schedules, windows, tile_row))
+                            tile_conditions(rows, positives, tile_schedules, windows, tile_row, places))
 
         unet.set_model_unet_function_wrapper(wrapper)
         self._per_window_memory(unet, job, windows, denoiser)

@@ -1,9 +1,15 @@
 """Rows of a CFG model call, host-neutral: split and stack the denoiser's cond dict, find which
-image a row's text conditioning belongs to, and give an image's positive rows their tile prompts.
+image each row belongs to, and give an image's positive rows their tile prompts.
 
-Rows are recognised by content: a row whose text conditioning equals an image's positive hires
-conditioning gets that image's tile prompts, every other row (negative prompt, AND sub-prompts,
-any batch layout, either host's cond/uncond order) keeps its own conditioning in every tile.
+Rows are recognised by position first: the host backend knows its CFG layout (A1111: the cond rows
+of each image, then the uncond rows, in one call or in slices; Forge: chunks in ``cond_or_uncond``
+order) and passes one *place* per row: the image whose positive row it is, None (a negative row,
+an AND sub-prompt), or :data:`UNPLACED` (the backend cannot tell). A placed row is confirmed by
+content (its text must be one of that image's positive conditionings, else someone changed it and
+it keeps its own). Only unplaced rows are matched by content, among the images no placed row took:
+the longest matching conditioning wins (a prompt that extends another past its first 75-token
+chunk is not taken for the shorter one), and equal prompts go to the images in batch order (one
+row per image and call). Rows that belong to no image keep their own conditioning in every tile.
 """
 
 from __future__ import annotations
@@ -67,23 +73,59 @@ def positive_texts(multicond: Any) -> list[list[torch.Tensor]]:
     return out
 
 
+UNPLACED = -1  # a row whose place in the host's layout is not known: recognised by content only
+
+
+def match_length(text: torch.Tensor, candidate: torch.Tensor) -> int:
+    """How many leading tokens of ``candidate`` the row's ``text`` carries (0: not this one). Rows
+    may be longer than their prompt (padded to the longest row of a call), never shorter."""
+    n = min(candidate.shape[0], text.shape[0])
+    if n == 0 or candidate.shape[-1] != text.shape[-1] or not torch.equal(text[:n], candidate[:n].to(text)):
+        return 0
+    return n
+
+
+def _best_match(text: torch.Tensor, candidates: Sequence[torch.Tensor]) -> int:
+    return max((match_length(text, c) for c in candidates), default=0)
+
+
+def row_images(texts: Sequence[torch.Tensor], positives: Sequence[Sequence[torch.Tensor]],
+               places: Sequence[int | None] | None = None) -> list[int | None]:
+    """Per row of one model call: the image whose positive prompt it carries, or None.
+    ``places``: the host's layout (see the module doc); None = every row unplaced."""
+    places = list(places) if places is not None else [UNPLACED] * len(texts)
+    out: list[int | None] = [None] * len(texts)
+    taken: set[int] = set()
+    for r, (text, place) in enumerate(zip(texts, places)):
+        if place is not None and place != UNPLACED and 0 <= place < len(positives) \
+                and _best_match(text, positives[place]) > 0:
+            out[r] = place
+            taken.add(place)
+    for r, (text, place) in enumerate(zip(texts, places)):
+        if place != UNPLACED:
+            continue
+        scores = [(_best_match(text, cands), -image) for image, cands in enumerate(positives) if image not in taken]
+        best = max(scores, default=(0, 0))
+        if best[0] > 0:
+            out[r] = -best[1]
+            taken.add(out[r])
+    return out
+
+
 def row_image(text: torch.Tensor, positives: Sequence[Sequence[torch.Tensor]]) -> int | None:
-    for image, candidates in enumerate(positives):
-        for cand in candidates:
-            n = min(cand.shape[0], text.shape[0])
-            if cand.shape[-1] == text.shape[-1] and torch.equal(text[:n], cand[:n].to(text)):
-                return image
-    return None
+    """The image of one row recognised by content alone (its best match; the first on a tie)."""
+    return row_images([text], positives)[0]
 
 
 def tile_conditions(rows: Sequence[dict], positives: list[list[torch.Tensor]],
                     tile_schedules: list[list | None], windows: list[Window],
-                    tile_row: Callable[[dict, list, Window], dict]) -> list[list[dict] | None]:
-    """Per row of a model call: one conditioning per window when the row carries an image's
-    positive prompt, else None (the row keeps its own conditioning in every window)."""
+                    tile_row: Callable[[dict, list, Window], dict],
+                    places: Sequence[int | None] | None = None) -> list[list[dict] | None]:
+    """Per row of a model call: one conditioning per window when the row is an image's positive
+    row (:func:`row_images` with the host's ``places``), else None (the row keeps its own
+    conditioning in every window)."""
     out: list[list[dict] | None] = []
-    for row in rows:
-        image = row_image(text_of(row), positives)
+    for row, image in zip(rows, row_images([text_of(row) for row in rows], positives, places)):
         schedule = tile_schedules[image] if image is not None else None
         out.append([tile_row(row, schedule[w], win) for w, win in enumerate(windows)] if schedule else None)
     return out

@@ -147,7 +147,8 @@ class CFGDenoiserStandIn(nn.Module):
         super().__init__()
         self.sampler = sampler
         self.step = 0
-        self.batch_cond_uncond = True
+        self.batch_cond_uncond = True  # shared.opts.batch_cond_uncond
+        self.s_min_uncond_all = False  # shared.opts.s_min_uncond_all
 
     @property
     def inner_model(self):
@@ -159,31 +160,70 @@ class CFGDenoiserStandIn(nn.Module):
             raise InterruptedException
         conds_list, tensor = reconstruct_multicond_batch(cond, self.step)
         uncond = reconstruct_cond_batch(uncond, self.step)
+        batch_size = len(conds_list)
         repeats = [len(c) for c in conds_list]
         x_in = torch.cat([torch.stack([x[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [x])
         sigma_in = torch.cat([torch.stack([sigma[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [sigma])
         image_cond_in = torch.cat([torch.stack([image_cond[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [image_cond])
         if isinstance(uncond, dict):
             make = lambda c, ic: {**c, "c_concat": [ic]}
-            cat = lambda a, b: {k: torch.cat([a[k], b[k]]) for k in a}
         else:
             make = lambda c, ic: {"c_crossattn": [c], "c_concat": [ic]}
-            cat = lambda a, b: torch.cat([a, b])
-        if self.batch_cond_uncond:
-            x_out = self.inner_model(x_in, sigma_in, cond=make(cat(tensor, uncond), image_cond_in))
-        else:
-            n = len(tensor["crossattn"]) if isinstance(tensor, dict) else len(tensor)
-            sl = lambda t, a, b: {k: v[a:b] for k, v in t.items()} if isinstance(t, dict) else t[a:b]
-            cond_out = self.inner_model(x_in[:n], sigma_in[:n], cond=make(sl(tensor, 0, n), image_cond_in[:n]))
-            uncond_out = self.inner_model(x_in[n:], sigma_in[n:], cond=make(uncond, image_cond_in[n:]))
-            x_out = torch.cat([cond_out, uncond_out])
-        denoised_uncond = x_out[-uncond_len(uncond):]
+        # 236-243: skip the uncond rows (NGMS: every other step below s_min_uncond, or every step)
+        skip_uncond = (self.step % 2 or self.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond
+        if skip_uncond:
+            x_in, sigma_in = x_in[:-batch_size], sigma_in[:-batch_size]
+        text = lambda t: t["crossattn"] if isinstance(t, dict) else t
+        if text(tensor).shape[1] == text(uncond).shape[1] or skip_uncond:  # 252-265
+            cond_in = tensor if skip_uncond else catenate_conds([tensor, uncond])
+            if self.batch_cond_uncond:
+                x_out = self.inner_model(x_in, sigma_in, cond=make(cond_in, image_cond_in))
+            else:
+                x_out = torch.zeros_like(x_in)
+                for a in range(0, x_out.shape[0], batch_size):
+                    b = a + batch_size
+                    x_out[a:b] = self.inner_model(x_in[a:b], sigma_in[a:b],
+                                                  cond=make(subscript_cond(cond_in, a, b), image_cond_in[a:b]))
+        else:  # 266-278: cond and uncond of different token counts
+            x_out = torch.zeros_like(x_in)
+            step = batch_size * 2 if self.batch_cond_uncond else batch_size
+            rows = len(text(tensor))
+            for a in range(0, rows, step):
+                b = min(a + step, rows)
+                x_out[a:b] = self.inner_model(x_in[a:b], sigma_in[a:b],
+                                              cond=make(subscript_cond(tensor, a, b), image_cond_in[a:b]))
+            if not skip_uncond:
+                n = uncond_len(uncond)
+                x_out[-n:] = self.inner_model(x_in[-n:], sigma_in[-n:], cond=make(uncond, image_cond_in[-n:]))
+        if skip_uncond:  # 280-283: the cond result stands in for the skipped uncond
+            x_out = torch.cat([x_out, torch.cat([x_out[c[0][0]:c[0][0] + 1] for c in conds_list])])
+        denoised_uncond = x_out[-batch_size:]
         denoised = torch.clone(denoised_uncond)
+        scale = 1.0 if skip_uncond else cond_scale
         for i, conds in enumerate(conds_list):
             for row, weight in conds:
-                denoised[i] += (x_out[row] - denoised_uncond[i]) * (weight * cond_scale)
+                denoised[i] += (x_out[row] - denoised_uncond[i]) * (weight * scale)
         self.step += 1
         return denoised
+
+
+def catenate_conds(conds):
+    if isinstance(conds[0], dict):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(conds)
+
+
+def subscript_cond(cond, a, b):
+    if isinstance(cond, dict):
+        return {k: v[a:b] for k, v in cond.items()}
+    return cond[a:b]
+
+
+def stack_conds(tensors):
+    """prompt_parser.stack_conds (307-317): shorter rows padded by repeating their last vector."""
+    tokens = max(t.shape[0] for t in tensors)
+    return torch.stack([t if t.shape[0] == tokens else torch.vstack([t, t[-1:].repeat(tokens - t.shape[0], 1)])
+                        for t in tensors])
 
 
 def uncond_len(uncond):
@@ -201,6 +241,7 @@ def reconstruct_cond_batch(c, step):
 
 
 def reconstruct_multicond_batch(c: MulticondLearnedConditioning, step):
+    """prompt_parser.py:321-346: rows of different token counts are padded (stack_conds)."""
     conds_list, flat = [], []
     for subprompts in c.batch:
         entries = []
@@ -208,7 +249,11 @@ def reconstruct_multicond_batch(c: MulticondLearnedConditioning, step):
             entries.append((len(flat), comp.weight))
             flat.append(comp.schedules)
         conds_list.append(entries)
-    return conds_list, reconstruct_cond_batch(flat, step)
+    rows = [next((e for e in schedule if step <= e.end_at_step), schedule[-1]).cond for schedule in flat]
+    if isinstance(rows[0], dict):
+        return conds_list, {k: stack_conds([r[k] for r in rows]) if k == "crossattn" else torch.stack([r[k] for r in rows])
+                            for k in rows[0]}
+    return conds_list, stack_conds(rows)
 
 
 class TorchHijack:
@@ -251,7 +296,7 @@ class KDiffusionSamplerStandIn:
         try:
             self.model_wrap_cfg.step = 0
             extra = {"cond": c, "image_cond": image_conditioning, "uncond": uc, "cond_scale": p.cfg_scale,
-                     "s_min_uncond": 0.0}
+                     "s_min_uncond": getattr(p, "s_min_uncond", 0.0)}
             self.last_latent = xi
             return self.launch_sampling(lambda: self.func(self.model_wrap_cfg, xi, sigmas, extra_args=extra,
                                                           disable=True, callback=self.callback_state))
@@ -442,6 +487,9 @@ class Txt2ImgStandIn:
             samples = self.webui.encode(self.sd_model, image)
             return self.sample_hr_pass(samples, None, seeds, subseeds, subseed_strength, prompts)
         x = self.rng.next()
+        if self.scripts is not None:  # processing.py:1337-1344
+            self.scripts.process_before_every_sampling(p=self, x=x, noise=x, c=conditioning,
+                                                       uc=unconditional_conditioning)
         samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning,
                                       image_conditioning=self.txt2img_image_conditioning(x))
         self.first_pass_latent = samples
@@ -585,6 +633,10 @@ def process_img2img(p: Img2ImgStandIn, settings, adapter, n_iter: int = 1) -> Si
 def process_images(p: Txt2ImgStandIn, settings, adapter) -> SimpleNamespace:
     """processing.process_images_inner's order for one batch: script process (915) → conds (966) →
     before_process_batch (952) → p.sample (988) → postprocess (1147)."""
+    if p.scripts is None:
+        p.scripts = ScriptsStandIn(adapter=adapter)
+    elif getattr(p.scripts, "adapter", False) is None:
+        p.scripts.adapter = adapter
     if settings is not None:
         adapter.start_job(p, settings, webui=p.webui)
     c = p.conds(p.prompts)
@@ -710,13 +762,19 @@ class ControlNetScriptStandIn:
 
 
 class ScriptsStandIn:
-    """modules.scripts.ScriptRunner: the always-on scripts and the two callbacks the pass calls."""
+    """modules.scripts.ScriptRunner: the always-on scripts and the two callbacks the pass calls;
+    ``process_before_every_sampling`` reaches our script (the adapter), and ``calls`` logs it as
+    ``p.is_hr_pass``."""
 
-    def __init__(self, *scripts):
+    def __init__(self, *scripts, adapter=None):
         self.alwayson_scripts = list(scripts)
+        self.adapter = adapter
+        self.calls: list[bool] = []
 
     def process_before_every_sampling(self, p, **kwargs):
-        pass
+        self.calls.append(p.is_hr_pass)
+        if self.adapter is not None:
+            self.adapter.before_sampling(p)
 
     def before_hr(self, p):
         pass

@@ -176,6 +176,15 @@ class ForgeModelStandIn(StandInModel):
         return self.host._eps(x, t, cond)
 
 
+def concat_crossattn(conds):
+    """condition.py:59-72 ConditionCrossAttn.concat: token counts brought to their lcm by repeating
+    each conditioning whole."""
+    tokens = 1
+    for c in conds:
+        tokens = tokens * c.shape[1] // math.gcd(tokens, c.shape[1])
+    return torch.cat([c.repeat(1, tokens // c.shape[1], 1) for c in conds])
+
+
 def sampling_function(model: ForgeModelStandIn, x, sigma, cond, uncond, cond_scale):
     """calc_cond_uncond_batch + CFG for plain prompts: chunks [uncond, cond] of B rows each."""
     unet = model.forge_objects.unet  # re-read on every call (sampling_function.py:326)
@@ -185,10 +194,10 @@ def sampling_function(model: ForgeModelStandIn, x, sigma, cond, uncond, cond_sca
     entries.reverse()  # sampling_function.py:187
     unet.memory_required([len(entries) * b, *x.shape[1:]])
     cond_or_uncond = [kind for _, kind in entries]
+    text = lambda e: e["crossattn"] if isinstance(e, dict) else e
+    c = {"c_crossattn": concat_crossattn([text(e) for e, _ in entries])}
     if isinstance(cond, dict):
-        c = {"c_crossattn": torch.cat([e["crossattn"] for e, _ in entries]), "y": torch.cat([e["vector"] for e, _ in entries])}
-    else:
-        c = {"c_crossattn": torch.cat([e for e, _ in entries])}
+        c["y"] = torch.cat([e["vector"] for e, _ in entries])
     topts = dict(options["transformer_options"])
     topts["cond_or_uncond"] = cond_or_uncond
     topts["sigmas"] = sigma
@@ -273,13 +282,11 @@ class ForgeTxt2ImgStandIn(Txt2ImgStandIn):
     def __init__(self, *args, adapter=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter = adapter
-        self.pbes_calls = 0
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
-        for _ in range(2):  # Forge may call the hook twice per pass: it must be idempotent
-            self.pbes_calls += 1
-            self.adapter.before_sampling(self)
+        # Forge may call the hook twice per pass (it must be idempotent): once here, once in sample()
+        self.scripts.process_before_every_sampling(p=self)
         return super().sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)
 
 

@@ -221,7 +221,10 @@ def test_hires_prompt_that_differs(sd1_model):
 def test_tile_prompt_map_is_added(sd1_model):
     p, webui, out = job(sd1_model, settings=ON.replace(tile_prompt_map=True), prompts=[PROMPT])
     assert len(out.images) == 2 and len(out.infotexts) == 2
-    assert hasattr(out.images[1], "size") and webui.saved
+    from PIL import Image
+
+    assert isinstance(out.images[1], Image.Image) and webui.saved == [out.images[1]]
+    assert out.images[1].size == (p.hr_upscale_to_x, p.hr_upscale_to_y)  # the last stage, in pixels
 
 
 # the Upscale button (p.firstpass_image): tests/test_img2img.py::test_upscale_button_takes_its_maps_from_the_probe

@@ -202,6 +202,29 @@ def test_interrupt_leaves_the_webui_ready():
         assert digests(txt2img(acc={"enabled": False}, **small)) == digests(txt2img(url=PLAIN_URL, **small))
 
 
+def pixels(out, i):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(out["images"][i]))).convert("RGB"), dtype=np.float32)
+
+
+def test_batch_of_one_prompt_one_tile_prompt_map_per_image():
+    """batch_size 2, one prompt (seeds 7, 8): two images and two tile-prompt maps, one per image,
+    each drawn from its own image's first pass and tile prompts: closer to the map of a job of
+    that seed alone than to the other image's map."""
+    acc = {"enabled": True, "tile_prompt_map": True}
+    out = txt2img(acc=acc, batch_size=2)
+    assert sizes(out) == [(128, 128)] * 4  # two images, then two maps
+    assert len(set(digests(out))) == 4
+    maps = [pixels(out, 2), pixels(out, 3)]
+    alone = [pixels(txt2img(acc=acc, seed=seed), 1) for seed in (7, 8)]
+    for i in range(2):
+        own = abs(maps[i] - alone[i]).mean()
+        other = abs(maps[i] - alone[1 - i]).mean()
+        assert own < other, (i, own, other)
+
+
 # --- img2img (and the probe pass) -------------------------------------------------------------------
 MODELS = {"sd15": "tiny-sd15.safetensors", "sdxl": "tiny-sdxl.safetensors"}
 
