@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from .attention import AttentionRecorder, find_cross_attention
-from .control import CallItems, StageHints, hint_rows_for
+from .control import CallItems, StageHints, hint_rows_for, log_call, resize_hint
 from .hires import StageDenoiser
 from .job import comment, hook_skip_residual
 from .rows import UNPLACED, positive_texts, row_images, schedule_entry, split_cond, stack_cond, tile_conditions
@@ -180,7 +180,7 @@ class A1111Backend:
             cond = {k: (v.to(x.device) if isinstance(v, torch.Tensor) else [t.to(x.device) for t in v])
                     for k, v in cond.items()}
             cond["c_concat"] = [p.txt2img_image_conditioning(x)]
-            with job.webui.autocast():
+            with job.webui.autocast(), whole_hints(p, (x.shape[-2] * 8, x.shape[-1] * 8)):
                 return sampler.model_wrap(x, sigma, cond=cond)
 
         recorder.attach(find_cross_attention(p.sd_model.model.diffusion_model, include_middle=False))
@@ -302,6 +302,40 @@ def _name(value: Any) -> str:
     return str(getattr(value, "name", value))
 
 
+def hint_attr(param: Any) -> str:
+    """Where a unit's hint for the tiled pass goes: ``hr_hint_cond`` in a hires fix (ControlNet then
+    believes it is in the hires pass, hook.py:518-534); img2img has none
+    (scripts/controlnet.py:256-263), so ``hint_cond`` (its setter drops the cached ``used_hint_cond``)."""
+    return "hr_hint_cond" if isinstance(getattr(param, "hr_hint_cond", None), torch.Tensor) else "hint_cond"
+
+
+@contextmanager
+def whole_hints(p: Any, size: tuple[int, int]) -> Iterator[None]:
+    """For the probe pass (a whole small image): every tileable unit gets its whole hint resized to
+    the probe's pixel size, as a first pass would; other units with a spatial input sit it out."""
+    network = controlnet_network(p)
+    saved: list[tuple[Any, str, Any]] = []
+
+    def put(param: Any, name: str, value: Any) -> None:
+        saved.append((param, name, getattr(param, name)))
+        setattr(param, name, value)
+
+    try:
+        for param in list(getattr(network, "control_params", None) or []):
+            kind = _name(param.control_model_type)
+            if kind in TILED_TYPES and A1111Control._untileable(param) is None:
+                source = param.hr_hint_cond if hint_attr(param) == "hr_hint_cond" else param.hint_cond
+                put(param, "hint_cond", resize_hint(source, size))
+                put(param, "hr_hint_cond", None)
+            elif kind not in GLOBAL_TYPES:
+                put(param, "guidance_stopped", True)
+                put(param, "hr_hint_cond", None)
+        yield
+    finally:
+        for param, name, value in reversed(saved):
+            setattr(param, name, value)
+
+
 class A1111Control:
     """sd-webui-controlnet's units during one stage: per tiled call, each unit's hires hint (and
     its effective-region mask) becomes the call's per-item hints; units that cannot be tiled sit
@@ -318,7 +352,7 @@ class A1111Control:
         for i, param in enumerate(params):
             reason = self._untileable(param)
             if reason is None and _name(param.control_model_type) in TILED_TYPES:
-                self.hints[i] = cut(param.hr_hint_cond)
+                self.hints[i] = cut(param.hr_hint_cond if hint_attr(param) == "hr_hint_cond" else param.hint_cond)
                 mask = getattr(param, "effective_region_mask", None)
                 if isinstance(mask, torch.Tensor):
                     self.masks[i] = cut(mask)
@@ -343,9 +377,9 @@ class A1111Control:
         if "inpaint_only" in module or "colorfix" in module:
             return f"'{module}' encodes its hint with the VAE, which is not cut into tiles"
         hint, hr_hint = getattr(param, "hint_cond", None), getattr(param, "hr_hint_cond", None)
-        if not (isinstance(hint, torch.Tensor) and isinstance(hr_hint, torch.Tensor) and hint.ndim == 4
-                and hr_hint.ndim == 4):
-            return "it has no hires hint image"
+        if not (isinstance(hint, torch.Tensor) and hint.ndim == 4
+                and (hr_hint is None or isinstance(hr_hint, torch.Tensor) and hr_hint.ndim == 4)):
+            return "it has no hint image"
         return None
 
     def skip(self, index: int, reason: str) -> None:
@@ -377,28 +411,14 @@ class A1111Control:
                         put(param, "guidance_stopped", True)
                         put(param, "hr_hint_cond", None)  # so it does not vote on "hires or not"
                     elif hints is not None:
-                        put(param, "hr_hint_cond", hints.for_call(items, hint_rows))
+                        put(param, hint_attr(param), hints.for_call(items, hint_rows))
                         if i in self.masks:
                             mask_rows = hint_rows_for(self.masks[i].batch, rows) or [0] * rows
                             put(param, "effective_region_mask", self.masks[i].for_call(items, mask_rows))
                 if log.isEnabledFor(logging.DEBUG):
-                    log_call(items, self.hints)
+                    log_call(items, {i + 1: h for i, h in self.hints.items()})
             yield
         finally:
             for param, name, value in reversed(saved):
                 setattr(param, name, value)
 
-
-def log_call(items: CallItems, hints: dict[int, StageHints]) -> None:
-    """Debug: which hint region each item of a call got (live checks read this)."""
-    for i, stage_hints in hints.items():
-        f = stage_hints.factor
-        if items.kind == "local":
-            text = ", ".join(f"window px y{win.top * f}:{(win.top + win.height) * f} "
-                             f"x{win.left * f}:{(win.left + win.width) * f}" for win in dict.fromkeys(items.slots))
-            if any(items.pad):
-                text += f" (padded by {items.pad} latent px)"
-        else:
-            text = f"dilated slots {sorted(set(items.slots))} of s={stage_hints.dilation}" + \
-                   (" shuffled" if items.perm is not None else "")
-        log.debug("AccDiffusion ControlNet unit %d hint %s: %s", i + 1, tuple(stage_hints.hint.shape), text)

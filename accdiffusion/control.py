@@ -15,6 +15,7 @@ The hosts' adapters (a1111.py, forge.py) put those hints into their ControlNet o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -22,6 +23,8 @@ import torch
 
 from .dilated import padded_size, shuffle_sublatents
 from .tiles import Window, cover_resize
+
+log = logging.getLogger("accdiffusion")
 
 LOCAL = "local"
 DILATED = "dilated"
@@ -174,3 +177,18 @@ def hint_rows_for(hint_batch: int, rows: int, images_per_chunk: int | None = Non
         return [r % images_per_chunk for r in range(rows)]
     return None
 
+
+def log_call(items: CallItems, hints: dict[int, StageHints]) -> None:
+    """Debug: which hint region each item of a call got (live checks read this); ``hints`` is
+    keyed by the unit's number as the user sees it (1 = the first unit)."""
+    for number, stage_hints in hints.items():
+        f = stage_hints.factor
+        if items.kind == LOCAL:
+            text = ", ".join(f"window px y{win.top * f}:{(win.top + win.height) * f} "
+                             f"x{win.left * f}:{(win.left + win.width) * f}" for win in dict.fromkeys(items.slots))
+            if any(items.pad):
+                text += f" (padded by {items.pad} latent px)"
+        else:
+            text = f"dilated slots {sorted(set(items.slots))} of s={stage_hints.dilation}" + \
+                   (" shuffled" if items.perm is not None else "")
+        log.debug("AccDiffusion ControlNet unit %d hint %s: %s", number, tuple(stage_hints.hint.shape), text)

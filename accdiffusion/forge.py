@@ -32,6 +32,7 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from .attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
-from .control import CallItems, StageHints, hint_rows_for
+from .control import CallItems, StageHints, hint_rows_for, log_call
 from .hires import StageDenoiser
 from .job import comment, hook_skip_residual
 from .rows import schedule_entry, split_cond, stack_cond, tile_conditions
@@ -47,6 +48,8 @@ from .tiles import Window
 
 if TYPE_CHECKING:
     from .job import Job
+
+log = logging.getLogger("accdiffusion")
 
 TENSOR_KEYS = ("c_crossattn", "y", "c_concat")
 
@@ -262,18 +265,46 @@ def control_chain(unet: Any) -> list[Any]:
     return out
 
 
-def controlnet_preprocessors(p: Any) -> list[str]:
-    """Names of the preprocessors of the enabled ControlNet units (its script's current_params)."""
-    names = []
+def controlnet_script(p: Any) -> Any:
+    """Forge's built-in ControlNet script of this job, or None."""
     for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
         try:
-            if script.title() != "ControlNet":
-                continue
-        except Exception:
+            if script.title() == "ControlNet":
+                return script
+        except Exception:  # another extension's title() is not ours to debug
             continue
-        for params in (getattr(script, "current_params", None) or {}).values():
-            names.append(str(getattr(getattr(params, "preprocessor", None), "name", "")))
-    return names
+    return None
+
+
+def controlnet_preprocessors(p: Any) -> list[str]:
+    """Names of the preprocessors of the enabled ControlNet units (its script's current_params)."""
+    script = controlnet_script(p)
+    return [str(getattr(getattr(params, "preprocessor", None), "name", ""))
+            for params in (getattr(script, "current_params", None) or {}).values()]
+
+
+# HiResFixOption.LOW_RES_ONLY as the unit may hold it (lib_controlnet/enums.py:4-20: value, name, index)
+LOW_RES_ONLY = ("Low res only", "HiResFixOption.LOW_RES_ONLY", 1)
+
+
+def chain_unit_numbers(p: Any, chain_length: int) -> list[int]:
+    """The user's number (1 = first enabled unit) of every ControlNet in the chain, head first.
+    Forge's script patches the enabled units in order, each new one becoming the head
+    (backend/patcher/unet.py:68-70), and in a txt2img hires pass leaves out "Low res only" units
+    (scripts/controlnet.py:431-446); without the script's units, the chain's order alone."""
+    script = controlnet_script(p)
+    numbers = list(range(1, chain_length + 1))
+    try:
+        units = script.get_enabled_units(p.script_args[script.args_from:script.args_to])
+        hires = bool(getattr(p, "enable_hr", False)) and getattr(p, "init_images", None) is None \
+            and bool(getattr(p, "is_hr_pass", False))
+        active = [i + 1 for i, unit in enumerate(units)
+                  if not (hires and getattr(unit.hr_option, "value", unit.hr_option) in LOW_RES_ONLY)]
+        if len(active) == chain_length:
+            numbers = active
+    except Exception:  # no script, or another layout of its units: the chain's order
+        pass
+    return numbers[::-1]
 
 
 class ForgeControl:
@@ -282,6 +313,7 @@ class ForgeControl:
 
     def __init__(self, p: Any, job: Job, chain: list[Any], denoiser: StageDenoiser, untiled: str | None):
         self.p, self.chain, self.untiled = p, chain, untiled
+        self.numbers = chain_unit_numbers(p, len(chain))
         stage = denoiser.stage
         cut = lambda t: StageHints(t, stage.size, denoiser.windows, stage.dilation, denoiser.size_multiple)
         self.hints: dict[int, StageHints] = {}
@@ -313,9 +345,14 @@ class ForgeControl:
                         controlnet_preprocessors(p) if any(k in n for k in UNTILED_PREPROCESSORS)), None)
         return ForgeControl(p, job, chain, denoiser, untiled)
 
+    def unit_number(self, index: int) -> int:
+        """The user's unit number of ``chain[index]`` (:func:`chain_unit_numbers`)."""
+        return self.numbers[index]
+
     def skip(self, index: int, reason: str) -> None:
         self.skipped.add(index)
-        comment(self.p, f"AccDiffusion: ControlNet unit {index + 1} was left out of the tiled hires pass: {reason}.")
+        comment(self.p, f"AccDiffusion: ControlNet unit {self.unit_number(index)} was left out of the tiled hires "
+                        f"pass: {reason}.")
 
     def for_call(self, items: CallItems | None, xs: torch.Tensor, sigmas: torch.Tensor, cond: dict, rows: int,
                  images_per_chunk: int, chunks: int) -> dict:
@@ -344,6 +381,8 @@ class ForgeControl:
                     if i in self.masks:
                         mask_rows = hint_rows_for(self.masks[i].batch, rows, images_per_chunk) or [0] * rows
                         put(cnet, "advanced_mask_weighting", self.masks[i].for_call(items, mask_rows))
+            if items is not None and log.isEnabledFor(logging.DEBUG):
+                log_call(items, {self.unit_number(i): h for i, h in self.hints.items() if i not in self.skipped})
             assert self.get_control is not None
             control = self.get_control(xs, sigmas, dict(cond), chunks)
         finally:

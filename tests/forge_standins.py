@@ -346,16 +346,16 @@ class ControlNetScriptsStandIn:
     """Forge's ControlNet script in process_before_every_sampling: puts the chain for this pass on
     the UnetPatcher (hires hint in the hires pass, p.is_hr_pass)."""
 
-    def __init__(self, make_chain):
-        self.make_chain = make_chain  # (is_hr_pass) -> list of ControlNet, head first
+    def __init__(self, make_units):
+        self.make_units = make_units  # (is_hr_pass) -> list of ControlNet, in the order of the UI's units
         self.alwayson_scripts = []
 
     def process_before_every_sampling(self, p, **kwargs):
-        chain = self.make_chain(p.is_hr_pass)
-        for a, b in zip(chain, chain[1:]):
-            a.previous_controlnet = b
         unet = p.sd_model.forge_objects.unet.clone()
-        unet.controlnet_linked_list = chain[0] if chain else None
+        unet.controlnet_linked_list = None
+        for cnet in self.make_units(p.is_hr_pass):  # unet.py:68-70 add_patched_controlnet: the new unit is the head
+            cnet.previous_controlnet = unet.controlnet_linked_list
+            unet.controlnet_linked_list = cnet
         p.sd_model.forge_objects.unet = unet
 
     def before_hr(self, p):

@@ -149,3 +149,40 @@ def test_another_unet_tiler_in_the_job_makes_us_step_aside(sd1_model, title, ena
     assert out.images[0].shape == (3, 128, 128)
     assert (webui.encoded == []) is steps_aside  # no tile prompts: the stock hires pass ran
     assert any("tiles the UNet itself" in c for c in p.comments) is steps_aside
+
+
+def test_img2img_with_controlnet_probe_gets_the_whole_hint_and_windows_their_crops(sd1_model):
+    """img2img has no hires hint (only ``hint_cond``, at the target size): the probe pass (a small
+    whole image) gets the whole hint resized to its size, every tiled call the crops of
+    ``hint_cond`` under its items; the unit's hint is restored afterwards."""
+    from a1111_standins import Img2ImgStandIn, picture, process_img2img
+
+    webui = WebUIStandIn()
+    p = Img2ImgStandIn(sd1_model, webui, [PROMPT], [picture(64, 64)], width=128, height=128)
+    hint = position_hint(16, 16)
+    params = [ControlParamsStandIn(hint, None)]
+    network = attach_controlnet(p, params)
+    seen = []
+    control = network.control
+
+    def spying(x):
+        try:
+            return control(x)
+        finally:
+            seen.append((tuple(x.shape), params[0].used_hint_cond.clone()))
+
+    network.control = spying
+    out = process_img2img(p, AccDiffusionSettings(enabled=True), facade)
+    assert out.images[0].shape == (3, 128, 128)
+    is_probe = [h.shape[0] == 1 and h.shape[-1] == s[-1] * 8 and torch.allclose(h, a1111.resize_hint(hint, h.shape[-2:]))
+                for s, h in seen]
+    assert any(is_probe) and all(s[-1] < 16 for (s, _), yes in zip(seen, is_probe) if yes)
+    tiled = [(s, h) for (s, h), yes in zip(seen, is_probe) if not yes]
+    assert tiled and all(h.shape[0] == s[0] and h.shape[-2:] == (s[-2] * 8, s[-1] * 8) for s, h in tiled)
+    crops = {tuple(h[r, 0, ::8, ::8].flatten().tolist()) for s, h in tiled for r in range(h.shape[0])}
+    windows = {tuple(hint[0, 0, y * 8:(y + s[-2]) * 8:8, x * 8:(x + s[-1]) * 8:8].flatten().tolist())
+               for s, _ in tiled for y in range(0, 16 - s[-2] + 1) for x in range(0, 16 - s[-1] + 1)}
+    local = [c for c in crops if c in windows]
+    assert local  # local windows: crops of hint_cond (dilated sub-hints are strided gathers)
+    assert params[0].hint_cond is hint and params[0].hr_hint_cond is None and not params[0].guidance_stopped
+    assert not any("left out" in c for c in p.comments)

@@ -65,9 +65,13 @@ def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, targe
     assert "get_control" not in units[0].__dict__ and all(u.cond_hint is None for u in units)
 
 
-def test_whole_job_with_controlnet_and_an_untileable_unit(sd1):
+def test_whole_job_with_controlnet_and_an_untileable_unit(sd1, caplog):
     """1.5× with padding, window_size 16, batch 2: images come back, every control evaluation is
-    window-sized, the T2I-adapter sits out with a note."""
+    window-sized, the T2I-adapter (the user's unit 2: Forge's chain has it as head) sits out with a
+    note that names it, and the debug log names the tiled unit 1 with its windows."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="accdiffusion")
     webui = ForgeWebUIStandIn()
     p = ForgeTxt2ImgStandIn(sd1, webui, adapter=facade, prompts=[PROMPT, "a cat"], width=128, height=128,
                             hr_scale=1.5)
@@ -78,6 +82,10 @@ def test_whole_job_with_controlnet_and_an_untileable_unit(sd1):
     assert units[0].calls and {shape[-1] for shape in units[0].calls} == {128}  # 16-latent windows and sub-latents
     assert units[1].calls == []
     assert any("unit 2" in c and "T2IAdapter" in c for c in p.comments)
+    assert not any("unit 1" in c for c in p.comments)
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "ControlNet unit" in r.getMessage()]
+    assert logged and all(m.startswith("AccDiffusion ControlNet unit 1 hint (1, 3, 192, 192): ") for m in logged)
+    assert any("window px y0:128 x0:128" in m for m in logged) and any("dilated slots" in m for m in logged)
     assert sd1.kmodel.control_calls and all(x[-1] == 16 for x, _ in sd1.kmodel.control_calls)
     assert "get_control" not in units[0].__dict__
 
@@ -95,3 +103,33 @@ def test_reference_preprocessor_runs_untiled_with_a_note(sd1):
     assert out.images[0].shape == (3, 128, 128)
     assert {shape[-1] for shape in units[0].calls} == {128}  # the whole latent
     assert any("reference_only" in c and "untiled" in c for c in p.comments)
+
+
+class ControlNetScriptWithUnits(ControlNetScriptsStandIn):
+    """The script as Forge runs it: its units in ``p.script_args``, "Low res only" ones left out of
+    the hires pass (scripts/controlnet.py:101-109, 431-446)."""
+
+    def __init__(self, p, units):
+        from types import SimpleNamespace
+
+        self.units = units  # (hr_option, ControlNet)
+        super().__init__(lambda hr: [cnet for option, cnet in units if not (hr and option == "Low res only")])
+        script = SimpleNamespace(title=lambda: "ControlNet", current_params={}, args_from=1, args_to=1 + len(units),
+                                 get_enabled_units=lambda args: [u for u in args if u.enabled])
+        self.alwayson_scripts = [script]
+        p.script_args = [True] + [SimpleNamespace(enabled=True, hr_option=option) for option, _ in units]
+
+
+def test_notes_name_the_users_unit_when_a_low_res_unit_sits_out_the_hires_pass(sd1):
+    """Units 1 "Low res only" (a ControlNet), 2 and 3 "Both": in the hires pass Forge's chain holds
+    unit 3 (head) and unit 2; the T2I-adapter in unit 2 gets the note with its number."""
+    webui = ForgeWebUIStandIn()
+    p = ForgeTxt2ImgStandIn(sd1, webui, adapter=facade, prompts=[PROMPT], width=64, height=64)
+    units = [("Low res only", ControlNet(torch.rand(1, 3, 128, 128))), ("Both", T2IAdapter(torch.rand(1, 3, 128, 128))),
+             ("Both", ControlNet(torch.rand(1, 3, 128, 128)))]
+    p.scripts = ControlNetScriptWithUnits(p, units)
+    out = process_images(p, AccDiffusionSettings(enabled=True), facade)
+    assert out.images[0].shape == (3, 128, 128)
+    notes = [c for c in p.comments if "left out" in c]
+    assert len(notes) == 1 and "unit 2 " in notes[0] and "T2IAdapter" in notes[0]
+    assert units[2][1].calls

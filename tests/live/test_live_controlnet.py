@@ -1,5 +1,6 @@
 """Opt-in: ControlNet units in the tiled pass of a live AUTOMATIC1111 1.10.1 with
-sd-webui-controlnet v1.1.455 and the tiny ControlNet of ../shared/tinymodel/controlnet/.
+sd-webui-controlnet v1.1.455, or of a live Forge 2 with its built-in ControlNet, and the tiny
+ControlNet of ../shared/tinymodel/controlnet/.
 
 Recipe (paths of this workplace; any A1111 with the tiny SD1.5 model works the same way):
 
@@ -13,8 +14,25 @@ Recipe (paths of this workplace; any A1111 with the tiny SD1.5 model works the s
     SD_WEBUI_URL=http://127.0.0.1:7874 SD_WEBUI_LOG=/work/ext/logs/a1111-7874.log \\
         .venv/bin/python -m pytest -q tests/live/test_live_controlnet.py
 
+Forge 2 (built-in ControlNet; the same tiny-cn-sd15.safetensors loads unchanged once the tiny SD1.5
+shapes are registered, e.g. by a preload extension that adds them to huggingface_guess's model list;
+its module is called "None" there):
+
+    mkdir -p /work/live-x/extensions /work/live-x/models/ControlNet
+    ln -sfn <this checkout> /work/live-x/extensions/sd-webui-accdiffusion
+    ln -sfn <forge-tiny-models> /work/live-x/extensions/forge-tiny-models
+    cp ../shared/tinymodel/controlnet/tiny-cn-sd15.safetensors /work/live-x/models/ControlNet/
+    echo '{"show_progress_type": "Approx cheap"}' > /work/live-x/config.json
+    /work/ext-forge/start-forge.sh 7877 --data-dir /work/live-x --loglevel DEBUG
+    SD_WEBUI_URL=http://127.0.0.1:7877 SD_WEBUI_FORGE=1 SD_WEBUI_LOG=/work/ext-forge/logs/forge-7877.log \
+        .venv/bin/python -m pytest -q tests/live/test_live_controlnet.py
+
 With SD_WEBUI_LOG (the host's log, started with ``--loglevel DEBUG``) the per-window hint crops the
-extension logs are compared with the windows of the stage.
+extension logs are compared with the windows of the stage. On Forge, a probe extension in the host
+that wraps every ControlNet's ``get_control`` and logs, per batch row, where the hint it really got
+sits in ``cond_hint_original`` (lines "[cn-probe] Forge unit ... src: crop (top, left) ...", as
+the workplace's test-extensions/zz-cn-probe writes them) is checked too, when present: no hires
+call may get the whole hint, and the crops found are exactly the logged windows.
 """
 
 import base64
@@ -27,7 +45,7 @@ import pytest
 from test_live_api import FORGE, URL, call, txt2img
 
 LOG = os.environ.get("SD_WEBUI_LOG")
-pytestmark = pytest.mark.skipif(not URL or FORGE, reason="set SD_WEBUI_URL (A1111 with sd-webui-controlnet)")
+pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL (A1111 with sd-webui-controlnet, or Forge)")
 
 
 def hint_png(size=256):
@@ -51,7 +69,7 @@ def cn_model():
 
 
 def unit(model, **kw):
-    return {"enabled": True, "image": hint_png(), "module": "none", "model": model, "weight": 1.0,
+    return {"enabled": True, "image": hint_png(), "module": "None" if FORGE else "none", "model": model, "weight": 1.0,
             "pixel_perfect": True, **kw}
 
 
@@ -59,11 +77,19 @@ def log_size():
     return os.path.getsize(LOG) if LOG else 0
 
 
-def logged_crops(start):
+def log_text(start):
     with open(LOG, errors="replace") as f:
         f.seek(start)
-        text = f.read()
-    return re.findall(r"AccDiffusion ControlNet unit (\d+) hint \(1, 3, (\d+), (\d+)\): (.*)", text)
+        return f.read()
+
+
+def logged_crops(text):
+    return re.findall(r"AccDiffusion ControlNet unit (\d+) hint \(\d+, 3, (\d+), (\d+)\): (.*)", text)
+
+
+def probed_forge_crops(text):
+    """(hires?, src) of every Forge ControlNet call the probe saw."""
+    return re.findall(r"\[cn-probe\] Forge unit \d+ \w+ x \([^)]*\) hint \([^)]*\) is_hr_pass=(\w+) src: (.*)", text)
 
 
 CASES = {
@@ -83,7 +109,8 @@ def test_two_units_in_the_tiled_pass(cn_model, case, modes):
     start = log_size()
     body_units = [unit(cn_model, resize_mode="Crop and Resize", hr_option=modes[0]),
                   unit(cn_model, weight=0.6, hr_option=modes[1], guidance_start=0.2, guidance_end=0.9)]
-    status, out = call("/sdapi/v1/txt2img", {
+    forge = dict(hr_additional_modules=["Use same choices"], hr_cfg=5) if FORGE else {}
+    status, out = call("/sdapi/v1/txt2img", {**forge,
         "prompt": "a red-haired astronaut riding a horse on the moon", "negative_prompt": "blurry", "steps": 3,
         "enable_hr": True, "hr_upscaler": "Latent", "denoising_strength": 0.6, "seed": 7, "sampler_name": "Euler",
         "cfg_scale": 5, **kw,
@@ -97,12 +124,54 @@ def test_two_units_in_the_tiled_pass(cn_model, case, modes):
     assert "AccDiffusion: True" in out["info"]
     if not LOG:
         return
-    crops = logged_crops(start)
+    text = log_text(start)
+    crops = logged_crops(text)
     units = {int(u) for u, *_ in crops}
-    assert units == ({1, 2} if modes == ("Both", "Both") else {1, 2})  # the hint is swapped for every unit
-    for _, h, w, text in crops:
+    # A1111 swaps the hint of every unit (a "Low res only" one then sits the call out); Forge's
+    # ControlNet leaves a "Low res only" unit out of the hires pass itself
+    assert units == ({2} if FORGE and modes[0] == "Low res only" else {1, 2})
+    for _, h, w, where in crops:
         assert (int(h), int(w)) == (target // 8 * 8, target // 8 * 8)
-        for top, bottom, left, right in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", text):
+        for top, bottom, left, right in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where):
             assert 0 <= int(top) < int(bottom) <= int(h) and 0 <= int(left) < int(right) <= int(w)
             side = acc.get("window_size") or kw["width"] // 8
             assert int(bottom) - int(top) == min(side, target // 8) * 8
+    probed = probed_forge_crops(text)
+    if FORGE and probed:
+        hires = [src for is_hr, src in probed if is_hr == "True" and not src.startswith("skipped")]
+        assert hires and not any(src.startswith("whole hint") for src in hires)
+        found = {tuple(map(int, xy)) for src in hires for xy in re.findall(r"\((\d+), (\d+)\)", src)}
+        windows = {(int(top), int(left)) for *_, where in crops
+                   for top, _, left, _ in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where)}
+        assert found == windows
+
+
+def test_img2img_with_two_units(cn_model):
+    """img2img upscale through the tiled pass (probe pass first): two units, crops logged and, on
+    Forge with the probe extension, found where the logged windows are."""
+    from test_live_api import init_image
+
+    start = log_size()
+    status, out = call("/sdapi/v1/img2img", {
+        "init_images": [init_image()], "prompt": "a red-haired astronaut riding a horse on the moon",
+        "negative_prompt": "blurry", "steps": 4, "width": 128, "height": 128, "denoising_strength": 0.5, "seed": 7,
+        "sampler_name": "Euler", "cfg_scale": 5, "resize_mode": 0,
+        "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True}]},
+                             "ControlNet": {"args": [unit(cn_model), unit(cn_model, weight=0.6, guidance_start=0.2)]}}})
+    assert status == 200, out
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).size == (128, 128)
+    assert "AccDiffusion: True" in out["info"]
+    if not LOG:
+        return
+    text = log_text(start)
+    crops = logged_crops(text)
+    assert {int(u) for u, *_ in crops} == {1, 2}
+    windows = {(int(top), int(left)) for _, h, w, where in crops
+               for top, _, left, _ in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where)}
+    assert all((int(h), int(w)) == (128, 128) for _, h, w, _ in crops) and windows
+    probed = probed_forge_crops(text)
+    if FORGE and probed:
+        found = {tuple(map(int, xy)) for _, src in probed for xy in re.findall(r"\((\d+), (\d+)\)", src)}
+        assert found == windows and not any(src.startswith("whole hint") for _, src in probed)

@@ -1,0 +1,58 @@
+"""Opt-in: AccDiffusion beside another UNet tiler in the same request, on a live WebUI.
+
+A1111 needs Tiled Diffusion (pkuliyi2015/multidiffusion-upscaler-for-automatic1111, tried at
+22798f68) installed; Forge has its built-in "MultiDiffusion Integrated". With both enabled,
+AccDiffusion steps aside with a note (server log; the API's answer has no notes) and the image is
+the other tiler's alone.
+
+    SD_WEBUI_URL=http://127.0.0.1:7876 [SD_WEBUI_LOG=<host log>] .venv/bin/python -m pytest -q tests/live/test_live_companions.py
+    SD_WEBUI_URL=http://127.0.0.1:7877 SD_WEBUI_FORGE=1 [SD_WEBUI_LOG=...] .venv/bin/python -m pytest -q tests/live/test_live_companions.py
+"""
+
+import os
+
+import pytest
+
+from test_live_api import FORGE, URL, call, digests, infotext, sizes, txt2img
+
+LOG = os.environ.get("SD_WEBUI_LOG")
+pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
+
+
+def tiler(enabled):
+    if FORGE:  # forge_multidiffusion.py:20-30: enabled, method, tile width/height, overlap (pixels), batch
+        return {"MultiDiffusion Integrated": {"args": [enabled, "MultiDiffusion", 128, 128, 64, 4]}}
+    # tilediffusion.py:246-255: enabled, method, overwrite size, keep input size, width, height,
+    # tile width/height, overlap (latent pixels), tile batch size
+    return {"Tiled Diffusion": {"args": [enabled, "MultiDiffusion", False, True, 1024, 1024, 16, 16, 8, 1]}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiler_installed():
+    status, out = call("/sdapi/v1/scripts")
+    name = "multidiffusion integrated" if FORGE else "tiled diffusion"
+    if status != 200 or name not in out.get("txt2img", []):
+        pytest.skip(f"{name} is not installed")
+
+
+def run(acc, other, width):
+    out = txt2img(acc=None, width=width, height=width, steps=3,
+                  alwayson_scripts={"AccDiffusion": {"args": [{"enabled": acc}]}, **tiler(other)})
+    return out
+
+
+def test_another_tiler_enabled_makes_accdiffusion_step_aside():
+    width = 128 if FORGE else 192  # Tiled Diffusion only tiles a first pass larger than one tile
+    start = os.path.getsize(LOG) if LOG else 0
+    both = run(True, True, width)
+    alone = run(False, True, width)
+    ours = run(True, False, width)
+    assert sizes(both) == [(2 * width, 2 * width)]
+    assert digests(both) == digests(alone) != digests(ours)
+    assert "AccDiffusion" not in infotext(both) and "AccDiffusion: True" in infotext(ours)
+    if LOG:
+        with open(LOG, errors="replace") as f:
+            f.seek(start)
+            text = f.read()
+        name = "Forge's MultiDiffusion" if FORGE else "Tiled Diffusion"
+        assert f"AccDiffusion: {name} is enabled and tiles the UNet itself" in text
