@@ -1,0 +1,291 @@
+"""Measure AccDiffusion on the trained toy model: duplicates after 2× and 3× upscaling with plain
+tiling vs. the method's defaults, how well the recorded word masks cover their objects, and how
+often the first pass draws what the caption asks. Also the demo picture."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..attention import AttentionRecorder, find_cross_attention
+from ..prompts import build_word_masks
+from ..settings import AccDiffusionSettings
+from ..words import align_words, split_words
+from .model import ToyHost, load_host
+from .sample import RECORD_DOWNSAMPLE, first_pass, upscale, upscale_progressive
+from .scenes import COLOURS, LATENT, PATCH, SHAPES, Scene, counts, latent_rgb, make_scene, \
+    matches_caption, segment
+
+EVAL_SEED_OFFSET = 0  # scenes 0..N-1 give the captions; training uses seeds from 1 000 000
+CONFIGS: dict[str, AccDiffusionSettings] = {
+    # (a) plain tiling: one prompt for all windows, no dilated branch, no skip residual
+    "plain tiling": AccDiffusionSettings(enabled=True, patch_prompts=False, dilated_sampling=False,
+                                         window_interaction=False, skip_residual=False,
+                                         tile_batch_size=64),
+    # (a') the method with only its patch prompts off
+    "AccDiffusion, patch prompts off": AccDiffusionSettings(enabled=True, patch_prompts=False,
+                                                            tile_batch_size=64),
+    # (b) the defaults
+    "AccDiffusion defaults": AccDiffusionSettings(enabled=True, tile_batch_size=64),
+}
+SCALES = (2, 3)
+
+
+# --- duplicates ------------------------------------------------------------------------------
+def duplicates(first: torch.Tensor, upscaled: torch.Tensor) -> tuple[int, int]:
+    """(extra objects, lost objects) of an upscaled latent against its first pass, per colour.
+    Extra: objects of ≥ 3 latent px (the smallest object the model draws) beyond every blob of
+    that colour the first pass had, specks included (a speck that grows is not a duplicate).
+    Lost: first-pass objects (≥ 2 px) missing from the upscaled image (≥ 2 px)."""
+    up_objects, up_any = counts(upscaled, min_area=3), counts(upscaled)
+    first_any, first_objects = counts(first, min_area=1), counts(first)
+    extra = sum(max(0, up_objects[c] - first_any[c]) for c in COLOURS)
+    lost = sum(max(0, first_objects[c] - up_any[c]) for c in COLOURS)
+    return extra, lost
+
+
+# --- word masks ------------------------------------------------------------------------------
+def word_masks(host: ToyHost, caption: str, token_maps: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Opened word masks (8×8 bool) of a caption, by word text (a word may occur twice)."""
+    words = split_words(caption)
+    positions = align_words(words, host.context_ids(caption), host.special_ids, host.tokenize)
+    masks = build_word_masks(token_maps, positions).masks
+    out: dict[str, list[torch.Tensor]] = {}
+    for word, mask in zip(words, masks):
+        out.setdefault(word.text, []).append(mask)
+    return out
+
+
+def iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+@dataclass
+class WordIoU:
+    colour: list[float]
+    shape: list[float]
+    other_object: list[float]  # colour word vs. another object of the scene: the chance level
+    shape_other_object: list[float] = field(default_factory=list)
+    colour_points: list[float] = field(default_factory=list)  # 1 when the map's peak is on the object
+    shape_points: list[float] = field(default_factory=list)
+
+    def add(self, other: "WordIoU") -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
+
+
+def caption_ious(host: ToyHost, caption: str, token_maps: torch.Tensor,
+                 truth: dict[str, np.ndarray]) -> WordIoU:
+    """IoU of each object's colour word and shape word with that object's mask (``truth``: colour
+    → 8×8 mask of the object of that colour; the caption's colours are distinct)."""
+    masks = word_masks(host, caption, token_maps)
+    maps = raw_word_maps(host, caption, token_maps)
+    out = WordIoU([], [], [])
+    objects = _caption_objects(caption)
+    shape_counts = {shape: sum(s == shape for _, s in objects) for _, shape in objects}
+    for colour, shape in objects:
+        if colour not in truth:
+            continue
+        out.colour.append(iou(masks[colour][0], truth[colour]))
+        out.colour_points.append(float(truth[colour].flat[int(maps[colour][0].argmax())]))
+        unique_shape = shape_counts[shape] == 1  # a shape named twice cannot be told apart
+        if unique_shape:
+            out.shape.append(iou(masks[shape][0], truth[colour]))
+            out.shape_points.append(float(truth[colour].flat[int(maps[shape][0].argmax())]))
+        for other, _ in objects:
+            if other != colour and other in truth:
+                out.other_object.append(iou(masks[colour][0], truth[other]))
+                if unique_shape:
+                    out.shape_other_object.append(iou(masks[shape][0], truth[other]))
+    return out
+
+
+def raw_word_maps(host: ToyHost, caption: str, token_maps: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    from ..prompts import word_maps as merge_tokens
+
+    words = split_words(caption)
+    positions = align_words(words, host.context_ids(caption), host.special_ids, host.tokenize)
+    out: dict[str, list[torch.Tensor]] = {}
+    for word, m in zip(words, merge_tokens(token_maps, positions)):
+        out.setdefault(word.text, []).append(m)
+    return out
+
+
+def _caption_objects(caption: str) -> list[tuple[str, str]]:
+    words = caption.replace(",", " ").split()
+    return [(w, words[i + 1]) for i, w in enumerate(words[:-1]) if w in COLOURS and words[i + 1] in SHAPES]
+
+
+def generated_truth(latent: torch.Tensor) -> dict[str, np.ndarray]:
+    """Colour → the largest segment of that colour in a generated latent (8×8 bool)."""
+    seg = segment(latent_rgb(latent[None])[0], min_area=1)
+    return {c: max(parts, key=lambda m: m.sum()) for c, parts in seg.items() if parts}
+
+
+def scene_truth(scene: Scene) -> dict[str, np.ndarray]:
+    """Colour → true object mask on the latent grid (a latent pixel is in when half covered)."""
+    out = {}
+    for obj, mask in zip(scene.objects, scene.masks):
+        cover = mask.reshape(LATENT, PATCH, LATENT, PATCH).mean((1, 3))
+        out[obj.colour] = cover >= 0.5
+    return out
+
+
+def probe_maps(host: ToyHost, scene: Scene, timesteps: Sequence[int] = (200, 400, 600, 800),
+               seed: int = 0) -> torch.Tensor:
+    """[tokens, 8, 8] attention maps of a real scene: its latent noised to a few timesteps, one
+    UNet call each, recorded as in the first pass."""
+    from ..reference import sd_alphas_cumprod
+    from .scenes import scene_latent
+
+    generator = torch.Generator().manual_seed(seed)
+    x0 = scene_latent(scene)[None]
+    alphas = sd_alphas_cumprod()
+    recorder = AttentionRecorder((LATENT, LATENT), 1, downsample=RECORD_DOWNSAMPLE)
+    recorder.row_images = [0]
+    cond = host.encode([scene.caption])
+    try:
+        recorder.attach(find_cross_attention(host.unet, include_middle=False))
+        with torch.no_grad():
+            for t in timesteps:
+                a = alphas[t]
+                xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator)
+                host._eps(xt, torch.tensor([float(t)]), cond)
+    finally:
+        recorder.detach()
+    maps = recorder.maps(0)
+    assert maps is not None
+    return maps
+
+
+# --- the evaluation ----------------------------------------------------------------------------
+def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: ToyHost | None = None,
+             configs: dict[str, AccDiffusionSettings] | None = None, scales: Sequence[int] = SCALES,
+             chunk: int = 25, verbose: bool = True) -> dict:
+    host = host or load_host()
+    configs = configs or CONFIGS
+    start = time.time()
+    scene_list = [make_scene(EVAL_SEED_OFFSET + i) for i in range(scenes)]
+    captions = [s.caption for s in scene_list]
+    report: dict = {"scenes": scenes, "configs": {}, "first_pass": {}, "iou": {}}
+    firsts, recorders = [], []
+    for c0 in range(0, scenes, chunk):
+        latent, recorder = first_pass(host, captions[c0:c0 + chunk], seed=c0)
+        firsts.append(latent)
+        recorders.append(recorder)
+    first = torch.cat(firsts)
+    first_counts = [counts(l) for l in first]
+    saved: dict[str, list[torch.Tensor]] = {"first": [first]}
+    matched = [matches_caption(l, c) for l, c in zip(first, captions)]
+    report["first_pass"] = {"caption_match_share": sum(matched) / scenes,
+                            "objects_per_scene": sum(sum(c.values()) for c in first_counts) / scenes,
+                            "captioned_objects_per_scene": sum(len(s.objects) for s in scene_list) / scenes}
+
+    gen = WordIoU([], [], [])
+    real = WordIoU([], [], [])
+    for i, (scene, latent) in enumerate(zip(scene_list, first)):
+        rec = recorders[i // chunk]
+        maps = rec.maps(i % chunk)
+        gen.add(caption_ious(host, scene.caption, maps, generated_truth(latent)))
+        real.add(caption_ious(host, scene.caption, probe_maps(host, scene, seed=i), scene_truth(scene)))
+    mean = lambda v: round(float(np.mean(v)), 3) if v else None
+    report["iou"] = {name: {"colour word IoU": mean(w.colour), "shape word IoU": mean(w.shape),
+                            "colour word IoU with another object (chance)": mean(w.other_object),
+                            "shape word IoU with another object (chance)": mean(w.shape_other_object),
+                            "colour word peak on its object": mean(w.colour_points),
+                            "shape word peak on its object": mean(w.shape_points),
+                            "objects": len(w.colour)}
+                     for name, w in (("generated first pass", gen), ("real scenes, probed", real))}
+    if verbose:
+        print(json.dumps(report, indent=1), f"{time.time() - start:.0f} s", flush=True)
+
+    for name, settings in configs.items():
+        rows = {scale: {"extra": [], "lost": [], "words": []} for scale in scales}
+        for c0, (latent, rec) in enumerate(zip(firsts, recorders)):
+            caps = captions[c0 * chunk:(c0 + 1) * chunk]
+            result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0)
+            for stage, up in zip(result.stages, stage_latents):
+                scale = round(stage.scale)
+                if scale not in rows:
+                    continue
+                saved.setdefault(f"{name}/{scale}x", []).append(up)  # type: ignore[arg-type]
+                for j, one in enumerate(up):
+                    e, l = duplicates(first[c0 * chunk + j], one)
+                    rows[scale]["extra"].append(e)
+                    rows[scale]["lost"].append(l)
+                    tiles = result.tile_prompts[stage.index - 1][j] or [caps[j]]
+                    rows[scale]["words"].append(np.mean([len(split_words(t)) for t in tiles]))
+        per_scale = {}
+        for scale, r in rows.items():
+            per_scale[f"{scale}x"] = {
+                "duplicates_per_scene": round(float(np.mean(r["extra"])), 3),
+                "scenes_with_duplicates": round(float(np.mean(np.asarray(r["extra"]) > 0)), 3),
+                "lost_per_scene": round(float(np.mean(r["lost"])), 3),
+                "words_per_tile_prompt": round(float(np.mean(r["words"])), 2)}
+        if verbose:
+            print(name, per_scale, f"{time.time() - start:.0f} s", flush=True)
+        report["configs"][name] = per_scale
+    report["seconds"] = round(time.time() - start)
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
+        # every latent, so the counting can be re-run without sampling again
+        torch.save({k: torch.cat(v) for k, v in saved.items()}, Path(out).with_suffix(".pt"))
+    return report
+
+
+# --- the demo picture ----------------------------------------------------------------------------
+def _to_image(latent: torch.Tensor, side: int):
+    from PIL import Image
+
+    from .scenes import decode
+
+    pixels = (decode(latent[None])[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(pixels).resize((side, side), Image.NEAREST)
+
+
+def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: int = 3,
+         out: Path | str = "toy-demo.png", host: ToyHost | None = None) -> Path:
+    """First pass | plain tiling | AccDiffusion defaults | the last stage's tile-prompt map."""
+    from PIL import Image, ImageDraw
+
+    from ..hires import stage_windows
+    from ..tilemap import draw_tile_prompt_map
+    from ..tiles import Window
+
+    host = host or load_host()
+    latent, recorder = first_pass(host, [caption], seed=seed)
+    plain = upscale(host, latent, [caption], recorder, CONFIGS["plain tiling"], scale, seed)
+    acc = upscale(host, latent, [caption], recorder, CONFIGS["AccDiffusion defaults"], scale, seed)
+    side = 384
+    stage = acc.stages[-1]
+    k = side // (8 * stage.size[0])  # draw the map at the panel size: windows scaled by k
+    windows = [Window(w.top * k, w.left * k, w.height * k, w.width * k)
+               for w in stage_windows(stage, (LATENT, LATENT), CONFIGS["AccDiffusion defaults"])]
+    tile_map = draw_tile_prompt_map(_to_image(latent[0], side), windows, acc.tile_prompts[-1][0],
+                                    (stage.size[0] * k, stage.size[1] * k)).resize((side, side))
+    first_n, plain_n, acc_n = counts(latent[0]), counts(plain.latent[0]), counts(acc.latent[0])
+    fmt = lambda c: ", ".join(f"{v} {k}" for k, v in c.items() if v) or "nothing"
+    panels = [(f"first pass 64 px: {fmt(first_n)}", _to_image(latent[0], side)),
+              (f"(a) plain tiling {scale}x: {fmt(plain_n)}", _to_image(plain.latent[0], side)),
+              (f"(b) AccDiffusion {scale}x: {fmt(acc_n)}", _to_image(acc.latent[0], side)),
+              ("tile prompts of (b), last stage", tile_map)]
+    head = 40
+    sheet = Image.new("RGB", (side * len(panels) + 10 * (len(panels) - 1), side + head + 24), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, img) in enumerate(panels):
+        x = i * (side + 10)
+        sheet.paste(img, (x, head))
+        draw.text((x + 4, 6), label, fill="black")
+    draw.text((4, side + head + 6), f'caption "{caption}", seed {seed}; toy model, '
+              f'python -m accdiffusion.toy demo --caption "..." --seed {seed} --scale {scale}', fill="black")
+    out = Path(out)
+    sheet.save(out)
+    return out

@@ -1,0 +1,117 @@
+"""Train the toy model on synthetic scenes: ε-prediction on SD's schedule, ~10 % empty captions,
+a wall-clock budget (the learning rate follows elapsed time, so a budget gives a full schedule),
+EMA weights saved every few hundred steps so an interrupted run still leaves usable weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..reference import sd_alphas_cumprod
+from .model import WEIGHTS, TOKENIZER_DIR, build_text_encoder, build_unet, encode_ids, save_weights
+from .scenes import make_scene, scene_latent
+
+TRAIN_SEED_OFFSET = 1_000_000  # training scenes never share a seed with evaluation scenes
+
+
+def build_dataset(count: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    latents, ids = [], []
+    for i in range(count):
+        scene = make_scene(TRAIN_SEED_OFFSET + i)
+        latents.append(scene_latent(scene))
+        ids.append(host_context_ids(tokenizer, scene.caption))
+    return torch.stack(latents), torch.tensor(ids)
+
+
+def host_context_ids(tokenizer, prompt: str) -> list[int]:
+    """The exact context ids the reference host feeds the model for ``prompt``."""
+    from ..reference import Host
+
+    return Host.context_ids(_TokenizerOnly(tokenizer), prompt)  # type: ignore[arg-type]
+
+
+class _TokenizerOnly:
+    """Just enough of a Host for ``Host.context_ids`` (the exact ids the sampler will see)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def train(minutes: float = 40.0, batch: int = 64, scenes: int = 24000, lr: float = 1.5e-3,
+          empty_share: float = 0.1, out: Path = WEIGHTS, seed: int = 0, log_every: int = 25,
+          save_every: int = 200) -> dict:
+    from ..reference import load_tokenizer
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tokenizer = load_tokenizer(str(TOKENIZER_DIR))
+    t0 = time.time()
+    latents, ids = build_dataset(scenes, tokenizer)
+    empty_ids = ids.new_tensor(host_context_ids(tokenizer, ""))
+    print(f"dataset: {scenes} scenes in {time.time() - t0:.0f} s", flush=True)
+
+    unet, text_model = build_unet().train(), build_text_encoder().train()
+    params = [p for p in list(unet.parameters()) + list(text_model.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_model).eval()
+    ema_params = [p for p in list(ema_unet.parameters()) + list(ema_text.parameters()) if p.requires_grad]
+    alphas = sd_alphas_cumprod()
+    budget = minutes * 60.0
+    start = time.time()
+    step, running, history = 0, [], []
+    while True:
+        elapsed = time.time() - start
+        if elapsed >= budget:
+            break
+        frac = elapsed / budget
+        scale = min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr * scale
+        index = torch.from_numpy(rng.integers(0, scenes, batch))
+        x0 = latents[index]
+        flip = torch.from_numpy(rng.random(batch) < 0.5)
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        cond = ids[index].clone()
+        cond[torch.from_numpy(rng.random(batch) < empty_share)] = empty_ids
+        t = torch.from_numpy(rng.integers(0, len(alphas), batch))
+        a = alphas[t].view(-1, 1, 1, 1)
+        noise = torch.randn_like(x0)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        context = encode_ids(text_model, cond)
+        pred = unet(xt, timesteps=t, context=[context])
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.995, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema_params, params):
+                e.lerp_(p, 1 - decay)
+        running.append(loss.item())
+        step += 1
+        if step % log_every == 0:
+            mean = sum(running) / len(running)
+            history.append((step, round(time.time() - start, 1), round(mean, 4)))
+            print(f"step {step} t {time.time() - start:.0f}s loss {mean:.4f} lr {lr * scale:.2e}", flush=True)
+            running = []
+        if step % save_every == 0:
+            _save(out, ema_unet, ema_text, step, start, history, batch, scenes, empty_share)
+    meta = _save(out, ema_unet, ema_text, step, start, history, batch, scenes, empty_share)
+    print(f"done: {step} steps in {time.time() - start:.0f} s → {out}", flush=True)
+    return meta
+
+
+def _save(out, unet, text_model, step, start, history, batch, scenes, empty_share) -> dict:
+    meta = {"steps": step, "seconds": round(time.time() - start), "batch": batch, "scenes": scenes,
+            "empty_caption_share": empty_share, "loss_history": history[-400:]}
+    save_weights(Path(out), unet, text_model, meta)
+    return meta
