@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from .attention import AttentionRecorder, find_cross_attention
+from .batching import AutoTileBatch
 from .control import CallItems, StageHints, hint_rows_for, log_call, resize_hint
-from .hires import StageDenoiser
+from .hires import StageDenoiser, v_prediction_c_skip
 from .job import comment, hook_skip_residual
 from .rows import UNPLACED, positive_texts, row_images, schedule_entry, split_cond, stack_cond, tile_conditions
 from .tiles import Window
@@ -188,6 +189,16 @@ class A1111Backend:
             yield call
         finally:
             recorder.detach()
+
+    def auto_tile_batch(self) -> AutoTileBatch:
+        """tile_batch_size 0: CUDA free memory as torch reports it (A1111 keeps no count of its own)."""
+        return AutoTileBatch()
+
+    def skip_scale(self, p: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """c_skip(σ) for the dilated branch: A1111 wraps a v-model (``parameterization == "v"``: ldm
+        for SD 2.x, sd_models_xl.py:99 for SGM) in k-diffusion's CompVisVDenoiser
+        (sd_samplers_kdiffusion.py:61), whose c_skip is 1 / (σ² + 1); an ε-model needs none (c_skip = 1)."""
+        return v_prediction_c_skip if getattr(p.sd_model, "parameterization", "eps") == "v" else None
 
     def prepare_stage(self, p: Any, job: "Job") -> None:
         """Nothing to reset on A1111 between stages."""

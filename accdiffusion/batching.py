@@ -53,6 +53,18 @@ def resolve_tile_batch(settings: Any, device: torch.device | str, probe: MemoryP
     return fit_tile_batch(probe.free_bytes(), probe.window_bytes())
 
 
+def planned_tile_batch(tile_batch_size: int, auto: "AutoTileBatch | None", device: torch.device | str) -> int:
+    """Windows per UNet call as known before or while a stage runs (for a host's memory estimate):
+    the setting when set; automatic: where it applies (CUDA), the largest batch chosen so far in
+    the job (1 before the first measurement, whose call runs one window alone), elsewhere
+    :data:`CPU_TILE_BATCH`."""
+    if tile_batch_size:
+        return int(tile_batch_size)
+    if auto is None or not auto.applies(torch.device(device)):
+        return CPU_TILE_BATCH
+    return max(auto.chosen.values(), default=1)
+
+
 def cuda_free_bytes(device: torch.device) -> int:
     """Free device memory plus what torch's allocator holds reserved but unused (it reuses that
     before asking the driver)."""

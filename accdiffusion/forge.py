@@ -32,6 +32,7 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from contextlib import contextmanager
@@ -40,8 +41,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from .attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
+from .batching import AutoTileBatch, planned_tile_batch
 from .control import CallItems, StageHints, hint_rows_for, log_call
-from .hires import StageDenoiser
+from .hires import StageDenoiser, v_prediction_c_skip
 from .job import comment, hook_skip_residual
 from .rows import schedule_entry, split_cond, stack_cond, tile_conditions
 from .tiles import Window
@@ -175,6 +177,23 @@ class ForgeBackend:
                 sampling_cleanup(unet)
 
     # --- hires -------------------------------------------------------------------------------
+    def auto_tile_batch(self) -> AutoTileBatch:
+        """tile_batch_size 0: free memory as Forge counts it (backend/memory_management.py:1008
+        ``get_free_memory``: the device's free memory plus what torch holds reserved but inactive),
+        so the batch sees what Forge's own model loading left."""
+        from backend import memory_management
+
+        return AutoTileBatch(free_bytes=lambda device: int(memory_management.get_free_memory(device)))
+
+    def skip_scale(self, p: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """c_skip(σ) for the dilated branch from the model's predictor (backend/modules/k_prediction.py:
+        ``prediction_type`` 'v_prediction' and 'edm' both denoise as x·σd²/(σ² + σd²) + …, so
+        c_skip = σd²/(σ² + σd²)); ε-models need none (c_skip = 1)."""
+        predictor = getattr(getattr(p.sd_model.forge_objects.unet, "model", None), "predictor", None)
+        if getattr(predictor, "prediction_type", None) in ("v_prediction", "edm"):
+            return functools.partial(v_prediction_c_skip, sigma_data=float(predictor.sigma_data))
+        return None
+
     def prepare_stage(self, p: Any, job: Job) -> None:
         """What Forge does before every sampling (processing.py:1373, :1518): start from the UNet
         with LoRA applied, so the first pass's patches and other extensions' patches of the
@@ -235,11 +254,16 @@ class ForgeBackend:
         """Forge sizes its loading and its cond/uncond batching by the full latent; the tiled pass
         peaks at one batch of windows (or of dilated sub-latents)."""
         base = unet.model.memory_required
+        # shifted edge windows may be up to 1.5 windows long: the largest window shape of the stage
         win_h = max(max(w.height for w in windows), -(-denoiser.stage.size[0] // denoiser.stage.dilation))
         win_w = max(max(w.width for w in windows), -(-denoiser.stage.size[1] // denoiser.stage.dilation))
-        per_call = job.settings.tile_batch_size
+        if denoiser.settings.window_mode == "shifted":
+            win_h, win_w = min(denoiser.stage.size[0], win_h * 3 // 2), min(denoiser.stage.size[1], win_w * 3 // 2)
+        device = denoiser.reference.device if denoiser.reference is not None else torch.device("cpu")
 
         def window_shape(shape: Sequence[int]) -> list[int]:
+            # asked again at every step: an automatic batch is known once its first call measured it
+            per_call = planned_tile_batch(job.settings.tile_batch_size, job.auto_batch, device)
             return [per_call * int(shape[0]), int(shape[1]), win_h, win_w]
 
         def per_window(input_shape: Sequence[int]) -> Any:  # Forge passes input_shape= by name

@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from .attention import AttentionRecorder
+from .batching import AutoTileBatch
 from .hires import (EncodeCache, Stage, StageDenoiser, StageStats, cover_resize, latent_stats, plan_stages,
-                    restandardise, should_tile_decode, stage_windows, tiled_decode)
+                    restandardise, restandardise_stage_output, should_tile_decode, stage_windows, tiled_decode)
 from .prompts import ImagePromptPlan
 from .rows import positive_texts
 from .settings import AccDiffusionSettings
+from .tileprompts import StageTilePrompts, WindowConditioning
 from .tiles import Window
 from .words import align_words, split_words
 
@@ -79,6 +81,9 @@ class Job:
     _batch_restore: list[Callable[[], None]] = field(default_factory=list)  # p.sample overrides
     conditioning: Any = None  # the batch's positive conditioning (for a probe pass), set by p.sample
     probe_stats: list[Any] = field(default_factory=list)  # probe.ProbeStats of each probe pass
+    # tile_batch_size 0: one per job, so each window shape's memory is measured once (the backend
+    # makes it: Forge reads free memory through its own memory management)
+    auto_batch: AutoTileBatch | None = None
 
     # --- hooks -------------------------------------------------------------------------------
     def set_attr(self, obj: Any, name: str, value: Any, batch: bool = False) -> None:
@@ -155,16 +160,24 @@ class TiledPassTarget:
 def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassTarget) -> torch.Tensor:
     """The progressive tiled pass; returns the last stage's latent (the source's latent if
     interrupted before the first stage). Needs ``p.rng``, ``p.sampler``, ``p.scripts`` as the
-    WebUI's own pass does; the hooks of each stage are undone in a ``finally``."""
+    WebUI's own pass does; the hooks of each stage are undone in a ``finally``.
+
+    Every stage's input and output (the last one included, before decoding) is re-standardised
+    to one reference: the source's ``stats_of`` (img2img: the init latent), else its latent (the
+    first pass)."""
     webui, settings, state = job.webui, job.settings, job.webui.state
     samples = source.latent
     base = (samples.shape[-2], samples.shape[-1])
     stages = plan_stages(base, target.latent_size, settings.progressive)
     webui.add_progress(len(stages) - 1, (len(stages) - 1) * target.steps)
     mean, std = latent_stats((source.stats_of if source.stats_of is not None else samples).float())
+    # each distinct tile prompt is encoded once per batch, whichever stage or step asks for it
     cache: EncodeCache[list] = EncodeCache(
         lambda prompts: webui.learned_conditioning(p, prompts, target.width, target.height))
     positives = positive_texts(target.cond)
+    if job.auto_batch is None:
+        job.auto_batch = job.backend.auto_tile_batch()
+    skip_scale = job.backend.skip_scale(p)
 
     latent = samples
     batch_maps: list[TileMapData] = []
@@ -180,16 +193,11 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
         p.rng = webui.image_rng(x_up.shape[1:], p)
         noise = p.rng.next()
         windows = stage_windows(stage, base, settings)
-        tile_prompts = [plan.tile_prompts(stage.size, windows, settings.patch_prompt_threshold)
-                        if plan else None for plan in source.plans]
-        for i, prompts_i in enumerate(tile_prompts):
-            if prompts_i:
-                log.debug("AccDiffusion stage %d image %d tile prompts: %s", stage.index, i, prompts_i)
-        tile_schedules = [cache.get(t) if t else None for t in tile_prompts]
+        tile_schedules, lookups = _tile_schedules(source.plans, stage, windows, settings, cache)
         sampler = webui.create_sampler(target.sampler_name, p.sd_model)
         p.sampler = sampler
         denoiser = StageDenoiser(stage, windows, settings, int(source.seeds[0]), sampler.model_wrap.sigma_to_t,
-                                 reference=x_up, noise=noise)
+                                 reference=x_up, noise=noise, skip_scale=skip_scale, auto_batch=job.auto_batch)
         job.backend.prepare_stage(p, job)
         if p.scripts is not None:
             p.scripts.process_before_every_sampling(p=p, x=x_up, noise=noise, c=target.cond, uc=target.uncond)
@@ -199,13 +207,56 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
                                             image_conditioning=target.image_conditioning(x_up))
         finally:
             job.undo_hooks()
+        latent = restandardise_stage_output(latent.float(), mean, std).to(latent.dtype)
         job.stage_stats.append(denoiser.stats)
+        _log_stage(stage, denoiser, settings, cache)
+        map_windows, map_prompts = _shown_tiles(denoiser, windows, lookups)
+        for i, prompts_i in enumerate(map_prompts):
+            if prompts_i:
+                log.debug("AccDiffusion stage %d image %d tile prompts: %s", stage.index, i, prompts_i)
         if settings.tile_prompt_map and source.map_images is not None:  # the last stage's tiles are shown
-            batch_maps = [TileMapData(source.map_images[i], windows, t, stage.size, int(source.seeds[i]),
+            batch_maps = [TileMapData(source.map_images[i], map_windows, t, stage.size, int(source.seeds[i]),
                                       source.prompts[i])
-                          for i, t in enumerate(tile_prompts) if t]
+                          for i, t in enumerate(map_prompts) if t]
     job.tile_maps.extend(batch_maps)  # every batch of the job (batch count > 1) keeps its maps
     return latent
+
+
+def _tile_schedules(plans: Sequence[ImagePromptPlan | None], stage: Stage, windows: list[Window],
+                    settings: AccDiffusionSettings, cache: EncodeCache[list]
+                    ) -> tuple[list[Any], list[StageTilePrompts | None] | list[list[str] | None]]:
+    """Per image, what its positive rows are tiled with, and how to name each window's prompt.
+    overlap: the stage's windows are fixed, so a list (one schedule per window) and the prompts;
+    shifted: the windows move every step, so a lookup ``window -> schedule`` that cuts the tile
+    prompt from exactly the window denoised (:class:`StageTilePrompts`) and encodes each distinct
+    prompt once through ``cache``."""
+    threshold = settings.patch_prompt_threshold
+    if settings.window_mode == "shifted":
+        lookups = [StageTilePrompts(plan, stage.size, threshold) if plan else None for plan in plans]
+        return [WindowConditioning(lookup, cache.get) if lookup else None for lookup in lookups], lookups
+    prompts = [plan.tile_prompts(stage.size, windows, threshold) if plan else None for plan in plans]
+    return [cache.get(t) if t else None for t in prompts], prompts
+
+
+def _shown_tiles(denoiser: StageDenoiser, windows: list[Window],
+                 lookups: Sequence[StageTilePrompts | list[str] | None]) -> tuple[list[Window], list[list[str] | None]]:
+    """The windows the tile-prompt map (and the debug log) shows, and per image their prompts.
+    overlap: the stage's windows. shifted: the windows of the stage's last step (they tile the
+    latent without overlap; earlier steps had the same tiling moved)."""
+    if not any(isinstance(lookup, StageTilePrompts) for lookup in lookups):
+        return windows, [list(t) if t else None for t in lookups]  # type: ignore[arg-type]
+    last = denoiser.windows_at(denoiser.stats.steps - 1) if denoiser.stats.steps else windows
+    return last, [[lookup(w) for w in last] if isinstance(lookup, StageTilePrompts) else None for lookup in lookups]
+
+
+def _log_stage(stage: Stage, denoiser: StageDenoiser, settings: AccDiffusionSettings, cache: EncodeCache) -> None:
+    stats = denoiser.stats
+    how = "set" if settings.tile_batch_size else "automatic"
+    log.info("AccDiffusion stage %d (%dx%d latent, %s windows): %d windows per UNet call (%s), %d UNet calls, "
+             "%d window evaluations, skipped %d local + %d dilated (branch weight < %g); %d tile prompts encoded so far",
+             stage.index, stage.size[1], stage.size[0], settings.window_mode, stats.tile_batch, how, stats.unet_calls,
+             stats.window_evals, stats.skipped_local_evals, stats.skipped_dilated_evals, denoiser.branch_epsilon,
+             cache.encodes)
 
 
 def _stage_input(p: Any, job: Job, stage: Stage, latent: torch.Tensor, samples: torch.Tensor,

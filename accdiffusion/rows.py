@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .tileprompts import WindowConditioning
 from .tiles import Window
 
 TEXT_KEYS = ("c_crossattn", "crossattn")  # SD1/SD2 and SDXL names of the text conditioning
@@ -118,14 +119,20 @@ def row_image(text: torch.Tensor, positives: Sequence[Sequence[torch.Tensor]]) -
 
 
 def tile_conditions(rows: Sequence[dict], positives: list[list[torch.Tensor]],
-                    tile_schedules: list[list | None], windows: list[Window],
-                    tile_row: Callable[[dict, list, Window], dict],
-                    places: Sequence[int | None] | None = None) -> list[list[dict] | None]:
-    """Per row of a model call: one conditioning per window when the row is an image's positive
-    row (:func:`row_images` with the host's ``places``), else None (the row keeps its own
-    conditioning in every window)."""
-    out: list[list[dict] | None] = []
+                    tile_schedules: Sequence[Sequence[Any] | WindowConditioning | None], windows: list[Window],
+                    tile_row: Callable[[dict, Any, Window], dict],
+                    places: Sequence[int | None] | None = None) -> list[list[dict] | WindowConditioning | None]:
+    """Per row of a model call, when the row is an image's positive row (:func:`row_images` with
+    the host's ``places``): one conditioning per window of ``windows`` (the image's tile schedules
+    are a list, one per window), or a lookup ``window -> conditioning`` (the image's tile schedules
+    are a :class:`~accdiffusion.tileprompts.WindowConditioning`: windows that move every step).
+    Else None: the row keeps its own conditioning in every window. ``tile_row(row, schedule,
+    window)`` makes the row's conditioning from a tile prompt's schedule."""
+    out: list[list[dict] | WindowConditioning | None] = []
     for row, image in zip(rows, row_images([text_of(row) for row in rows], positives, places)):
         schedule = tile_schedules[image] if image is not None else None
-        out.append([tile_row(row, schedule[w], win) for w, win in enumerate(windows)] if schedule else None)
+        if isinstance(schedule, WindowConditioning):
+            out.append(schedule.for_row(lambda cond, win, _row=row: tile_row(_row, cond, win)))
+        else:
+            out.append([tile_row(row, schedule[w], win) for w, win in enumerate(windows)] if schedule else None)
     return out

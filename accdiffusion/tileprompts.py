@@ -64,6 +64,10 @@ class WindowConditioning(Generic[C]):
         self._encode = encode
         self._make = make
 
+    def for_row(self, make: Callable[[object, Window], C]) -> "WindowConditioning[C]":
+        """The same lookup and encoder with a row's own ``make`` (hosts build one per row of a call)."""
+        return WindowConditioning(self.prompts, self._encode, make)
+
     def __call__(self, window: Window) -> C:
         # not cached past the encode: ``make`` may depend on the step (prompt scheduling)
         cond = self._encode([self.prompts(window)])[0]

@@ -121,9 +121,11 @@ class StandInModel:
 class CompVisDenoiserStandIn(nn.Module):
     def __init__(self, model: StandInModel):
         super().__init__()
-        from k_diffusion.external import CompVisDenoiser
+        from k_diffusion.external import CompVisDenoiser, CompVisVDenoiser
 
-        self.kd = CompVisDenoiser(model)
+        # sd_samplers_kdiffusion.py:61: a v-model (parameterization "v") gets the v wrapper
+        v = getattr(model, "parameterization", "eps") == "v"
+        self.kd = CompVisVDenoiser(model) if v else CompVisDenoiser(model)
 
     def forward(self, x, sigma, cond=None):
         return self.kd(x, sigma, cond=cond)

@@ -55,15 +55,20 @@ def install_backend_module() -> None:
     which record their calls."""
     if "backend.nn.unet" in sys.modules:
         return
-    names = ("backend", "backend.nn", "backend.nn.unet", "backend.sampling", "backend.sampling.sampling_function")
-    backend, nn_mod, unet_mod, sampling, sampling_function_mod = (types.ModuleType(n) for n in names)
+    names = ("backend", "backend.nn", "backend.nn.unet", "backend.sampling", "backend.sampling.sampling_function",
+             "backend.memory_management")
+    backend, nn_mod, unet_mod, sampling, sampling_function_mod, memory = (types.ModuleType(n) for n in names)
     unet_mod.attention_function = attention_function
+    # memory_management.py:1008 get_free_memory(dev=None, torch_free_too=False); tests set ``free``
+    memory.free, memory.asked = 8 * 2**30, []
+    memory.get_free_memory = lambda dev=None, torch_free_too=False: memory.asked.append(dev) or memory.free
+    backend.memory_management = memory
     sampling_function_mod.calls = []
     sampling_function_mod.sampling_prepare = lambda unet, x: sampling_function_mod.calls.append("prepare")
     sampling_function_mod.sampling_cleanup = lambda unet: sampling_function_mod.calls.append("cleanup")
     backend.nn, nn_mod.unet = nn_mod, unet_mod
     backend.sampling, sampling.sampling_function = sampling, sampling_function_mod
-    sys.modules.update(dict(zip(names, (backend, nn_mod, unet_mod, sampling, sampling_function_mod))))
+    sys.modules.update(dict(zip(names, (backend, nn_mod, unet_mod, sampling, sampling_function_mod, memory))))
 
 
 class KModelStandIn(nn.Module):
@@ -76,6 +81,8 @@ class KModelStandIn(nn.Module):
         self.kd = CompVisDenoiser(model)
         self.memory_calls: list = []
         self.control_calls: list = []
+        # k_prediction.py:113 Prediction (tests set prediction_type "v_prediction" for a v-model flag)
+        self.predictor = types.SimpleNamespace(prediction_type="epsilon", sigma_data=1.0)
 
     def memory_required(self, input_shape):
         self.memory_calls.append(list(input_shape))

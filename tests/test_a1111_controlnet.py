@@ -35,12 +35,16 @@ def cfg_cond(model, p, rows):
     return {"c_crossattn": [text], "c_concat": [torch.zeros(rows, 5, 1, 1)]}
 
 
-@pytest.mark.parametrize("base,target,window_size", [((8, 8), (16, 16), 0), ((8, 8), (12, 12), 0),
-                                                     ((8, 8), (20, 20), 16), ((16, 8), (24, 12), 0)])
-def test_every_item_gets_its_own_hint_through_controlnets_hint_choice(sd1_model, base, target, window_size):
+@pytest.mark.parametrize("base,target,window_size,mode", [((8, 8), (16, 16), 0, "overlap"),
+                                                          ((8, 8), (12, 12), 0, "overlap"),
+                                                          ((8, 8), (20, 20), 16, "overlap"),
+                                                          ((16, 8), (24, 12), 0, "overlap"),
+                                                          ((8, 8), (32, 32), 16, "shifted")])
+def test_every_item_gets_its_own_hint_through_controlnets_hint_choice(sd1_model, base, target, window_size, mode):
     """2×, 1.5× (sub-latents padded), 2.5× (s = 3) with window_size 16, and a tall image: two
     units, a batch of two images (4 CFG rows), one hint per unit."""
-    settings = AccDiffusionSettings(enabled=True, sigma=0.0, window_size=window_size, tile_batch_size=3)
+    settings = AccDiffusionSettings(enabled=True, sigma=0.0, window_size=window_size, tile_batch_size=3,
+                                    window_mode=mode)
     stage = plan_stages(base, target, progressive=False)[0]
     windows = stage_windows(stage, base, settings)
     webui = WebUIStandIn()
@@ -56,9 +60,10 @@ def test_every_item_gets_its_own_hint_through_controlnets_hint_choice(sd1_model,
     try:
         job.backend.hook_stage(job, p, sampler, denoiser, [[]], [None, None], windows)
         x = torch.randn(4, 4, *target)
-        for sigma in (4.0, 2.0):  # two steps: two shuffles
+        for sigma in ((4.0, 2.0) if mode == "overlap" else (4.0, 3.0, 2.0, 1.0)):  # two steps: two shuffles
             out = sampler.model_wrap.forward(x, torch.full((4,), sigma), cond=cfg_cond(sd1_model, p, 4))
             assert torch.allclose(out, 1.5 * block_means(hr)[:, :1].expand_as(out), atol=1e-2)
+        assert mode == "overlap" or denoiser.windows_at(3) != denoiser.windows_at(0)  # the grid moved
     finally:
         job.end_batch()
     assert network.calls and all(is_hr and [u for u, _ in ran] == [0, 1] for _, is_hr, ran in network.calls)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from accdiffusion import facade, forge
+from accdiffusion.batching import CPU_TILE_BATCH
 from accdiffusion.settings import AccDiffusionSettings
 
 from a1111_standins import process_images
@@ -68,7 +69,9 @@ def test_hires_pass_through_forge_patching(request, model_name, size, scale, sta
     # Forge's memory estimate was asked with window-sized shapes, not the full latent
     last = model.kmodel.memory_calls[-1]
     assert last[2] * last[3] < (p.hr_upscale_to_y // 8) * (p.hr_upscale_to_x // 8)
-    assert last[0] == ON.tile_batch_size * 2 * 2  # windows per call × (cond + uncond) × images
+    # tile_batch_size 0 (automatic) on a CPU resolves to CPU_TILE_BATCH windows per call, never 0
+    assert ON.tile_batch_size == 0
+    assert last[0] == CPU_TILE_BATCH * 2 * 2  # windows per call × (cond + uncond) × images
     assert_clean(p, model, webui)
 
 

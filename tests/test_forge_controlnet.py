@@ -30,12 +30,15 @@ def sd1(sd1_host):
     return ForgeModelStandIn(sd1_host, sdxl=False)
 
 
-@pytest.mark.parametrize("base,target,window_size", [((8, 8), (16, 16), 0), ((8, 8), (12, 12), 0),
-                                                     ((8, 8), (20, 20), 16)])
-def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, target, window_size):
+@pytest.mark.parametrize("base,target,window_size,mode", [((8, 8), (16, 16), 0, "overlap"),
+                                                          ((8, 8), (12, 12), 0, "overlap"),
+                                                          ((8, 8), (20, 20), 16, "overlap"),
+                                                          ((8, 8), (32, 32), 16, "shifted")])
+def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, target, window_size, mode):
     """Two units (one hint per image of a batch of two, and one hint for all), Forge's [uncond,
     cond] chunks."""
-    settings = AccDiffusionSettings(enabled=True, sigma=0.0, window_size=window_size, tile_batch_size=3)
+    settings = AccDiffusionSettings(enabled=True, sigma=0.0, window_size=window_size, tile_batch_size=3,
+                                    window_mode=mode)
     stage = plan_stages(base, target, progressive=False)[0]
     windows = stage_windows(stage, base, settings)
     webui = ForgeWebUIStandIn()
@@ -54,10 +57,11 @@ def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, targe
         job.backend.hook_stage(job, p, sampler, denoiser, [[], []], [None, None], windows)
         text = torch.stack([sd1.encode(PROMPT)] * 2)
         x = torch.randn(2, 4, *target)
-        for sigma in (4.0, 2.0):
+        for sigma in ((4.0, 2.0) if mode == "overlap" else (4.0, 3.0, 2.0, 1.0)):
             out = sampling_function(sd1, x, torch.full((2,), sigma), text, text, 1.0)
             expected = (block_means(per_image) + block_means(shared))[:, :1].expand_as(out)
             assert torch.allclose(out, expected, atol=1e-4)
+        assert mode == "overlap" or denoiser.windows_at(3) != denoiser.windows_at(0)  # the grid moved
     finally:
         sd1.kmodel.control_only = False
         job.end_batch()
