@@ -7,7 +7,7 @@ import torch
 
 import accdiffusion.reference as reference
 from accdiffusion.dilated import blur_restandardised, gather_sublatents
-from accdiffusion.hires import (Stage, StageDenoiser, plan_stages, restandardise, stage_windows,
+from accdiffusion.hires import (StageDenoiser, plan_stages, restandardise, stage_windows,
                                 tiled_decode, upscale_latent, v_prediction_c_skip)
 from accdiffusion.schedule import step_factors
 from accdiffusion.settings import AccDiffusionSettings

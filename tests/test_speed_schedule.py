@@ -12,7 +12,7 @@ from accdiffusion.prompts import ImagePromptPlan
 from accdiffusion.reference import first_pass, hires_pass
 from accdiffusion.settings import AccDiffusionSettings
 from accdiffusion.tileprompts import StageTilePrompts, WindowConditioning
-from accdiffusion.tiles import coverage, shifted_axis, shifted_windows, window_grid
+from accdiffusion.tiles import coverage, shifted_axis, window_grid
 from accdiffusion.words import split_words
 
 SHIFTED = AccDiffusionSettings(window_mode="shifted")

@@ -42,7 +42,7 @@ import re
 
 import pytest
 
-from test_live_api import FORGE, URL, call, txt2img
+from test_live_api import FORGE, URL, call
 
 LOG = os.environ.get("SD_WEBUI_LOG")
 pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL (A1111 with sd-webui-controlnet, or Forge)")
