@@ -632,6 +632,23 @@ def process_img2img(p: Img2ImgStandIn, settings, adapter, n_iter: int = 1) -> Si
     return processed
 
 
+def assert_hooks_removed(p, model, webui) -> None:
+    """Every hook the extension installs is gone after the job: attention forwards, sampler
+    wrappers, p.sample / sample_hr_pass, the job attribute and, on Forge, its model options."""
+    from accdiffusion.attention import find_cross_attention
+    from accdiffusion.job import JOB_ATTR
+
+    assert all("forward" not in m.__dict__ for m in find_cross_attention(model.host.unet))
+    for sampler in webui.samplers:
+        assert "forward" not in sampler.model_wrap_cfg.__dict__
+        assert "forward" not in sampler.model_wrap.__dict__
+    assert "sample" not in p.__dict__ and "sample_hr_pass" not in p.__dict__
+    assert not hasattr(p, JOB_ATTR)
+    if hasattr(model, "forge_objects"):
+        assert model.forge_objects.unet.model_options.get("model_function_wrapper") is None
+        assert "patches_replace" not in model.forge_objects.unet.model_options["transformer_options"]
+
+
 def process_images(p: Txt2ImgStandIn, settings, adapter) -> SimpleNamespace:
     """processing.process_images_inner's order for one batch: script process (915) → conds (966) →
     before_process_batch (952) → p.sample (988) → postprocess (1147)."""

@@ -12,7 +12,7 @@ from accdiffusion.hires import AccDiffusionError
 from accdiffusion.settings import AccDiffusionSettings, SettingsError
 
 from a1111_standins import (ImageRNGStandIn, StandInModel, Txt2ImgStandIn, WebUIStandIn,
-                            process_images)
+                            assert_hooks_removed, process_images)
 
 ON = AccDiffusionSettings(enabled=True)
 PROMPT = "a red-haired astronaut riding a horse on the moon"
@@ -29,13 +29,7 @@ def sdxl_model(sdxl_host):
 
 
 def assert_clean(p, model, webui):
-    """Every hook the adapter installs is gone."""
-    assert all("forward" not in m.__dict__ for m in find_cross_attention(model.model.diffusion_model))
-    for sampler in webui.samplers:
-        assert "forward" not in sampler.model_wrap_cfg.__dict__
-        assert "forward" not in sampler.model_wrap.__dict__
-    assert "sample" not in p.__dict__ and "sample_hr_pass" not in p.__dict__
-    assert not hasattr(p, facade.JOB_ATTR)
+    assert_hooks_removed(p, model, webui)
     assert p.is_hr_pass is False
 
 

@@ -9,6 +9,7 @@ from accdiffusion import facade, forge
 from accdiffusion.batching import CPU_TILE_BATCH
 from accdiffusion.settings import AccDiffusionSettings
 
+from a1111_standins import assert_hooks_removed as assert_clean
 from a1111_standins import process_images
 from forge_standins import (ForgeModelStandIn, ForgeTxt2ImgStandIn, ForgeWebUIStandIn,
                             install_backend_module)
@@ -36,13 +37,6 @@ def run(model, settings=ON, **kw):
     webui = ForgeWebUIStandIn()
     p = ForgeTxt2ImgStandIn(model, webui, adapter=facade, **kw)
     return p, webui, process_images(p, settings, facade)
-
-
-def assert_clean(p, model, webui):
-    assert model.forge_objects.unet.model_options.get("model_function_wrapper") is None
-    assert "patches_replace" not in model.forge_objects.unet.model_options["transformer_options"]
-    assert all("forward" not in s.model_wrap_cfg.__dict__ for s in webui.samplers)
-    assert "sample" not in p.__dict__ and not hasattr(p, facade.JOB_ATTR)
 
 
 def test_positions_rows_and_options_helpers(sd1_host):

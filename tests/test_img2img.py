@@ -14,6 +14,7 @@ from accdiffusion.settings import AccDiffusionSettings, SettingsError
 
 from a1111_standins import (Img2ImgStandIn, StandInModel, Txt2ImgStandIn, WebUIStandIn, process_images,
                             process_img2img, picture)
+from a1111_standins import assert_hooks_removed as assert_clean
 from forge_standins import (ForgeImg2ImgStandIn, ForgeModelStandIn, ForgeWebUIStandIn, install_backend_module)
 
 ON = AccDiffusionSettings(enabled=True)
@@ -43,19 +44,6 @@ def forge_sd1(sd1_host):
 @pytest.fixture(scope="module")
 def forge_sdxl(sdxl_host):
     return ForgeModelStandIn(sdxl_host, sdxl=True)
-
-
-def assert_clean(p, model, webui):
-    unet = model.host.unet
-    assert all("forward" not in m.__dict__ for m in find_cross_attention(unet))
-    for sampler in webui.samplers:
-        assert "forward" not in sampler.model_wrap_cfg.__dict__
-        assert "forward" not in sampler.model_wrap.__dict__
-    assert "sample" not in p.__dict__ and "sample_hr_pass" not in p.__dict__
-    assert not hasattr(p, facade.JOB_ATTR)
-    if hasattr(model, "forge_objects"):
-        assert model.forge_objects.unet.model_options.get("model_function_wrapper") is None
-        assert "patches_replace" not in model.forge_objects.unet.model_options["transformer_options"]
 
 
 def img2img(model, settings=ON, images=None, forge=False, n_iter=1, **kw):
