@@ -5,11 +5,11 @@ A :class:`Job` lives on ``p`` (``p.accdiffusion_job``) from the script's ``proce
 stand-in), the host backend (``a1111.A1111Backend`` / ``forge.ForgeBackend``) and every hook the
 extension installs, so :meth:`Job.end_batch` can undo them all.
 
-:func:`run_tiled_pass` is the progressive tiled sampling every flow shares (today txt2img hires,
-see :mod:`accdiffusion.passes`): stages from the source's size up to the target, per-tile prompts,
-dilated sampling, the skip residual. What it starts from is a :class:`TiledPassSource` (a first
-pass, or later an upscaled init image with probe maps); what it samples with is a
-:class:`TiledPassTarget`. The host's part of each stage goes through ``job.backend``
+:func:`run_tiled_pass` is the progressive tiled sampling every flow shares (txt2img hires and the
+Upscale button in :mod:`accdiffusion.passes`, img2img in :mod:`accdiffusion.upscale`): stages from
+the source's size up to the target, per-tile prompts, dilated sampling, the skip residual. What it
+starts from is a :class:`TiledPassSource` (a first pass with its recorded maps, or an upscaled init
+image with probe maps); what it samples with is a :class:`TiledPassTarget`. The host's part of each stage goes through ``job.backend``
 (``prepare_stage`` / ``hook_stage``) and every ``modules.*`` call through ``job.webui``.
 
 Each stage runs the WebUI's own ``sampler.sample_img2img`` (A1111 processing.py:1454); the skip
