@@ -109,3 +109,35 @@ def test_accdiffusion_repeats_fewer_objects_than_plain_tiling(toy_host):
         extra[name] = sum(duplicates(f, u)[0] for f, u in zip(latent, result.latent))
     assert extra["plain tiling"] >= 4, extra
     assert extra["AccDiffusion defaults"] * 2 < extra["plain tiling"], extra
+
+
+# --- eval --shifted: the seam indicator and the window capture --------------------------------------
+def test_seam_ratio_sees_an_edge_on_the_window_border_only():
+    from accdiffusion.tiles import Window
+    from accdiffusion.toy.evaluate import seam_ratio
+
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.rand(4, 16, 16, generator=generator) * 0.1
+    windows = [Window(0, 0, 16, 8), Window(0, 8, 16, 8)]
+    assert 0.7 < seam_ratio(latent, windows) < 1.4  # noise alone: no seam
+    stepped = latent.clone()
+    stepped[:, :, 8:] += 0.5  # a step exactly where the two windows meet
+    assert seam_ratio(stepped, windows) > 5
+    moved = [Window(0, 0, 16, 5), Window(0, 5, 16, 11)]  # the same step, off these windows' border
+    assert seam_ratio(stepped, moved) < 1
+
+
+def test_window_capture_records_last_windows_and_swaps_alignment_back():
+    from accdiffusion import hires
+    from accdiffusion.toy.evaluate import window_capture
+
+    originals = hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows
+    with window_capture(shift_align=1):
+        offsets = {hires.shift_offset((8, 8), torch.Generator().manual_seed(s), 8) for s in range(20)}
+        pieces = hires.shifted_windows((16, 16), (8, 8), (3, 3), 8)
+    assert any(dy % 8 for dy, _ in offsets)  # 1-px offsets, though the caller asked for 8
+    assert {(w.left, w.width) for w in pieces} == {(0, 11), (11, 5)}  # cuts at 3 and 11, the 3-px sliver merged
+    assert (hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows) == originals
+    with pytest.raises(RuntimeError), window_capture(shift_align=1):
+        raise RuntimeError("interrupted")
+    assert (hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows) == originals

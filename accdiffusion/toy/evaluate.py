@@ -4,9 +4,10 @@ often the first pass draws what the caption asks. Also the demo picture."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,18 @@ CONFIGS: dict[str, AccDiffusionSettings] = {
     # (b) the defaults
     "AccDiffusion defaults": AccDiffusionSettings(enabled=True, tile_batch_size=64),
 }
+# ``eval --shifted``: the defaults with both window modes, stored apart from the table above.
+# The toy's window (8 latent px) equals the UNet's size multiple, so the shipped shifted schedule
+# can only draw offset 0 here: a fixed non-overlapping grid. The third config lets the offsets
+# and cuts fall on any latent pixel (edge windows padded as the shipped code pads them), the
+# toy's stand-in for SD's 16 offset positions per 128-px window.
+SHIFTED_CONFIGS: dict[str, AccDiffusionSettings] = {
+    "AccDiffusion defaults": CONFIGS["AccDiffusion defaults"],
+    "AccDiffusion defaults, shifted windows": replace(CONFIGS["AccDiffusion defaults"], window_mode="shifted"),
+    "AccDiffusion defaults, shifted windows, 1-px offsets":
+        replace(CONFIGS["AccDiffusion defaults"], window_mode="shifted"),
+}
+SHIFT_ALIGN = {"AccDiffusion defaults, shifted windows, 1-px offsets": 1}  # config → offset/cut grid
 SCALES = (2, 3)
 
 
@@ -48,6 +61,48 @@ def duplicates(first: torch.Tensor, upscaled: torch.Tensor) -> tuple[int, int]:
     extra = sum(max(0, up_objects[c] - first_any[c]) for c in COLOURS)
     lost = sum(max(0, first_objects[c] - up_any[c]) for c in COLOURS)
     return extra, lost
+
+
+# --- seams and window layouts ---------------------------------------------------------------
+def seam_ratio(latent: torch.Tensor, windows: Sequence) -> float:
+    """Mean |step| between neighbouring latent pixels across the windows' inner edges, over the
+    same mean across all other neighbour pairs: about 1 without seams, above 1 where the windows
+    left an edge of their own. ``latent``: [C, H, W]."""
+    height, width = latent.shape[-2:]
+    rows = {w.top for w in windows} | {w.top + w.height for w in windows}
+    cols = {w.left for w in windows} | {w.left + w.width for w in windows}
+    dy = (latent[:, 1:] - latent[:, :-1]).abs().mean(0)  # step between row i-1 and i at [i-1]
+    dx = (latent[:, :, 1:] - latent[:, :, :-1]).abs().mean(0)
+    edge_y = torch.tensor([i + 1 in rows for i in range(height - 1)])
+    edge_x = torch.tensor([j + 1 in cols for j in range(width - 1)])
+    on = torch.cat([dy[edge_y].flatten(), dx[:, edge_x].flatten()])
+    off = torch.cat([dy[~edge_y].flatten(), dx[:, ~edge_x].flatten()])
+    return float(on.mean() / off.mean()) if len(on) and len(off) else float("nan")
+
+
+@contextlib.contextmanager
+def window_capture(shift_align: int | None = None):
+    """Record the local windows of each stage's last step ({stage index: windows}); with
+    ``shift_align``, let the shifted schedule place offsets and cuts on that grid instead of the
+    UNet's size multiple (padding is unchanged). Swapped back in ``finally``."""
+    from .. import hires
+
+    last: dict[int, list] = {}
+    originals = hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows
+
+    def windows_at(self, step: int):
+        windows = originals[0](self, step)
+        last[self.stage.index] = windows
+        return windows
+
+    hires.StageDenoiser.windows_at = windows_at  # type: ignore[method-assign]
+    if shift_align is not None:
+        hires.shift_offset = lambda window, generator, align=1: originals[1](window, generator, shift_align)
+        hires.shifted_windows = lambda size, window, offset, align=1: originals[2](size, window, offset, shift_align)
+    try:
+        yield last
+    finally:
+        hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows = originals  # type: ignore
 
 
 # --- word masks ------------------------------------------------------------------------------
@@ -169,7 +224,9 @@ def probe_maps(host: ToyHost, scene: Scene, timesteps: Sequence[int] = (200, 400
 # --- the evaluation ----------------------------------------------------------------------------
 def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: ToyHost | None = None,
              configs: dict[str, AccDiffusionSettings] | None = None, scales: Sequence[int] = SCALES,
-             chunk: int = 25, verbose: bool = True) -> dict:
+             chunk: int = 25, verbose: bool = True, details: bool = False) -> dict:
+    """``details``: also the UNet window evaluations per scene and stage and the seam ratio of
+    each config (``eval --shifted``); off, the report keeps the layout of docs/toy-eval.json."""
     host = host or load_host()
     configs = configs or CONFIGS
     start = time.time()
@@ -208,11 +265,13 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
         print(json.dumps(report, indent=1), f"{time.time() - start:.0f} s", flush=True)
 
     for name, settings in configs.items():
-        rows = {scale: {"extra": [], "lost": [], "words": []} for scale in scales}
+        rows = {scale: {"extra": [], "lost": [], "words": [], "seam": [], "evals": 0, "local": 0, "calls": 0}
+                for scale in scales}
         for c0, (latent, rec) in enumerate(zip(firsts, recorders)):
             caps = captions[c0 * chunk:(c0 + 1) * chunk]
-            result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0)
-            for stage, up in zip(result.stages, stage_latents):
+            with window_capture(SHIFT_ALIGN.get(name)) as last_windows:
+                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0)
+            for stage, up, stats in zip(result.stages, stage_latents, result.stage_stats):
                 scale = round(stage.scale)
                 if scale not in rows:
                     continue
@@ -223,6 +282,10 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
                     rows[scale]["lost"].append(l)
                     tiles = result.tile_prompts[stage.index - 1][j] or [caps[j]]
                     rows[scale]["words"].append(np.mean([len(split_words(t)) for t in tiles]))
+                    rows[scale]["seam"].append(seam_ratio(one, last_windows[stage.index]))
+                rows[scale]["evals"] += stats.window_evals
+                rows[scale]["local"] += stats.local_evals
+                rows[scale]["calls"] += stats.unet_calls
         per_scale = {}
         for scale, r in rows.items():
             per_scale[f"{scale}x"] = {
@@ -230,6 +293,12 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
                 "scenes_with_duplicates": round(float(np.mean(np.asarray(r["extra"]) > 0)), 3),
                 "lost_per_scene": round(float(np.mean(r["lost"])), 3),
                 "words_per_tile_prompt": round(float(np.mean(r["words"])), 2)}
+            if details:  # evaluations of this stage alone (a 3× job also ran the 2× stage)
+                per_scale[f"{scale}x"].update({
+                    "seam_ratio_last_step_windows": round(float(np.mean(r["seam"])), 3),
+                    "window_evals_per_scene": round(r["evals"] / scenes, 1),
+                    "local_window_evals_per_scene": round(r["local"] / scenes, 1),
+                    "unet_calls": r["calls"]})
         if verbose:
             print(name, per_scale, f"{time.time() - start:.0f} s", flush=True)
         report["configs"][name] = per_scale
