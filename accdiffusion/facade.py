@@ -9,7 +9,7 @@ the backends are imported only from here.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from .a1111 import A1111Backend
 from .forge import ForgeBackend
@@ -44,10 +44,55 @@ UNET_TILERS = {"Tiled Diffusion": "Tiled Diffusion", "demofusion": "DemoFusion",
                "MultiDiffusion Integrated": "Forge's MultiDiffusion"}
 
 
-def companion_tiler(p: Any) -> str | None:
-    """The name of another UNet tiler enabled in this job, or None."""
+def _size(image: Any) -> tuple[int, int]:
+    size = getattr(image, "size", None)
+    if isinstance(size, tuple) and len(size) == 2:  # PIL: (width, height)
+        return int(size[0]), int(size[1])
+    return int(image.shape[-1]), int(image.shape[-2])  # a tensor stand-in: (..., height, width)
+
+
+def tiled_diffusion_canvas(p: Any, args: Sequence[Any]) -> tuple[int, int]:
+    """The pixel size Tiled Diffusion splits into tiles (its ``process``): txt2img's first pass, or
+    its "overwrite size"; img2img's target size, the input image's size ("keep input size"), either
+    scaled by its own upscaler's factor. Once its ``process`` has run it has put that size in
+    ``p.width``/``p.height`` (and kept the user's as ``p.width_original_md``)."""
+    if hasattr(p, "width_original_md"):
+        return int(p.width), int(p.height)
+    overwrite, keep, width, height, upscaler, factor = args[2], args[3], args[4], args[5], args[10], args[11]
+    upscaled = upscaler not in (None, "None")
+    if is_img2img(p) and len(p.init_images) > 0:
+        if keep:
+            w, h = _size(p.init_images[0])
+            return (int(w * factor), int(h * factor)) if upscaled else (w, h)
+        return (int(p.width * factor), int(p.height * factor)) if upscaled else (int(p.width), int(p.height))
+    return (int(width), int(height)) if overwrite else (int(p.width), int(p.height))
+
+
+def tiled_diffusion_idle(p: Any, args: Sequence[Any]) -> str | None:
+    """Why Tiled Diffusion, enabled, does nothing in this job, or None when it tiles.
+
+    Its ``process`` hooks the sampler only when the canvas latent (pixels // 8) is wider or taller
+    than one tile (overlap does not matter), or region control is on, or img2img noise inversion
+    is on; otherwise it returns without touching anything. Once hooked it tiles every UNet call of
+    the canvas latent's size for the rest of the job — the hires pass reuses its sampler, and our
+    hires windows and dilated sub-latents have that size (``window_size`` 0) — so then the hires
+    pass would have two tilers. A plain hires latent (larger) it passes through untiled."""
+    if len(args) < 19:  # not the argument list we know: assume it tiles (the safe side)
+        return None
+    width, height = tiled_diffusion_canvas(p, args)
+    tile_w, tile_h, regions, inversion = int(args[6]), int(args[7]), bool(args[18]), bool(args[12])
+    if width // 8 > tile_w or height // 8 > tile_h or regions or (inversion and is_img2img(p)):
+        return None
+    return (f"Tiled Diffusion is enabled but idle (one {tile_w}×{tile_h} tile covers the whole "
+            f"{width // 8}×{height // 8} latent), so AccDiffusion tiles the hires pass")
+
+
+def companion_tiler(p: Any) -> tuple[str | None, str | None]:
+    """(the name of another UNet tiler that tiles in this job or None, a note on one that is enabled
+    but stays idle or None)."""
     runner = getattr(p, "scripts", None)
     args = getattr(p, "script_args", None) or ()
+    idle = None
     for script in getattr(runner, "alwayson_scripts", None) or []:
         try:
             title = script.title()
@@ -55,8 +100,12 @@ def companion_tiler(p: Any) -> str | None:
             continue
         start = getattr(script, "args_from", None)
         if title in UNET_TILERS and start is not None and start < len(args) and args[start] is True:
-            return UNET_TILERS[title]
-    return None
+            if title == "Tiled Diffusion":
+                idle = tiled_diffusion_idle(p, args[start:getattr(script, "args_to", None) or len(args)])
+                if idle:
+                    continue
+            return UNET_TILERS[title], None
+    return None, idle
 
 
 def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job | None:
@@ -74,9 +123,9 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
     reason = backend.unsupported_reason(p)
     if getattr(p, "refiner_checkpoint", None) not in (None, "", "None"):
         reason = "the refiner swaps the model during sampling, which the tiled pass cannot follow"
-    tiler = companion_tiler(p)
+    tiler, idle = companion_tiler(p)
     if tiler:  # two tilers on one UNet call would fight: the other one was asked for explicitly
-        reason = f"{tiler} is enabled and tiles the UNet itself (one tiler per job)"
+        reason = f"{tiler} is enabled and tiles the UNet itself (one tiler per job: {tiler} runs)"
     if webui is None:
         from .webui import WebUI
 
@@ -86,6 +135,8 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
     if reason:
         comment(p, f"AccDiffusion: {reason}; the WebUI's own {stock} ran instead.")
         return None
+    if idle:
+        comment(p, f"AccDiffusion: {idle}.")
     job = Job(settings, webui, backend=backend)
     setattr(p, JOB_ATTR, job)
     # a new dict: X/Y/Z cells are shallow copies of one p and would share it

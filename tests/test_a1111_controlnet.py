@@ -156,6 +156,59 @@ def test_another_unet_tiler_in_the_job_makes_us_step_aside(sd1_model, title, ena
     assert any("tiles the UNet itself" in c for c in p.comments) is steps_aside
 
 
+def tiled_diffusion_args(tile, *, overwrite=None, regions=False):
+    """Tiled Diffusion's script arguments (tilediffusion.py:246-255): enabled, method, overwrite
+    size, keep input size, width, height, tile width/height, overlap, tile batch size, upscaler,
+    scale factor, noise inversion (5), ControlNet tensors on CPU, region control, draw background,
+    causal layers."""
+    width = overwrite or 1024
+    return [True, "MultiDiffusion", overwrite is not None, True, width, width, tile, tile, 8, 1, "None", 2.0,
+            False, 10, 1.0, 0.4, 64, False, regions, True, False]
+
+
+@pytest.mark.parametrize("tile,overwrite,regions,steps_aside", [
+    (8, None, False, False),    # one 8×8 tile covers the 8×8 first-pass latent: Tiled Diffusion stays idle
+    (32, None, False, False),
+    (4, None, False, True),     # 4×4 tiles split it: Tiled Diffusion tiles (and would tile our windows)
+    (32, None, True, True),     # region control makes it run whatever the tile
+    (16, 192, False, True),     # its "overwrite size" canvas (24×24 latent) is what it splits
+])
+def test_tiled_diffusion_makes_us_step_aside_only_when_it_tiles(sd1_model, tile, overwrite, regions, steps_aside):
+    from types import SimpleNamespace
+
+    from a1111_standins import ScriptsStandIn
+
+    webui = WebUIStandIn()
+    p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])  # 64×64 → 128×128: 8×8 latent first pass
+    td = tiled_diffusion_args(tile, overwrite=overwrite, regions=regions)
+    other = SimpleNamespace(title=lambda: "Tiled Diffusion", args_from=2, args_to=2 + len(td))
+    p.scripts = ScriptsStandIn(SimpleNamespace(title=lambda: "AccDiffusion", args_from=0, args_to=2), other)
+    p.script_args = (True, {}, *td)
+    out = process_images(p, AccDiffusionSettings(enabled=True), facade)
+    assert out.images[0].shape == (3, 128, 128)
+    assert (webui.encoded == []) is steps_aside  # no tile prompts: the stock hires pass ran
+    assert any("Tiled Diffusion is enabled and tiles the UNet itself" in c for c in p.comments) is steps_aside
+    assert any("Tiled Diffusion is enabled but idle" in c and "AccDiffusion tiles the hires pass" in c
+               for c in p.comments) is not steps_aside
+
+
+def test_tiled_diffusion_canvas_follows_its_own_size_rules(sd1_model):
+    from a1111_standins import Img2ImgStandIn, picture
+
+    txt = Txt2ImgStandIn(sd1_model, WebUIStandIn(), prompts=[PROMPT])
+    assert facade.tiled_diffusion_canvas(txt, tiled_diffusion_args(8)) == (64, 64)
+    assert facade.tiled_diffusion_canvas(txt, tiled_diffusion_args(8, overwrite=192)) == (192, 192)
+    txt.width_original_md, txt.width, txt.height = 64, 96, 80  # its process ran first and set its canvas
+    assert facade.tiled_diffusion_canvas(txt, tiled_diffusion_args(8, overwrite=192)) == (96, 80)
+    img = Img2ImgStandIn(sd1_model, WebUIStandIn(), [PROMPT], [picture(48, 40)], width=128, height=128)
+    keep = tiled_diffusion_args(8)
+    assert facade.tiled_diffusion_canvas(img, keep) == (48, 40)  # "keep input size": the input picture's
+    upscaled = keep[:10] + ["Lanczos", 2.0] + keep[12:]
+    assert facade.tiled_diffusion_canvas(img, upscaled) == (96, 80)
+    upscaled[3] = False  # not keeping the input size: the target size times the factor
+    assert facade.tiled_diffusion_canvas(img, upscaled) == (256, 256)
+
+
 def test_img2img_with_controlnet_probe_gets_the_whole_hint_and_windows_their_crops(sd1_model):
     """img2img has no hires hint (only ``hint_cond``, at the target size): the probe pass (a small
     whole image) gets the whole hint resized to its size, every tiled call the crops of

@@ -3,7 +3,8 @@
 A1111 needs Tiled Diffusion (pkuliyi2015/multidiffusion-upscaler-for-automatic1111, tried at
 22798f68) installed; Forge has its built-in "MultiDiffusion Integrated". With both enabled,
 AccDiffusion steps aside with a note (server log; the API's answer has no notes) and the image is
-the other tiler's alone.
+the other tiler's alone. Tiled Diffusion enabled but idle (one of its tiles covers the whole first-pass
+latent) changes nothing, so AccDiffusion runs and says so.
 
     SD_WEBUI_URL=http://127.0.0.1:7876 [SD_WEBUI_LOG=<host log>] .venv/bin/python -m pytest -q tests/live/test_live_companions.py
     SD_WEBUI_URL=http://127.0.0.1:7877 SD_WEBUI_FORGE=1 [SD_WEBUI_LOG=...] .venv/bin/python -m pytest -q tests/live/test_live_companions.py
@@ -19,12 +20,12 @@ LOG = os.environ.get("SD_WEBUI_LOG")
 pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
 
 
-def tiler(enabled):
+def tiler(enabled, tile=16):
     if FORGE:  # forge_multidiffusion.py:20-30: enabled, method, tile width/height, overlap (pixels), batch
         return {"MultiDiffusion Integrated": {"args": [enabled, "MultiDiffusion", 128, 128, 64, 4]}}
     # tilediffusion.py:246-255: enabled, method, overwrite size, keep input size, width, height,
     # tile width/height, overlap (latent pixels), tile batch size
-    return {"Tiled Diffusion": {"args": [enabled, "MultiDiffusion", False, True, 1024, 1024, 16, 16, 8, 1]}}
+    return {"Tiled Diffusion": {"args": [enabled, "MultiDiffusion", False, True, 1024, 1024, tile, tile, 8, 1]}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,9 +36,9 @@ def tiler_installed():
         pytest.skip(f"{name} is not installed")
 
 
-def run(acc, other, width):
+def run(acc, other, width, tile=16):
     out = txt2img(acc=None, width=width, height=width, steps=3,
-                  alwayson_scripts={"AccDiffusion": {"args": [{"enabled": acc}]}, **tiler(other)})
+                  alwayson_scripts={"AccDiffusion": {"args": [{"enabled": acc}]}, **tiler(other, tile)})
     return out
 
 
@@ -56,3 +57,20 @@ def test_another_tiler_enabled_makes_accdiffusion_step_aside():
             text = f.read()
         name = "Forge's MultiDiffusion" if FORGE else "Tiled Diffusion"
         assert f"AccDiffusion: {name} is enabled and tiles the UNet itself" in text
+
+
+@pytest.mark.skipif(FORGE, reason="Tiled Diffusion (A1111): Forge's MultiDiffusion has no idle rule")
+@pytest.mark.parametrize("tile", [32, 64])  # first-pass latent 24×24, hires latent 48×48
+def test_tiled_diffusion_enabled_but_idle_leaves_the_hires_pass_to_accdiffusion(tile):
+    start = os.path.getsize(LOG) if LOG else 0
+    both = run(True, True, 192, tile)
+    ours = run(True, False, 192)
+    assert sizes(both) == [(384, 384)]
+    assert digests(both) == digests(ours)  # idle Tiled Diffusion touches nothing; AccDiffusion tiled the hires pass
+    assert "AccDiffusion: True" in infotext(both) and "Tiled Diffusion" not in infotext(both)
+    if LOG:
+        with open(LOG, errors="replace") as f:
+            f.seek(start)
+            text = f.read()
+        assert f"AccDiffusion: Tiled Diffusion is enabled but idle (one {tile}×{tile} tile covers the whole 24×24" in text
+        assert "tiles the UNet itself" not in text
