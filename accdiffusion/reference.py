@@ -238,7 +238,9 @@ class JobResult:
 
 def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[int, int], steps: int,
                seed: int, cfg_scale: float = 7.0, record: bool = True, sampler: str = "Euler",
-               record_every: int = 1) -> tuple[torch.Tensor, AttentionRecorder | None]:
+               record_every: int = 1, record_downsample: int = 4) -> tuple[torch.Tensor, AttentionRecorder | None]:
+    """Euler (or ``sampler``) with CFG from seeded noise; records the positive rows' attention at
+    the UNet level ``record_downsample`` (4: the WebUI adapters' level; a tiny latent needs less)."""
     from k_diffusion import sampling
 
     torch.manual_seed(seed)
@@ -246,7 +248,7 @@ def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[in
     x = torch.randn(n, 4, *size, device=host.device)
     sigmas = host.denoiser.get_sigmas(steps).to(host.device)
     conds = host.encode(prompts) + host.encode([negative] * n)
-    recorder = AttentionRecorder(size, n) if record else None
+    recorder = AttentionRecorder(size, n, downsample=record_downsample) if record else None
 
     calls = [0]
 

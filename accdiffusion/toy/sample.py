@@ -8,8 +8,9 @@ from typing import Sequence
 
 import torch
 
-from ..attention import AttentionRecorder, find_cross_attention
-from ..reference import SAMPLERS, JobResult, hires_pass
+from ..attention import AttentionRecorder
+from ..reference import JobResult, hires_pass
+from ..reference import first_pass as reference_first_pass
 from ..settings import AccDiffusionSettings
 from .model import ToyHost
 from .scenes import LATENT
@@ -24,32 +25,9 @@ RECORD_DOWNSAMPLE = 1  # the 8×8 latent's own grid: attention at ds 1 (input bl
 def first_pass(host: ToyHost, prompts: Sequence[str], seed: int, steps: int = FIRST_STEPS,
                cfg_scale: float = CFG, negative: str = "", record: bool = True
                ) -> tuple[torch.Tensor, AttentionRecorder | None]:
-    """As ``reference.first_pass`` (Euler, CFG, seeded noise), recording at ``RECORD_DOWNSAMPLE``."""
-    from k_diffusion import sampling
-
-    torch.manual_seed(seed)
-    n = len(prompts)
-    x = torch.randn(n, 4, LATENT, LATENT)
-    sigmas = host.denoiser.get_sigmas(steps)
-    conds = host.encode(prompts) + host.encode([negative] * n)
-    recorder = AttentionRecorder((LATENT, LATENT), n, downsample=RECORD_DOWNSAMPLE) if record else None
-
-    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if recorder:
-            recorder.row_images = list(range(n)) + [None] * n
-        den = host.row_model(torch.cat([x, x]), torch.cat([sigma, sigma]), conds)
-        cond, uncond = den.chunk(2)
-        return uncond + (cond - uncond) * cfg_scale
-
-    try:
-        if recorder:
-            recorder.attach(find_cross_attention(host.unet, include_middle=False))
-        with torch.no_grad():
-            latent = getattr(sampling, SAMPLERS["Euler"])(model, x * sigmas[0], sigmas, disable=True)
-    finally:
-        if recorder:
-            recorder.detach()
-    return latent, recorder
+    """``reference.first_pass`` (Euler, CFG, seeded noise) recording at ``RECORD_DOWNSAMPLE``."""
+    return reference_first_pass(host, prompts, negative, (LATENT, LATENT), steps, seed, cfg_scale=cfg_scale,
+                                record=record, record_downsample=RECORD_DOWNSAMPLE)
 
 
 def upscale(host: ToyHost, latent: torch.Tensor, prompts: Sequence[str], recorder: AttentionRecorder | None,
