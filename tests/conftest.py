@@ -32,3 +32,19 @@ def sdxl_host(tokenizer):
     from accdiffusion.reference import Host, build_unet
 
     return Host(build_unet("sdxl", seed=2), tokenizer, vector_conditioning=True)
+
+
+@pytest.fixture
+def denoisers(monkeypatch):
+    """Every StageDenoiser the job makes, in order (the job's own class, recorded as it is built)."""
+    from accdiffusion import hires
+    from accdiffusion import job as job_module
+
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(hires.StageDenoiser(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(job_module, "StageDenoiser", recording)
+    return made

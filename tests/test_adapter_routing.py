@@ -15,7 +15,7 @@ import zlib
 import pytest
 import torch
 
-from accdiffusion import facade, hires, job as job_module, passes
+from accdiffusion import facade, passes
 from accdiffusion.hires import cover_resize, latent_stats, restandardise
 from accdiffusion.reference import RowCond
 from accdiffusion.rows import match_length
@@ -280,18 +280,6 @@ def sampler_trace(webui):
 
     webui.create_sampler = traced
     return traces
-
-
-@pytest.fixture
-def denoisers(monkeypatch):
-    made = []
-
-    def recording(*args, **kwargs):
-        made.append(hires.StageDenoiser(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(job_module, "StageDenoiser", recording)
-    return made
 
 
 @pytest.fixture

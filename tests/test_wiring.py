@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from accdiffusion import a1111, facade, forge, hires, job as job_module, passes, upscale
+from accdiffusion import a1111, facade, forge, hires, passes, upscale
 from accdiffusion.batching import CPU_TILE_BATCH, AutoTileBatch, fit_tile_batch
 from accdiffusion.hires import latent_stats, restandardise
 from accdiffusion.prompts import ImagePromptPlan, WordMasks
@@ -90,18 +90,6 @@ def plans(monkeypatch):
 
     monkeypatch.setattr(passes, "image_plans", image_plans)
     monkeypatch.setattr(upscale, "image_plans", image_plans)
-
-
-@pytest.fixture
-def denoisers(monkeypatch):
-    made = []
-
-    def recording(*args, **kwargs):
-        made.append(hires.StageDenoiser(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(job_module, "StageDenoiser", recording)
-    return made
 
 
 @pytest.fixture
