@@ -142,6 +142,9 @@ class TiledPassSource:
     # upscaler on ``latent`` / ``pixels``
     first_input: Callable[[tuple[int, int]], torch.Tensor] | None = None
     stats_of: torch.Tensor | None = None  # the latent whose mean/std the stages keep (None: latent)
+    # img2img's *Initial noise multiplier* (settings, or the API's ``initial_noise_multiplier``):
+    # every stage's noise is scaled as the stock img2img scales its one pass's noise
+    noise_multiplier: float = 1.0
 
 
 @dataclass
@@ -192,6 +195,8 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
         state.nextjob()
         p.rng = webui.image_rng(x_up.shape[1:], p)
         noise = p.rng.next()
+        if source.noise_multiplier != 1.0:
+            noise = noise * source.noise_multiplier
         windows = stage_windows(stage, base, settings)
         tile_schedules, lookups = _tile_schedules(source.plans, stage, windows, settings, cache)
         sampler = webui.create_sampler(target.sampler_name, p.sd_model)

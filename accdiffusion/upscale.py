@@ -116,6 +116,16 @@ def make_img2img_sample(p: Any, job: Job) -> Callable[..., Any]:
     return sample
 
 
+def noise_multiplier(p: Any) -> float:
+    """img2img's *Initial noise multiplier*, noted in the infotext as the stock img2img notes it
+    (processing.py:1762-1764; ``__post_init__`` has resolved None from the setting)."""
+    multiplier = getattr(p, "initial_noise_multiplier", None)
+    if multiplier is None or float(multiplier) == 1.0:
+        return 1.0
+    p.extra_generation_params["Noise multiplier"] = multiplier
+    return float(multiplier)
+
+
 def run_img2img(p: Any, job: Job, conditioning: Any, unconditional_conditioning: Any) -> Any:
     """The probe on the batch's init images, then the tiled pass up to ``p.init_latent``'s size."""
     webui, settings = job.webui, job.settings
@@ -138,7 +148,7 @@ def run_img2img(p: Any, job: Job, conditioning: Any, unconditional_conditioning:
         source = TiledPassSource(
             latent=probe_latent, pixels=None, plans=image_plans(p, job, maps), seeds=seeds, prompts=list(p.prompts),
             map_images=[to_pil(pixels[i] * 2 - 1) for i in range(count)] if settings.tile_prompt_map else None,
-            first_input=first_input, stats_of=init_latent)
+            first_input=first_input, stats_of=init_latent, noise_multiplier=noise_multiplier(p))
         target_spec = TiledPassTarget(
             latent_size=target, width=p.width, height=p.height, steps=p.steps, sampler_name=p.sampler_name,
             cond=conditioning, uncond=unconditional_conditioning, image_conditioning=p.txt2img_image_conditioning)

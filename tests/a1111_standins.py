@@ -556,8 +556,9 @@ class Img2ImgStandIn:
 
     def __init__(self, model: StandInModel, webui: WebUIStandIn, prompts, init_images, negative="", width=128,
                  height=128, seed=1, steps=3, sampler_name="Euler", denoising_strength=0.5, cfg_scale=5.0,
-                 resize_mode=0, mask=None):
+                 resize_mode=0, mask=None, initial_noise_multiplier=1.0):
         self.sd_model, self.webui = model, webui
+        self.initial_noise_multiplier = initial_noise_multiplier  # __post_init__ resolves None from opts
         self.prompts = list(prompts)
         self.batch_size = len(prompts)
         self.init_images = list(init_images)
@@ -601,6 +602,9 @@ class Img2ImgStandIn:
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         x = self.rng.next()
+        if self.initial_noise_multiplier != 1.0:  # processing.py:1762-1764
+            self.extra_generation_params["Noise multiplier"] = self.initial_noise_multiplier
+            x *= self.initial_noise_multiplier
         samples = self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning,
                                               image_conditioning=self.image_conditioning)
         if self.mask is not None:

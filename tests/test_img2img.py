@@ -186,6 +186,39 @@ def test_first_stage_starts_from_the_upscaled_init_latent(sd1_model):
     assert len(starts) == 1 and torch.allclose(starts[0], p.init_latent, atol=1e-4)
 
 
+def stage_noises(model, forge=False, **kw):
+    """The noise each stage's sample_img2img got, and the job's p."""
+    webui = ForgeWebUIStandIn() if forge else WebUIStandIn()
+    cls = ForgeImg2ImgStandIn if forge else Img2ImgStandIn
+    extra = {"adapter": facade} if forge else {}
+    p = cls(model, webui, [PROMPT], [picture(64, 64)], width=192, height=192, **kw, **extra)
+    original = webui.create_sampler
+    noises = []
+
+    def spying(name, model_):
+        sampler = original(name, model_)
+        inner = sampler.sample_img2img
+        sampler.sample_img2img = lambda p_, x, noise, *a, **k: noises.append(noise.clone()) or inner(p_, x, noise, *a, **k)
+        return sampler
+
+    webui.create_sampler = spying
+    process_img2img(p, ON, facade)
+    return noises, p
+
+
+@pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
+def test_initial_noise_multiplier_scales_every_stages_noise(sd1_model, forge_sd1, forge):
+    """img2img's *Initial noise multiplier* reaches the tiled pass as it reaches the stock pass."""
+    model = forge_sd1 if forge else sd1_model
+    plain, p_plain = stage_noises(model, forge)
+    scaled, p_scaled = stage_noises(model, forge, initial_noise_multiplier=0.5)
+    assert len(plain) == len(scaled) == 2  # 64 px → 128 → 192: two stages
+    for a, b in zip(plain, scaled):
+        assert torch.allclose(b, 0.5 * a)
+    assert p_scaled.extra_generation_params["Noise multiplier"] == 0.5
+    assert "Noise multiplier" not in p_plain.extra_generation_params
+
+
 def test_resize_mode_is_honoured(sd1_model):
     """'Crop and resize' of a wide image: the probe sees the same crop as the init latent."""
     p, webui, out = img2img(sd1_model, images=[picture(128, 64)], width=128, height=128, resize_mode=1)
