@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import torch
 
@@ -84,6 +84,8 @@ class Job:
     # tile_batch_size 0: one per job, so each window shape's memory is measured once (the backend
     # makes it: Forge reads free memory through its own memory management)
     auto_batch: AutoTileBatch | None = None
+    # the encoded tile prompts of every batch, per encoding context (:func:`encoding_context`)
+    encode_caches: dict[Hashable, EncodeCache] = field(default_factory=dict)
 
     # --- hooks -------------------------------------------------------------------------------
     def set_attr(self, obj: Any, name: str, value: Any, batch: bool = False) -> None:
@@ -160,6 +162,26 @@ class TiledPassTarget:
     image_conditioning: Callable[[torch.Tensor], torch.Tensor]
 
 
+def _network_key(data: Any) -> tuple:
+    """The extra networks of a parsed prompt (``{name: [ExtraNetworkParams]}``) as a hashable
+    value; params compare by their ``items`` (extra_networks.py), so the key does too."""
+    if not data:
+        return ()
+    def params_key(params: Any) -> tuple[str, ...]:
+        return tuple(str(item) for item in getattr(params, "items", [params]))
+
+    return tuple(sorted((str(name), tuple(params_key(params) for params in entries)) for name, entries in data.items()))
+
+
+def encoding_context(p: Any, width: int, height: int) -> Hashable:
+    """What an encoded tile prompt depends on besides its text, within one job: the extra
+    networks the batch activated (a LoRA's text-encoder weights change the conditioning, and with
+    wildcards each batch may name others; the WebUI's own cond cache keys on them too,
+    processing.py:440-458) and the size the prompts are encoded for."""
+    return (bool(getattr(p, "disable_extra_networks", False)), _network_key(getattr(p, "extra_network_data", None)),
+            _network_key(getattr(p, "hr_extra_network_data", None)), width, height)
+
+
 def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassTarget) -> torch.Tensor:
     """The progressive tiled pass; returns the last stage's latent (the source's latent if
     interrupted before the first stage). Needs ``p.rng``, ``p.sampler``, ``p.scripts`` as the
@@ -174,9 +196,12 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
     stages = plan_stages(base, target.latent_size, settings.progressive)
     webui.add_progress(len(stages) - 1, (len(stages) - 1) * target.steps)
     mean, std = latent_stats((source.stats_of if source.stats_of is not None else samples).float())
-    # each distinct tile prompt is encoded once per batch, whichever stage or step asks for it
-    cache: EncodeCache[list] = EncodeCache(
-        lambda prompts: webui.learned_conditioning(p, prompts, target.width, target.height))
+    # each distinct tile prompt is encoded once per job, whichever batch, stage or step asks for it
+    context = encoding_context(p, target.width, target.height)
+    if context not in job.encode_caches:
+        job.encode_caches[context] = EncodeCache(
+            lambda prompts: webui.learned_conditioning(p, prompts, target.width, target.height))
+    cache = job.encode_caches[context]
     positives = positive_texts(target.cond)
     if job.auto_batch is None:
         job.auto_batch = job.backend.auto_tile_batch()

@@ -32,7 +32,7 @@ from collections import namedtuple
 from contextlib import nullcontext
 from enum import Enum
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -612,10 +612,12 @@ class Img2ImgStandIn:
         return samples
 
 
-def process_img2img(p: Img2ImgStandIn, settings, adapter, n_iter: int = 1) -> SimpleNamespace:
+def process_img2img(p: Img2ImgStandIn, settings, adapter, n_iter: int = 1,
+                    parse_prompts: Callable[[Any, int], None] | None = None) -> SimpleNamespace:
     """process_images_inner for img2img: script process (915) → p.init (921) → per batch: rng
-    (948), conds, before_process_batch (952), p.sample (988), decode unless already decoded
-    (995-1002) → postprocess."""
+    (948), ``parse_prompts(p, n)`` (the batch's extra networks, 958-961), conds,
+    before_process_batch (952), p.sample (988), decode unless already decoded (995-1002) →
+    postprocess."""
     if settings is not None:
         adapter.start_job(p, settings, webui=p.webui)
     p.init()
@@ -624,6 +626,8 @@ def process_img2img(p: Img2ImgStandIn, settings, adapter, n_iter: int = 1) -> Si
     for n in range(n_iter):
         p.seeds = [s + n * len(seeds) for s in seeds]
         p.rng = ImageRNGStandIn(p.init_latent.shape[1:], p.seeds)
+        if parse_prompts is not None:
+            parse_prompts(p, n)
         c = p.conds(p.prompts)
         uc = p.conds(p.negative_prompts, negative=True)
         adapter.before_batch(p)

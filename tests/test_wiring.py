@@ -183,6 +183,34 @@ def test_shifted_each_distinct_prompt_encoded_once_across_stages(models, plans, 
     assert webui.encoded and sorted(webui.encoded) == sorted(set(webui.encoded))
 
 
+class NetworkParams:
+    """extra_networks.ExtraNetworkParams: compared by its items."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+def test_each_distinct_tile_prompt_encoded_once_per_job_across_batches(models, plans, host):
+    """Batch count 2, same prompt and networks: the second batch encodes nothing new; a batch that
+    activates another LoRA (wildcards) gets its tile prompts encoded again, under that LoRA.
+    (overlap windows: both batches need the same tile prompts)"""
+    overlap = SHIFTED.replace(window_mode="overlap")
+    def networks(per_batch):
+        def parse(p, n):
+            p.extra_network_data = {"lora": [NetworkParams(per_batch[n])]}
+        return parse
+
+    p, webui = img2img(host, models[host])
+    process_img2img(p, overlap, facade, n_iter=2, parse_prompts=networks([["a", "1"], ["a", "1"]]))
+    once = list(webui.encoded)
+    assert len(once) >= 3 and sorted(once) == sorted(set(once))
+
+    p, webui = img2img(host, models[host])
+    process_img2img(p, overlap, facade, n_iter=2, parse_prompts=networks([["a", "1"], ["b", "0.5"]]))
+    assert sorted(webui.encoded) == sorted(once + once)
+
+
 @pytest.mark.parametrize("host", ["a1111", "forge"])
 def test_shifted_tile_prompt_map_shows_the_last_steps_windows(models, plans, denoisers, monkeypatch, host):
     from accdiffusion import tilemap
