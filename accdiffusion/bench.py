@@ -4,7 +4,8 @@ Prints, per target scale and window mode (overlap, shifted): window evaluations 
 the overlap formula ((2s−1)² + s²)·steps (per CFG row), the local branch's share, evaluations
 skipped (branch weight < ε), UNet calls, the tile batch used (automatic by default), tile-prompt
 encodes, time and peak memory; totals against the formula; the first pass's time with and
-without attention recording. ``--quality`` adds the seam measurement (overlap, overlap with
+without attention recording, and what recording adds to one UNet call in FLOPs and dispatched
+operations (on a GPU, kernel launches). ``--quality`` adds the seam measurement (overlap, overlap with
 jitter, shifted) and the word-mask agreement of recording on a subset of steps.
 The probe pass (img2img / Upscale button maps): its UNet calls and time against each tiled pass.
 ``--probe-agreement``: how well the probe's word masks agree (IoU) with the first pass's own
@@ -20,11 +21,12 @@ import argparse
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .probe import PROBE_TIMESTEPS, mask_iou
 from .prompts import build_word_masks
@@ -104,6 +106,60 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
         out["peak"] = peak[0] - start
 
 
+class _OpCount(TorchDispatchMode):
+    """Counts the ATen operations dispatched: on a GPU each non-view one is a kernel launch, and a
+    recorder of many tiny per-layer products costs launches, not arithmetic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def recording_cost(host: Host, size: tuple[int, int]) -> dict[str, int]:
+    """FLOPs and dispatched operations of one CFG UNet call (positive and negative row) without and
+    with the first pass's recorder (its batched computation included): what recording adds on any
+    device, GPU launch overhead included, measured where no GPU is."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .attention import AttentionRecorder, find_cross_attention
+
+    device = next(host.unet.parameters()).device
+    x = torch.randn(2, 4, *size, device=device)
+    t = torch.full((2,), 500.0, device=device)
+    conds = host.encode([PROMPT]) + host.encode([""])
+    out: dict[str, int] = {}
+    for name, record in (("plain", False), ("recording", True)):
+        recorder = AttentionRecorder(size, 1) if record else None
+        if recorder is not None:
+            recorder.attach(find_cross_attention(host.unet, include_middle=False))
+            recorder.row_images = [0, None]
+        flops, ops = FlopCounterMode(display=False), _OpCount()
+        try:
+            with torch.no_grad(), flops, ops:
+                host._eps(x, t, conds)
+                if recorder is not None:
+                    recorder.flush()
+        finally:
+            if recorder is not None:
+                recorder.detach()
+        out[f"{name}_flops"], out[f"{name}_ops"] = int(flops.get_total_flops()), ops.ops
+    return out
+
+
+def _print_recording_cost(host: Host, size: tuple[int, int], autocast) -> None:  # type: ignore[no-untyped-def]
+    with autocast:
+        cost = recording_cost(host, size)
+    print(f"  one CFG UNet call at {size[1] * 8}x{size[0] * 8} px: recording adds "
+          f"{cost['recording_flops'] - cost['plain_flops']:,} FLOPs to {cost['plain_flops']:,} "
+          f"({(cost['recording_flops'] / cost['plain_flops'] - 1) * 100:.2f} %) and "
+          f"{cost['recording_ops'] - cost['plain_ops']} dispatched ops to {cost['plain_ops']} "
+          f"({(cost['recording_ops'] / cost['plain_ops'] - 1) * 100:.1f} %: its share where launches bound the GPU)")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -150,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quality", action="store_true",
                         help="also measure seams (overlap, overlap + jitter, shifted) and mask agreement "
                              "of recording on a subset of steps")
+    parser.add_argument("--recording-cost", action="store_true",
+                        help="only what recording adds to one UNet call (FLOPs, dispatched ops); with "
+                             "--device meta it counts full-size models without computing anything")
     parser.add_argument("--tokenizer", default=os.environ.get(
         "ACCDIFFUSION_TOKENIZER_DIR", str(here.parent / "shared" / "tinymodel" / "clip-text-tiny")))
     args = parser.parse_args(argv)
@@ -159,12 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     host = Host(build_unet(args.model), load_tokenizer(args.tokenizer),
                 vector_conditioning=args.model != "sd1").to(device)
     size = (args.base, args.base)
-    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=args.fp16)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
+    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=args.fp16) if args.fp16 else nullcontext()
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else device.type}), "
           f"model {args.model}, UNet params {sum(p.numel() for p in host.unet.parameters()) / 1e6:.1f} M, "
           f"first pass {args.base * 8}x{args.base * 8} px, hires steps {args.steps}, "
           f"denoise {args.denoise}, tile batch {args.tile_batch_size or 'automatic'}, fp16 {args.fp16}")
 
+    if args.recording_cost:
+        _print_recording_cost(host, size, autocast)
+        return
     if args.probe_agreement:
         print(f"probe agreement: word-mask IoU with the first pass's own maps ({len(AGREEMENT_PROMPTS)} prompts x 3 "
               f"seeds, first pass {args.first_steps} steps); control = another seed's first pass")
@@ -188,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"first pass: {plain:.3f} s plain, {recorded:.3f} s recording, overhead "
           f"{(recorded / plain - 1) * 100:.1f} %; recorder holds {recorder.nbytes()} bytes "
           f"(grid {recorder.grid[0]}x{recorder.grid[1]}, {recorder.sums.shape[1]} tokens, 1 image)")
+    _print_recording_cost(host, size, autocast)
     if args.quality:
         for every in (2, 3):
             with autocast:

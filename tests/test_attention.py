@@ -115,3 +115,92 @@ def test_map_orientation_on_a_non_square_grid():
     maps = recorder.maps(0)
     assert maps.shape == (3, gh, gw)
     assert maps[1].argmax() == 1 * gw + 2 and float(maps[1, 1, 2]) > 0.99
+
+
+def record_maps(host, x, t, conds, row_images):
+    recorder = AttentionRecorder(tuple(x.shape[-2:]), 1)
+    with torch.no_grad(), recorder.attach(find_cross_attention(host.unet)):
+        recorder.row_images = row_images
+        out = unet_call(host, x, t, conds)
+    return recorder, out
+
+
+def test_recording_reuses_the_projections_the_attention_computed(sd1_host, monkeypatch):
+    """The recorded layers' q and k come from the attention's own to_q/to_k calls (a class-level
+    Linear.forward patch, as A1111's LoRA installs, still runs): recording adds no projection."""
+    conds = sd1_host.encode(["a cat on a mat"]) + sd1_host.encode([""])
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([500.0, 500.0])
+    calls: dict[int, int] = {}
+    linear_forward = torch.nn.Linear.forward
+
+    def counting(self, inp):
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        return linear_forward(self, inp)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    with torch.no_grad():
+        plain = unet_call(sd1_host, x, t, conds)
+    plain_calls = dict(calls)
+    calls.clear()
+    recorder, recorded = record_maps(sd1_host, x, t, conds, [0, None])
+    assert int(recorder.counts[0]) > 0 and torch.equal(plain, recorded)
+    assert calls == plain_calls
+    assert all("forward" not in m.to_q.__dict__ and "forward" not in m.to_k.__dict__
+               for m in find_cross_attention(sd1_host.unet))
+
+
+def test_attention_without_to_q_calls_is_recorded_by_its_own_projection(sd1_host, monkeypatch):
+    """An attention that projects by itself (fused weights, another extension) leaves nothing to
+    reuse: the recorder projects the positive rows itself, and the maps are the same."""
+    conds = sd1_host.encode(["a cat on a mat"]) + sd1_host.encode([""])
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([500.0, 500.0])
+    reused, out = record_maps(sd1_host, x, t, conds, [0, None])
+    original = CrossAttention.forward
+
+    def fused(self, x, context=None, mask=None, **kwargs):
+        # the same attention, projecting from the weights instead of calling to_q/to_k/to_v
+        context = x if context is None else context
+        b, heads = x.shape[0], self.heads
+        q, k, v = (torch.nn.functional.linear(inp, lin.weight, lin.bias).reshape(b, inp.shape[1], heads, -1)
+                   .transpose(1, 2) for inp, lin in ((x, self.to_q), (context, self.to_k), (context, self.to_v)))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, x.shape[1], -1))
+
+    monkeypatch.setattr(CrossAttention, "forward", fused)
+    projected, out_fused = record_maps(sd1_host, x, t, conds, [0, None])
+    assert torch.allclose(out, out_fused, atol=1e-4)
+    assert int(projected.counts[0]) == int(reused.counts[0]) > 0
+    assert torch.allclose(projected.maps(0), reused.maps(0), atol=1e-6)
+
+
+def test_layers_computed_together_give_the_layer_by_layer_maps(sd1_host, monkeypatch):
+    """The batched computation of pending layers (several UNet calls' worth) adds up to exactly
+    what one layer at a time gives."""
+    from accdiffusion import attention
+
+    def run():
+        _, recorder = first_pass(sd1_host, ["a cat on a mat", "a dog"], "", (16, 16), 3, seed=2)
+        return recorder
+
+    together = run()
+    monkeypatch.setattr(attention, "PENDING_LAYERS", 1)
+    one_by_one = run()
+    assert torch.equal(together.counts, one_by_one.counts) and int(together.counts[0]) == 3 * 3  # 3 steps × 3 layers
+    for image in (0, 1):
+        assert torch.allclose(together.maps(image), one_by_one.maps(image), atol=1e-6)
+
+
+@pytest.mark.parametrize("host_name", ["sd1_host", "sdxl_host"])
+def test_recording_adds_a_few_operations_per_layer_not_a_product_each(request, host_name):
+    """On a GPU the recorder's cost is its kernel launches: per recorded layer it may only take
+    views of q and k; the products, softmax and sums run once for the pending layers together."""
+    from accdiffusion.bench import recording_cost
+
+    host = request.getfixturevalue(host_name)
+    size = (16, 16)
+    cost = recording_cost(host, size)
+    _, recorder = first_pass(host, ["a cat"], "", size, 1, seed=0)
+    layers = int(recorder.counts[0])  # recorded layer calls in one UNet call
+    assert layers >= 3
+    added = cost["recording_ops"] - cost["plain_ops"]
+    assert 0 < added <= 4 * layers + 30, (added, layers)
