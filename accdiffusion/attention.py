@@ -47,6 +47,14 @@ def downsampled_size(length: int, factor: int) -> int:
     return length
 
 
+def restore_forward(module: nn.Module, previous: Any) -> None:
+    """Put back the instance ``forward`` a wrapper replaced (someone else's), or remove ours."""
+    if previous is _NO_INSTANCE_FORWARD:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = previous
+
+
 class ProjectionCapture:
     """While an attn2 module runs, keep the outputs of its ``to_q`` on ``x`` and its ``to_k`` on
     the context (the first call of each with the expected batch and length), through instance
@@ -68,11 +76,7 @@ class ProjectionCapture:
 
     def __exit__(self, *exc: object) -> None:
         while self._previous:
-            linear, previous = self._previous.pop()
-            if previous is _NO_INSTANCE_FORWARD:
-                linear.__dict__.pop("forward", None)
-            else:
-                linear.forward = previous
+            restore_forward(*self._previous.pop())
 
     def _wrap(self, linear: nn.Module, previous: Any, name: str, shape: tuple[int, int]):
         def forward(inp: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -123,11 +127,7 @@ class AttentionRecorder:
         self.flush()
         self._resolved_context = None
         while self._attached:
-            module, previous = self._attached.pop()
-            if previous is _NO_INSTANCE_FORWARD:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
+            restore_forward(*self._attached.pop())
 
     def __enter__(self) -> "AttentionRecorder":
         return self
