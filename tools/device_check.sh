@@ -25,7 +25,7 @@ if [[ ${1:-} == --cpu-smoke ]]; then
     [[ ${SMOKE_FP16:-0} == 1 ]] && COMMON+=(--fp16)
     A=(--scales 2,4 --steps 2,2 --first-steps 2)
     B=(--scales 2 --steps 2 --first-steps 1)
-    LIMIT_A=500 LIMIT_B=200 B_IF_BEFORE=500
+    LIMIT_A=${LIMIT_A:-500} LIMIT_B=200 B_IF_BEFORE=${B_IF_BEFORE:-500}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
     COMMON=(--device cuda --model sdxl-real --fp16 --base 128 --sampler builtin)
