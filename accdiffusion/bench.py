@@ -12,12 +12,17 @@ The probe pass (img2img / Upscale button maps): its UNet calls and time against 
 recorded masks on generated images, per set of probe timesteps (how PROBE_TIMESTEPS was chosen).
 
 CPU default: the tiny SD1-like UNet. On a GPU: ``--device cuda --model sdxl-real --base 128`` (needs diffusers)
-times a 1024² → 2048² / 4096² pass with SDXL widths (random weights).
+times a 1024² → 2048² / 4096² pass with SDXL widths (random weights); ``sdxl-real-tiny`` is the same
+diffusers code path at tiny widths. ``--steps 50,20`` sets the hires steps per scale, ``--json`` writes
+the figures to a file (rewritten after each run, so a run cut short keeps what it measured), and
+without k-diffusion installed the built-in Euler sampler runs (``--sampler``). tools/device_check.sh
+runs the GPU measurements in one command.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import threading
 import time
@@ -150,7 +155,7 @@ def recording_cost(host: Host, size: tuple[int, int]) -> dict[str, int]:
     return out
 
 
-def _print_recording_cost(host: Host, size: tuple[int, int], autocast) -> None:  # type: ignore[no-untyped-def]
+def _print_recording_cost(host: Host, size: tuple[int, int], autocast) -> dict[str, int]:  # type: ignore[no-untyped-def]
     with autocast:
         cost = recording_cost(host, size)
     print(f"  one CFG UNet call at {size[1] * 8}x{size[0] * 8} px: recording adds "
@@ -158,6 +163,7 @@ def _print_recording_cost(host: Host, size: tuple[int, int], autocast) -> None: 
           f"({(cost['recording_flops'] / cost['plain_flops'] - 1) * 100:.2f} %) and "
           f"{cost['recording_ops'] - cost['plain_ops']} dispatched ops to {cost['plain_ops']} "
           f"({(cost['recording_ops'] / cost['plain_ops'] - 1) * 100:.1f} %: its share where launches bound the GPU)")
+    return cost
 
 
 def _sync(device: torch.device) -> None:
@@ -188,19 +194,53 @@ def _seam_score(x: torch.Tensor) -> float:
     return max(scores)
 
 
+def steps_per_scale(steps: str, scales: list[int]) -> list[int]:
+    """``--steps``: one count for every scale, or one per scale (``50,20`` with ``--scales 2,4``)."""
+    counts = [int(n) for n in steps.split(",")]
+    if len(counts) == 1:
+        counts *= len(scales)
+    if len(counts) != len(scales) or min(counts) < 1:
+        raise ValueError(f"--steps {steps!r}: give one count >= 1, or one per scale ({len(scales)})")
+    return counts
+
+
+def use_builtin_sampler(choice: str) -> bool:
+    """``auto``: k-diffusion's samplers where it imports, else the built-in Euler."""
+    if choice != "auto":
+        return choice == "builtin"
+    try:
+        import k_diffusion  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def write_json(path: str | None, report: dict) -> None:
+    """Replace the file whole, so a reader (or a run killed at its time limit) never sees half of it."""
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     here = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="sd1", choices=["sd1", "sdxl", "sdxl-size", "sdxl-real"])
+    parser.add_argument("--model", default="sd1", choices=["sd1", "sdxl", "sdxl-size", "sdxl-real", "sdxl-real-tiny"])
     parser.add_argument("--base", type=int, default=32, help="first-pass latent side (image px / 8)")
     parser.add_argument("--scales", default="2,3,4")
     parser.add_argument("--modes", default="overlap,shifted")
-    parser.add_argument("--steps", type=int, default=4, help="hires steps per stage")
+    parser.add_argument("--steps", default="4", help="hires steps per stage: one count, or one per scale")
     parser.add_argument("--first-steps", type=int, default=4)
     parser.add_argument("--denoise", type=float, default=0.6)
     parser.add_argument("--tile-batch-size", type=int, default=0, help="0 = automatic")
     parser.add_argument("--fp16", action="store_true", help="autocast to float16 (GPU)")
+    parser.add_argument("--sampler", default="auto", choices=["auto", "k-diffusion", "builtin"],
+                        help="Euler from k-diffusion or built in (auto: k-diffusion where installed)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--probe-agreement", action="store_true",
                         help="only measure probe/first-pass word-mask agreement per timestep set")
     parser.add_argument("--quality", action="store_true",
@@ -212,17 +252,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=os.environ.get(
         "ACCDIFFUSION_TOKENIZER_DIR", str(here.parent / "shared" / "tinymodel" / "clip-text-tiny")))
     args = parser.parse_args(argv)
+    scales = [int(s) for s in args.scales.split(",")]
+    try:
+        scale_steps = steps_per_scale(args.steps, scales)
+    except ValueError as error:
+        parser.error(str(error))
 
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
-    host = Host(build_unet(args.model), load_tokenizer(args.tokenizer),
-                vector_conditioning=args.model != "sd1").to(device)
+    builtin = use_builtin_sampler(args.sampler)
+    host = Host(build_unet(args.model, device=device), load_tokenizer(args.tokenizer),
+                vector_conditioning=args.model != "sd1", builtin_sampler=builtin).to(device)
     size = (args.base, args.base)
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=args.fp16) if args.fp16 else nullcontext()
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else device.type}), "
-          f"model {args.model}, UNet params {sum(p.numel() for p in host.unet.parameters()) / 1e6:.1f} M, "
-          f"first pass {args.base * 8}x{args.base * 8} px, hires steps {args.steps}, "
-          f"denoise {args.denoise}, tile batch {args.tile_batch_size or 'automatic'}, fp16 {args.fp16}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    params = sum(p.numel() for p in host.unet.parameters())
+    sampler = "built-in Euler" if builtin else "k-diffusion Euler"
+    print(f"device {device} ({device_name}), torch {torch.__version__}, model {args.model}, "
+          f"UNet params {params / 1e6:.1f} M, first pass {args.base * 8}x{args.base * 8} px, "
+          f"hires steps {','.join(map(str, scale_steps))} (scales {args.scales}), denoise {args.denoise}, "
+          f"tile batch {args.tile_batch_size or 'automatic'}, fp16 {args.fp16}, sampler {sampler}")
+    report: dict = {"device": device_name, "torch": torch.__version__, "model": args.model, "unet_params": params,
+                    "first_pass_px": args.base * 8, "denoise": args.denoise, "tile_batch_size": args.tile_batch_size,
+                    "fp16": args.fp16, "sampler": sampler, "runs": []}
 
     if args.recording_cost:
         _print_recording_cost(host, size, autocast)
@@ -247,10 +299,13 @@ def main(argv: list[str] | None = None) -> None:
             _sync(device)
             timings.setdefault(record, []).append(time.perf_counter() - start)
     plain, recorded = min(timings[False]), min(timings[True])
-    print(f"first pass: {plain:.3f} s plain, {recorded:.3f} s recording, overhead "
+    print(f"first pass ({args.first_steps} steps): {plain:.3f} s plain, {recorded:.3f} s recording, overhead "
           f"{(recorded / plain - 1) * 100:.1f} %; recorder holds {recorder.nbytes()} bytes "
           f"(grid {recorder.grid[0]}x{recorder.grid[1]}, {recorder.sums.shape[1]} tokens, 1 image)")
-    _print_recording_cost(host, size, autocast)
+    report["first_pass"] = {"steps": args.first_steps, "plain_s": plain, "recording_s": recorded,
+                            "recording_ratio": recorded / plain, "recorder_bytes": recorder.nbytes(),
+                            "one_call": _print_recording_cost(host, size, autocast)}
+    write_json(args.json, report)
     if args.quality:
         for every in (2, 3):
             with autocast:
@@ -268,23 +323,28 @@ def main(argv: list[str] | None = None) -> None:
     probe_time = min(probe_times)
     print(f"probe pass at {args.base * 8}x{args.base * 8} px: {probe_stats.unet_calls} UNet calls "
           f"(timesteps {PROBE_TIMESTEPS}, positive prompt only), {probe_time:.3f} s")
+    report["probe"] = {"unet_calls": probe_stats.unet_calls, "seconds": probe_time}
+    write_json(args.json, report)
 
     totals: dict[str, dict[str, int]] = {}
-    for scale in [int(s) for s in args.scales.split(",")]:
+    for scale, steps_here in zip(scales, scale_steps):
         target = (args.base * scale, args.base * scale)
         for mode in args.modes.split(","):
             settings = AccDiffusionSettings(enabled=True, tile_batch_size=args.tile_batch_size, window_mode=mode)
             with autocast, peak_memory(device) as mem:
                 _sync(device)
                 start = time.perf_counter()
-                result = hires_pass(host, latent, [PROMPT], "", recorder, settings, target, args.steps,
+                result = hires_pass(host, latent, [PROMPT], "", recorder, settings, target, steps_here,
                                     args.denoise, seed=0)
                 _sync(device)
                 elapsed = time.perf_counter() - start
-            print(f"\n{scale}x {mode} -> {target[1] * 8}x{target[0] * 8} px: {elapsed:.2f} s "
-                  f"({elapsed / (args.steps * len(result.stages)):.3f} s per step on average), "
+            per_step = elapsed / (steps_here * len(result.stages))
+            print(f"\n{scale}x {mode} -> {target[1] * 8}x{target[0] * 8} px, {steps_here} steps per stage: "
+                  f"{elapsed:.2f} s ({per_step:.3f} s per step on average), "
                   f"peak memory {mem['peak'] / 2**20:.1f} MiB")
             total = totals.setdefault(f"{scale}x {mode}", {"local": 0, "all": 0, "formula_local": 0, "formula": 0})
+            run = {"scale": scale, "mode": mode, "steps": steps_here, "target_px": [target[0] * 8, target[1] * 8],
+                   "seconds": elapsed, "seconds_per_step": per_step, "peak_mib": mem["peak"] / 2**20, "stages": []}
             for stage, stats, encodes in zip(result.stages, result.stage_stats, result.stage_encodes):
                 s = stage.dilation
                 steps = stats.steps
@@ -301,19 +361,28 @@ def main(argv: list[str] | None = None) -> None:
                       f"skipped {stats.skipped_evals // rows} (local {stats.skipped_local_evals // rows}, "
                       f"dilated {stats.skipped_dilated_evals // rows}); {stats.unet_calls} UNet calls; "
                       f"batch {stats.tile_batch}; {encodes} tile-prompt encodes")
+                run["stages"].append({
+                    "index": stage.index, "scale": stage.scale, "latent": list(stage.size), "dilation": s,
+                    "steps": steps, "window_evals": stats.window_evals // rows, "local_evals": stats.local_evals // rows,
+                    "formula": formula, "formula_local": formula_local, "skipped_evals": stats.skipped_evals // rows,
+                    "unet_calls": stats.unet_calls, "tile_batch": stats.tile_batch, "encodes": encodes})
             calls = sum(st.unet_calls for st in result.stage_stats)
             print(f"  probe vs this tiled pass: {probe_stats.unet_calls} / {calls} UNet calls, "
                   f"{probe_time:.3f} / {elapsed:.2f} s = {100 * probe_time / elapsed:.2f} % of the time")
+            run["window_evals"] = sum(st["window_evals"] for st in run["stages"])
+            run["formula"] = sum(st["formula"] for st in run["stages"])
+            report["runs"].append(run)
+            write_json(args.json, report)
     print("\ntotals per CFG row (window evaluations; ratio to the overlap formula):")
     for name, t in totals.items():
         print(f"  {name}: local {t['local']} / {t['formula_local']} = {t['local'] / t['formula_local']:.3f}, "
               f"whole pass {t['all']} / {t['formula']} = {t['all'] / t['formula']:.3f}")
 
     if args.quality:
-        _quality(host, latent, recorder, args, autocast)
+        _quality(host, latent, recorder, args, autocast, steps=scale_steps[0])
 
 
-def _quality(host, latent, recorder, args, autocast) -> None:
+def _quality(host, latent, recorder, args, autocast, steps: int) -> None:
     """Seams of the local branch alone (dilated sampling and skip residual off, so only the window
     schedule differs), against the untiled pass (one window = the whole latent: no seams by construction):
     relative RMS distance and the seam score, mean over seeds."""
@@ -324,12 +393,12 @@ def _quality(host, latent, recorder, args, autocast) -> None:
     runs = {"untiled": (base.replace(window_size=min(512, target[0])), 0),
             "overlap": (base, 0), "overlap + jitter": (base, max(1, args.base // 8)),
             "shifted": (base.replace(window_mode="shifted"), 0)}
-    print(f"\nseams at {scale}x, local branch only, {args.steps} steps, denoise 1, seeds 0-2:")
+    print(f"\nseams at {scale}x, local branch only, {steps} steps, denoise 1, seeds 0-2:")
     results: dict[str, list[torch.Tensor]] = {}
     for name, (settings, jitter) in runs.items():
         for seed in range(3):
             with autocast:
-                out = hires_pass(host, latent, [PROMPT], "", recorder, settings, target, args.steps,
+                out = hires_pass(host, latent, [PROMPT], "", recorder, settings, target, steps,
                                  1.0, seed=seed, jitter=jitter).latent.float().cpu()
             results.setdefault(name, []).append(out)
     for name, outs in results.items():

@@ -4,6 +4,8 @@ The tests and the benchmark drive the engine through it, and it shows an adapter
 page: record maps in the first pass, build tile conditioning per stage, and wrap the sampler's
 model call (skip residual on the sampler's x, then the fused denoiser on the CFG rows).
 Needs ``stable-diffusion-sdkit`` (ldm), ``k-diffusion`` and ``transformers`` (CLIP tokenizer).
+``Host(builtin_sampler=True)`` needs no k-diffusion (Euler and ε models only), and ``sdxl-real``
+needs ``diffusers`` instead of ldm: what the GPU benchmark machine has (tools/device_check.sh).
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ def reinit_zero_layers(module: nn.Module, seed: int = 0, std: float = 0.02) -> n
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
+            if p.is_meta:  # a model for counting (bench --device meta) has no values to fix
+                continue
             if p.ndim > 0 and bool((p == 0).all()):
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
+                p.copy_(torch.randn(p.shape, generator=generator, device="cpu") * std)
     return module
 
 
@@ -78,15 +82,27 @@ SDXL_DIFFUSERS_CONFIG: dict[str, Any] = dict(
     projection_class_embeddings_input_dim=2816)
 
 
-def build_unet(kind: str = "sd1", seed: int = 0) -> nn.Module:
+# The same diffusers class and block layout (depths 1/2/10, linear projections, text-time
+# embedding) at tiny widths: the ``sdxl-real`` code path on a CPU in seconds.
+SDXL_DIFFUSERS_TINY_CONFIG: dict[str, Any] = dict(
+    SDXL_DIFFUSERS_CONFIG, sample_size=16, block_out_channels=(32, 64, 128), cross_attention_dim=64,
+    attention_head_dim=(2, 4, 8), addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+DIFFUSERS_CONFIGS = {"sdxl-real": SDXL_DIFFUSERS_CONFIG, "sdxl-real-tiny": SDXL_DIFFUSERS_TINY_CONFIG}
+
+
+def build_unet(kind: str = "sd1", seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """A random-weight UNet, built on ``device`` (initialising SDXL's 2.6 B weights on a CPU takes
+    longer than the GPU benchmark itself at low step counts)."""
     torch.manual_seed(seed)
-    if kind == "sdxl-real":
-        from diffusers import UNet2DConditionModel
+    with torch.device(device):
+        if kind in DIFFUSERS_CONFIGS:
+            from diffusers import UNet2DConditionModel
 
-        return reinit_zero_layers(UNet2DConditionModel(**SDXL_DIFFUSERS_CONFIG), seed).eval()
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+            unet = UNet2DConditionModel(**DIFFUSERS_CONFIGS[kind])
+        else:
+            from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet = UNetModel(image_size=32, **UNET_CONFIGS[kind])
+            unet = UNetModel(image_size=32, **UNET_CONFIGS[kind])
     return reinit_zero_layers(unet, seed).eval()
 
 
@@ -98,23 +114,31 @@ class RowCond:
 
 @dataclass
 class Host:
-    """A UNet, a toy text encoder over the real CLIP tokenizer, and k-diffusion's wrapper."""
+    """A UNet, a toy text encoder over the real CLIP tokenizer, and k-diffusion's wrapper (or,
+    with ``builtin_sampler``, :class:`EpsDenoiser` and :func:`sample_euler`)."""
     unet: nn.Module
     tokenizer: Any
     vector_conditioning: bool = False
     embed_seed: int = 0
     v_prediction: bool = False  # the UNet predicts v (SD 2.x 768-v), wrapped as A1111 does
+    builtin_sampler: bool = False  # no k-diffusion: Euler and ε models only
     _embedding: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        from k_diffusion.external import CompVisVDenoiser, DiscreteEpsDDPMDenoiser
-
         def unet_output(x: torch.Tensor, t: torch.Tensor, cond: RowCond | list[RowCond] = None) -> torch.Tensor:
             return self._eps(x, t, cond)
 
-        if self.v_prediction:
+        if self.builtin_sampler:
+            if self.v_prediction:
+                raise ValueError("the built-in sampler serves ε-prediction UNets only; v_prediction needs k-diffusion")
+            self.denoiser = EpsDenoiser(unet_output, sd_alphas_cumprod())
+        elif self.v_prediction:
+            from k_diffusion.external import CompVisVDenoiser
+
             self.denoiser = CompVisVDenoiser(_CompVisModel(unet_output, sd_alphas_cumprod()), quantize=False)
         else:
+            from k_diffusion.external import DiscreteEpsDDPMDenoiser
+
             self.denoiser = DiscreteEpsDDPMDenoiser(unet_output, sd_alphas_cumprod(), quantize=False)
         dim = self.context_dim
         g = torch.Generator().manual_seed(self.embed_seed)
@@ -172,7 +196,9 @@ class Host:
         context = torch.stack([_pad_context(c.context, tokens) for c in conds]).to(x)
         y = torch.stack([c.vector for c in conds]).to(x) if self.vector_conditioning else None
         if hasattr(self.unet, "add_embedding"):  # diffusers SDXL UNet: pooled text + size ids
-            added = {"text_embeds": y.new_zeros(len(conds), 1280) + y,
+            config = self.unet.config  # the embedding takes pooled text and 6 size ids, each embedded
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            added = {"text_embeds": y.new_zeros(len(conds), pooled) + y,
                      "time_ids": torch.tensor([1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]).to(x).expand(len(conds), 6)}
             return self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
         # ldm 2.1's SpatialTransformer indexes one context per transformer block
@@ -180,6 +206,16 @@ class Host:
 
     def row_model(self, x: torch.Tensor, sigma: torch.Tensor, conds: Sequence[RowCond]) -> torch.Tensor:
         return self.denoiser(x, sigma, cond=list(conds))
+
+    def sample(self, sampler: str, model: Any, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """Run the named sampler (a key of SAMPLERS) over ``sigmas`` from ``x``."""
+        if self.builtin_sampler:
+            if sampler != "Euler":
+                raise ValueError(f"sampler {sampler!r} needs k-diffusion; the built-in sampler is Euler only")
+            return sample_euler(model, x, sigmas)
+        from k_diffusion import sampling
+
+        return getattr(sampling, SAMPLERS[sampler])(model, x, sigmas, disable=True)
 
     def skip_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """c_skip(σ) of the model's parametrisation (1 for ε), from k-diffusion's own wrapper."""
@@ -194,6 +230,55 @@ class Host:
         """The last ``steps`` of a schedule of ⌊steps / denoise⌋ steps, as the WebUI does."""
         total = max(steps, int(steps / denoise))
         return self.denoiser.get_sigmas(total)[-(steps + 1):]
+
+
+class EpsDenoiser(nn.Module):
+    """D(x, σ) of an ε-predicting UNet trained on a discrete DDPM schedule, for hosts without
+    k-diffusion: σ_t = √((1 − ᾱ_t) / ᾱ_t); the UNet sees x / √(σ² + 1) at the fractional timestep
+    where log σ falls between the schedule's (linear in log σ), and D = x − σ·ε. The same maps as
+    k-diffusion's unquantised ``DiscreteEpsDDPMDenoiser`` (tests/test_bench.py holds them together)."""
+
+    def __init__(self, eps_model: Any, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.eps_model = eps_model
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+        self.register_buffer("sigmas", sigmas)  # ascending in t
+        self.register_buffer("log_sigmas", sigmas.log())
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.float()
+        below = t.floor().long()
+        above = t.ceil().long()
+        frac = t - below
+        return ((1 - frac) * self.log_sigmas[below] + frac * self.log_sigmas[above]).exp()
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        log_sigma = sigma.log().to(self.log_sigmas.dtype).reshape(-1)
+        last = self.log_sigmas.shape[0] - 2
+        below = (torch.searchsorted(self.log_sigmas, log_sigma, right=True) - 1).clamp(0, last)
+        low, high = self.log_sigmas[below], self.log_sigmas[below + 1]
+        frac = ((log_sigma - low) / (high - low)).clamp(0, 1)
+        return (below + frac).view(sigma.shape)
+
+    def get_sigmas(self, n: int) -> torch.Tensor:
+        """``n`` noise levels evenly spaced in t from the largest to t = 0, then 0."""
+        t = torch.linspace(self.sigmas.shape[0] - 1, 0, n, device=self.sigmas.device)
+        return torch.cat([self.t_to_sigma(t), t.new_zeros(1)])
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        per_row = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        eps = self.eps_model(x * (per_row ** 2 + 1) ** -0.5, self.sigma_to_t(sigma), cond)
+        return x - eps * per_row
+
+
+def sample_euler(model: Any, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Euler steps of the probability-flow ODE dx/dσ = (x − D(x, σ)) / σ down ``sigmas``
+    (Karras et al. 2022, Algorithm 2 without churn)."""
+    per_row = x.new_ones(x.shape[0])
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        slope = (x - model(x, sigma * per_row)) / sigma
+        x = x + slope * (sigma_next - sigma)
+    return x
 
 
 class _CompVisModel(nn.Module):
@@ -241,8 +326,6 @@ def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[in
                record_every: int = 1, record_downsample: int = 4) -> tuple[torch.Tensor, AttentionRecorder | None]:
     """Euler (or ``sampler``) with CFG from seeded noise; records the positive rows' attention at
     the UNet level ``record_downsample`` (4: the WebUI adapters' level; a tiny latent needs less)."""
-    from k_diffusion import sampling
-
     torch.manual_seed(seed)
     n = len(prompts)
     x = torch.randn(n, 4, *size, device=host.device)
@@ -265,7 +348,7 @@ def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[in
         if recorder:
             recorder.attach(find_cross_attention(host.unet, include_middle=False))
         with torch.no_grad():
-            latent = getattr(sampling, SAMPLERS[sampler])(model, x * sigmas[0], sigmas, disable=True)
+            latent = host.sample(sampler, model, x * sigmas[0], sigmas)
     finally:
         if recorder:
             recorder.detach()
@@ -277,8 +360,6 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
                target: tuple[int, int], steps: int, denoise: float, seed: int,
                cfg_scale: float = 7.0, sampler: str = "Euler",
                hires_prompts: Sequence[str] | None = None, jitter: int = 0) -> JobResult:
-    from k_diffusion import sampling
-
     base = tuple(first_latent.shape[-2:])
     n = len(prompts)
     hires_prompts = list(hires_prompts or prompts)
@@ -332,7 +413,7 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         sigmas = host.img2img_sigmas(steps, denoise).to(x_up.device)
         torch.manual_seed(seed + 1000 + stage.index)  # ancestral samplers draw from the global RNG
         with torch.no_grad():
-            latent = getattr(sampling, SAMPLERS[sampler])(model, x_up + noise * sigmas[0], sigmas, disable=True)
+            latent = host.sample(sampler, model, x_up + noise * sigmas[0], sigmas)
         latent = restandardise_stage_output(latent, mean, std)
         result.stage_stats.append(denoiser.stats)
         result.stage_encodes.append(cache.encodes - before)

@@ -1,0 +1,116 @@
+"""The benchmark's own machinery: the built-in sampler it uses where k-diffusion is missing (the GPU
+machine), per-scale step counts and the JSON report that tools/device_check.sh reads."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from accdiffusion import bench, reference
+from accdiffusion.settings import AccDiffusionSettings
+
+PROMPT = "a red fox sitting in tall grass under a blue sky"
+
+
+def eps_model(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+    """Depends on x and on the timestep, so a wrong c_in or σ → t map changes the output."""
+    return torch.sin(3 * x + t.reshape(-1, 1, 1, 1) / 97)
+
+
+def test_builtin_denoiser_matches_k_diffusion():
+    from k_diffusion.external import DiscreteEpsDDPMDenoiser
+
+    alphas = reference.sd_alphas_cumprod()
+    theirs = DiscreteEpsDDPMDenoiser(eps_model, alphas, quantize=False)
+    ours = reference.EpsDenoiser(eps_model, alphas)
+    for n in (1, 2, 7, 50):
+        assert torch.allclose(ours.get_sigmas(n), theirs.get_sigmas(n), rtol=1e-6, atol=0)
+    # inside the schedule, below its smallest σ, above its largest, and exactly on its levels
+    sigmas = torch.cat([torch.rand(200) * 14.5 + 0.03, torch.tensor([1e-4, 20.0]), theirs.sigmas[::97]])
+    assert torch.allclose(ours.sigma_to_t(sigmas), theirs.sigma_to_t(sigmas), rtol=0, atol=1e-3)
+    t = torch.rand(200) * 999
+    assert torch.allclose(ours.t_to_sigma(t), theirs.t_to_sigma(t), rtol=1e-6, atol=0)
+    x, sigma = torch.randn(3, 4, 8, 8), torch.tensor([0.05, 1.0, 12.0])
+    assert torch.allclose(ours(x, sigma), theirs(x, sigma), rtol=1e-5, atol=1e-5)
+
+
+def test_builtin_euler_matches_k_diffusion():
+    from k_diffusion import sampling
+
+    denoiser = reference.EpsDenoiser(eps_model, reference.sd_alphas_cumprod())
+    sigmas = denoiser.get_sigmas(6)
+    x = torch.randn(2, 4, 8, 8) * sigmas[0]
+    expected = sampling.sample_euler(denoiser, x, sigmas, disable=True)
+    assert torch.allclose(reference.sample_euler(denoiser, x, sigmas), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reference.sample_euler(denoiser, x, sigmas[1:]), expected, atol=1e-2)
+
+
+def test_builtin_host_runs_the_passes_as_the_k_diffusion_host(tokenizer):
+    """First pass and a tiled hires pass (both window modes) on the reference host give the same
+    latents with the built-in sampler as with k-diffusion's."""
+    unet = reference.build_unet("sd1", seed=3)
+    hosts = [reference.Host(unet, tokenizer, builtin_sampler=builtin) for builtin in (False, True)]
+    outs = []
+    for host in hosts:
+        latent, recorder = reference.first_pass(host, [PROMPT], "", (16, 16), 3, seed=0)
+        tiled = [reference.hires_pass(host, latent, [PROMPT], "", recorder,
+                                      AccDiffusionSettings(enabled=True, window_mode=mode), (32, 32), 2, 0.6,
+                                      seed=0).latent for mode in ("overlap", "shifted")]
+        outs.append([latent, *tiled])
+    for ours, theirs in zip(outs[1], outs[0]):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(outs[1][1], outs[1][2], atol=1e-3)  # the modes differ: the check can tell
+
+
+def test_builtin_sampler_refuses_what_it_does_not_serve(tokenizer):
+    unet = reference.build_unet("sd1", seed=3)
+    with pytest.raises(ValueError, match="v_prediction needs k-diffusion"):
+        reference.Host(unet, tokenizer, v_prediction=True, builtin_sampler=True)
+    host = reference.Host(unet, tokenizer, builtin_sampler=True)
+    with pytest.raises(ValueError, match="needs k-diffusion"):
+        reference.first_pass(host, [PROMPT], "", (16, 16), 2, seed=0, sampler="DPM++ 2M")
+
+
+def test_auto_sampler_falls_back_where_k_diffusion_does_not_import(monkeypatch):
+    assert bench.use_builtin_sampler("auto") is False  # installed here
+    assert bench.use_builtin_sampler("builtin") is True
+    monkeypatch.setitem(sys.modules, "k_diffusion", None)  # `import k_diffusion` raises ImportError
+    assert bench.use_builtin_sampler("auto") is True
+    assert bench.use_builtin_sampler("k-diffusion") is False
+
+
+def test_steps_per_scale():
+    assert bench.steps_per_scale("50,20", [2, 4]) == [50, 20]
+    assert bench.steps_per_scale("4", [2, 3, 4]) == [4, 4, 4]
+    for bad in ("50,20", "0"):
+        with pytest.raises(ValueError, match="one per scale"):
+            bench.steps_per_scale(bad, [2, 3, 4])
+    with pytest.raises(SystemExit):
+        bench.main(["--scales", "2,3", "--steps", "1,2,3"])
+
+
+def test_bench_json_report(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    bench.main(["--base", "16", "--scales", "2,3", "--steps", "2,1", "--first-steps", "1",
+                "--modes", "overlap,shifted", "--sampler", "builtin", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert list(tmp_path.iterdir()) == [path]  # written whole, no temporary left
+    assert report["sampler"] == "built-in Euler" and report["model"] == "sd1"
+    first = report["first_pass"]
+    assert first["steps"] == 1 and first["recording_ratio"] == pytest.approx(first["recording_s"] / first["plain_s"])
+    assert [(r["scale"], r["mode"], r["steps"]) for r in report["runs"]] == [
+        (2, "overlap", 2), (2, "shifted", 2), (3, "overlap", 1), (3, "shifted", 1)]
+    for run in report["runs"]:
+        assert [st["dilation"] for st in run["stages"]] == list(range(2, run["scale"] + 1))
+        for stage in run["stages"]:
+            s, steps = stage["dilation"], run["steps"]
+            assert stage["steps"] == steps and stage["formula"] == ((2 * s - 1) ** 2 + s * s) * steps
+            local = (2 * s - 1) ** 2 if run["mode"] == "overlap" else s * s
+            assert stage["window_evals"] + stage["skipped_evals"] == (local + s * s) * steps
+            assert stage["tile_batch"] >= 1
+        assert run["window_evals"] == sum(st["window_evals"] for st in run["stages"])
+    printed = capsys.readouterr().out
+    assert "2x shifted -> 256x256 px, 2 steps per stage" in printed and "sampler built-in Euler" in printed
