@@ -126,10 +126,13 @@ def _recording_unet(unet_patcher: Any, recorder: AttentionRecorder) -> Any:
                 return previous(q, k, v, extra)
             return forge_unet.attention_function(q, k, v, heads)
 
+        record.accdiffusion_replaced = previous  # type: ignore[attr-defined]
         return record
 
     for block, number, index in attn2_positions(unet.model.diffusion_model):
         previous = existing.get((block, number, index), existing.get((block, number)))
+        if hasattr(previous, "accdiffusion_replaced"):  # ours (Forge may call the hook twice): replace, not stack
+            previous = previous.accdiffusion_replaced
         unet.set_model_attn2_replace(recording(previous), block, number, index)
     return unet
 

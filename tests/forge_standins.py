@@ -52,7 +52,7 @@ def attention_function(q, k, v, heads, mask=None):
 def install_backend_module() -> None:
     """``backend.nn.unet.attention_function``, which the adapter's recording patch returns through,
     and ``backend.sampling.sampling_function.sampling_prepare / sampling_cleanup`` (:366, :402),
-    which record their calls."""
+    which record their calls and run every ControlNet's ``pre_run`` / ``cleanup``."""
     if "backend.nn.unet" in sys.modules:
         return
     names = ("backend", "backend.nn", "backend.nn.unet", "backend.sampling", "backend.sampling.sampling_function",

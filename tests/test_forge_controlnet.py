@@ -322,3 +322,24 @@ def test_upscale_button_probe_uses_the_hires_hint(sd1):
     assert low.seen == []
     assert high.seen[0]["x"] == (1, 4, 8, 8) and torch.equal(high.seen[0]["hint"], torch.ones(1, 3, 64, 64))
     assert high.seen[0]["cond_or_uncond"] == [0]
+
+
+def test_recording_patches_replace_their_own_and_call_another_extensions(sd1):
+    """Installed twice (Forge calls the hook twice per pass) over an IP-Adapter-like attn2 patch:
+    one recording patch per position, calling that patch, not a second recorder."""
+    from accdiffusion.attention import AttentionRecorder
+    from accdiffusion.forge import _recording_unet, attn2_positions
+    from forge_standins import attention_function
+
+    def foreign(q, k, v, extra):
+        return attention_function(q, k, v, extra["n_heads"])
+
+    unet = sd1.forge_objects.unet.clone()
+    positions = attn2_positions(unet.model.diffusion_model)
+    for position in positions:
+        unet.set_model_attn2_replace(foreign, *position)
+    recorder = AttentionRecorder((8, 8), 1)
+    twice = _recording_unet(_recording_unet(unet, recorder), recorder)
+    patches = twice.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert positions and all(patches[position].accdiffusion_replaced is foreign for position in positions)
+    assert unet.model_options["transformer_options"]["patches_replace"]["attn2"][positions[0]] is foreign  # a clone
