@@ -166,11 +166,14 @@ class A1111Backend:
         job.set_attr(inner, "forward", placed_forward)
 
     @contextmanager
-    def probe_unet(self, p: Any, job: "Job", sampler: Any, recorder: AttentionRecorder,
-                   conds: Sequence[Any]) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def probe_unet(self, p: Any, job: "Job", sampler: Any, recorder: AttentionRecorder, conds: Sequence[Any],
+                   latents: torch.Tensor, images: Sequence[int]
+                   ) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         """The probe pass's UNet call: the k-diffusion denoiser (``sampler.model_wrap``) on the
         positive rows only, with the cond dict the CFG denoiser would build for them
-        (sd_samplers_cfg_denoiser.py:189-200); the recorder on the attn2 modules meanwhile."""
+        (sd_samplers_cfg_denoiser.py:189-200); the recorder on the attn2 modules meanwhile.
+        (``latents`` / ``images``, the probed latents and their places in the batch, are for
+        Forge, whose scripts patch the UNet before every sampling.)"""
         recorder.row_images = list(range(len(conds)))
         is_dict = isinstance(conds[0], dict)
         rows = [dict(c) if is_dict else {"c_crossattn": c} for c in conds]

@@ -28,6 +28,11 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
   full-size call is turned off (an instance ``get_control`` returning None) and the wrapper calls the
   original per tiled call with ``cond_hint`` (and the mask) set to the call's per-item hints
   (:class:`ForgeControl`). Forge's ControlNet reads ``p.is_hr_pass`` itself (hires modes).
+- the probe pass (img2img, the Upscale button) runs on the UNet a sampling would use: before it,
+  ``forge_objects`` are reset and the scripts' ``process_before_every_sampling`` runs (ControlNet
+  attaches its units, other extensions patch the UNet); each probe call evaluates the chain on its
+  positive rows as one cond chunk and hands ``control`` to ``apply_model``
+  (:meth:`ForgeBackend.probe_unet`). Everything is put back afterwards.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from .attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
 from .batching import AutoTileBatch, planned_tile_batch
 from .control import CallItems, StageHints, hint_rows_for, log_call
 from .hires import StageDenoiser, v_prediction_c_skip
-from .job import comment, hook_skip_residual
+from .job import _NO_ATTR, comment, hook_skip_residual
 from .rows import schedule_entry, split_cond, stack_cond, tile_conditions
 from .tiles import Window
 
@@ -98,26 +103,72 @@ def transformer_options_for(options: dict, cond_or_uncond: Sequence[int], blocks
 
 def _recording_unet(unet_patcher: Any, recorder: AttentionRecorder) -> Any:
     """A clone of a UnetPatcher whose attn2 replace patches feed the recorder with the cond rows
-    and return what attn2 itself computes."""
+    and return what attn2 would have computed without them: another extension's attn2 replace
+    patch at that position (IP-Adapter's, backend/nn/unet.py:254-265 looks it up by (block,
+    number, index), then (block, number)), else the attention function attn2 itself calls."""
     from backend.nn import unet as forge_unet  # the attention function attn2 itself calls
 
     unet = unet_patcher.clone()
     tokens = recorder.grid[0] * recorder.grid[1]
+    existing = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
 
-    def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
-        heads = extra["n_heads"]
-        if q.shape[1] == tokens:
-            images = cond_rows_to_images(extra.get("cond_or_uncond", [0]), q.shape[0])
-            rows = [r for r, img in enumerate(images) if img is not None]
-            if rows:
-                index = torch.tensor(rows, device=q.device)
-                recorder.add_qk(q.index_select(0, index), k.index_select(0, index), heads,
-                                [images[r] for r in rows])
-        return forge_unet.attention_function(q, k, v, heads)
+    def recording(previous: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor]:
+        def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+            heads = extra["n_heads"]
+            if q.shape[1] == tokens:
+                images = cond_rows_to_images(extra.get("cond_or_uncond", [0]), q.shape[0])
+                rows = [r for r, img in enumerate(images) if img is not None]
+                if rows:
+                    index = torch.tensor(rows, device=q.device)
+                    recorder.add_qk(q.index_select(0, index), k.index_select(0, index), heads,
+                                    [images[r] for r in rows])
+            if previous is not None:
+                return previous(q, k, v, extra)
+            return forge_unet.attention_function(q, k, v, heads)
+
+        record.accdiffusion_replaced = previous  # type: ignore[attr-defined]
+        return record
 
     for block, number, index in attn2_positions(unet.model.diffusion_model):
-        unet.set_model_attn2_replace(record, block, number, index)
+        previous = existing.get((block, number, index), existing.get((block, number)))
+        if hasattr(previous, "accdiffusion_replaced"):  # ours (Forge may call the hook twice): replace, not stack
+            previous = previous.accdiffusion_replaced
+        unet.set_model_attn2_replace(recording(previous), block, number, index)
     return unet
+
+
+# model_options Forge's CFG loop runs around the UNet call (sampling_function.py:325-363 and
+# sampling_function_inner); a probe call (one positive chunk, no CFG) cannot run them
+CONDITIONING_MODIFIERS = "conditioning_modifiers"
+
+
+def probe_hint_rows(chain: Sequence[Any], images: Sequence[int]) -> list[tuple[Any, str, Any]]:
+    """Give each ControlNet of the chain the hint (and mask) rows of the probed images: Forge's
+    ControlNet batched them to the job's batch size (scripts/controlnet.py:352-376), and its
+    broadcast_image_to would take the first rows for a probe of fewer images. Returns what was
+    replaced, to put back."""
+    saved: list[tuple[Any, str, Any]] = []
+    rows = list(images)
+    for cnet in chain:
+        for name in ("cond_hint_original", "advanced_mask_weighting"):
+            value = getattr(cnet, name, None)
+            if isinstance(value, torch.Tensor) and value.ndim == 4 and 1 < value.shape[0] and max(rows) < value.shape[0] \
+                    and rows != list(range(value.shape[0])):
+                saved.append((cnet, name, value))
+                setattr(cnet, name, value.index_select(0, torch.tensor(rows, device=value.device)))
+    return saved
+
+
+def probe_control(chain: Sequence[Any], x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> dict:
+    """``control`` and ``control_model`` for a probe call, as sampling_function.py:261-268 computes
+    them for a call of one chunk (the positive rows): every ControlNet of the chain gets the call's
+    transformer_options (cond_or_uncond [0], sigmas, cond_mark: the soft/zero weighting reads them),
+    and the head evaluates the chain on x (its hints resized to x × 8, batched_number 1)."""
+    if not chain:
+        return {}
+    for cnet in chain:
+        cnet.transformer_options = cond["transformer_options"]
+    return {"control": chain[0].get_control(x, sigma, dict(cond), 1), "control_model": chain[0]}
 
 
 class ForgeBackend:
@@ -145,36 +196,87 @@ class ForgeBackend:
         job.set_attr(objects, "unet", _recording_unet(objects.unet, recorder))
 
     @contextmanager
-    def probe_unet(self, p: Any, job: Job, sampler: Any, recorder: AttentionRecorder,
-                   conds: Sequence[Any]) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def probe_unet(self, p: Any, job: Job, sampler: Any, recorder: AttentionRecorder, conds: Sequence[Any],
+                   latents: torch.Tensor, images: Sequence[int]
+                   ) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         """The probe pass's UNet call: the positive rows only, straight to the model's
-        ``apply_model`` as sampling_function.py:273 calls it (one cond chunk), on a clone of the
-        UNet (LoRA applied) with the recording attn2 patches; loaded and released like a sampling
-        (sampling_prepare / sampling_cleanup)."""
+        ``apply_model`` as sampling_function.py:261-273 calls it for one cond chunk, on the UNet a
+        sampling would use (:meth:`_probe_patched_unet`: LoRA, ControlNet units and other
+        extensions' per-sampling patches) with the recording attn2 patches; loaded and released like
+        a sampling (sampling_prepare / sampling_cleanup: ControlNet's pre_run and cleanup, which
+        drops its size-keyed hint cache). ``latents`` are the probed images' latents, ``images``
+        their places in the batch. Afterwards ``forge_objects`` and ``p.modified_noise`` are as
+        before, also on error."""
         from backend.sampling.sampling_function import sampling_cleanup, sampling_prepare
 
-        unet = _recording_unet(p.sd_model.forge_objects_after_applying_lora.unet, recorder)
-        sdxl = isinstance(conds[0], dict)
-        crossattn = stack_cond([{"c_crossattn": c["crossattn"] if sdxl else c} for c in conds],
-                               {"c_crossattn": None})["c_crossattn"]
-        vector = torch.stack([c["vector"] for c in conds]) if sdxl else None
-
-        loaded: list[bool] = []
-
-        def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            if not loaded:  # sized by the probe's input, once
-                sampling_prepare(unet, x)
-                loaded.append(True)
-            options = transformer_options_for(unet.model_options.get("transformer_options", {}), [0], 1, sigma)
-            extra = {"y": vector.to(x.device)} if vector is not None else {}
-            return unet.model.apply_model(x, sigma, c_crossattn=crossattn.to(x.device), transformer_options=options,
-                                          **extra)
-
+        model = p.sd_model
+        objects_before = model.forge_objects
+        noise_before = p.__dict__.get("modified_noise", _NO_ATTR)
+        saved: list[tuple[Any, str, Any]] = []
+        loaded: list[Any] = []
         try:
+            patched = self._probe_patched_unet(p, job, latents)
+            unet = _recording_unet(patched, recorder)
+            chain = control_chain(unet)
+            saved += probe_hint_rows(chain, images)
+            if chain:
+                log.info("AccDiffusion probe pass: %d ControlNet(s) in the UNet call (hints at %dx%d px)",
+                         len(chain), latents.shape[-1] * 8, latents.shape[-2] * 8)
+            sdxl = isinstance(conds[0], dict)
+            crossattn = stack_cond([{"c_crossattn": c["crossattn"] if sdxl else c} for c in conds],
+                                   {"c_crossattn": None})["c_crossattn"]
+            vector = torch.stack([c["vector"] for c in conds]) if sdxl else None
+
+            def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                if not loaded:  # sized by the probe's input, once
+                    sampling_prepare(unet, x)
+                    loaded.append(unet)
+                cond: dict = {"c_crossattn": crossattn.to(x.device)}
+                if vector is not None:
+                    cond["y"] = vector.to(x.device)
+                cond["transformer_options"] = transformer_options_for(
+                    unet.model_options.get("transformer_options", {}), [0], 1, sigma)
+                return unet.model.apply_model(x, sigma, **cond, **probe_control(chain, x, sigma, cond))
+
             yield call
         finally:
-            if loaded:
-                sampling_cleanup(unet)
+            try:
+                if loaded:
+                    sampling_cleanup(loaded[0])
+            finally:
+                for obj, name, value in reversed(saved):
+                    setattr(obj, name, value)
+                model.forge_objects = objects_before
+                if noise_before is _NO_ATTR:
+                    p.__dict__.pop("modified_noise", None)
+                else:
+                    p.modified_noise = noise_before
+
+    @staticmethod
+    def _probe_patched_unet(p: Any, job: Job, latents: torch.Tensor) -> Any:
+        """The UNet a sampling would run: what Forge does before every sampling (processing.py:
+        1373-1381: ``forge_objects`` from the LoRA-applied ones, then the scripts'
+        ``process_before_every_sampling``, so ControlNet attaches its units for this pass, with the
+        hires hint when ``p.is_hr_pass``, and other extensions patch the UNet); ``x`` is the probe
+        latent, as img2img passes its init latent, ``noise`` zeros (the probe's noise differs per
+        level), ``c``/``uc`` the batch's conditioning (:attr:`Job.conditioning`). An extension that needs Forge's CFG loop
+        (a conditioning modifier: reference-only records its style there, Fooocus inpaint switches
+        the model) cannot be served by a probe call: then only the ControlNet units are kept, with
+        a note."""
+        model = p.sd_model
+        base = model.forge_objects_after_applying_lora
+        model.forge_objects = base.shallow_copy()
+        if getattr(p, "scripts", None) is not None:
+            p.scripts.process_before_every_sampling(p=p, x=latents, noise=torch.zeros_like(latents),
+                                                    c=job.conditioning, uc=job.unconditioning)
+        patched = model.forge_objects.unet
+        if patched.model_options.get(CONDITIONING_MODIFIERS):
+            comment(p, "AccDiffusion: an extension patches Forge's sampling loop (e.g. a ControlNet reference "
+                       "preprocessor); the probe pass used the UNet with the ControlNet units only.")
+            plain = base.unet.clone()
+            plain.controlnet_linked_list = patched.controlnet_linked_list
+            return plain
+        return patched
 
     # --- hires -------------------------------------------------------------------------------
     def auto_tile_batch(self) -> AutoTileBatch:

@@ -80,6 +80,7 @@ class Job:
     _restore: list[Callable[[], None]] = field(default_factory=list)  # pass and stage hooks
     _batch_restore: list[Callable[[], None]] = field(default_factory=list)  # p.sample overrides
     conditioning: Any = None  # the batch's positive conditioning (for a probe pass), set by p.sample
+    unconditioning: Any = None  # and its negative one (a Forge probe passes both to the scripts)
     probe_stats: list[Any] = field(default_factory=list)  # probe.ProbeStats of each probe pass
     # tile_batch_size 0: one per job, so each window shape's memory is measured once (the backend
     # makes it: Forge reads free memory through its own memory management)

@@ -37,6 +37,7 @@ def make_sample(p: Any, job: Job) -> Callable[..., Any]:
             if job.error is not None:
                 raise AccDiffusionError(str(job.error)) from job.error
             job.conditioning = conditioning  # the Upscale button's probe reads it
+            job.unconditioning = unconditional_conditioning
             if job.settings.patch_prompts and getattr(p, "firstpass_image", None) is None:
                 job.recorder = job.backend.start_recording(p, job, conditioning, prompts)
             return previous_sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength,

@@ -56,8 +56,9 @@ def probe_maps(p: Any, job: Job, latents: torch.Tensor, conditioning: Any,
     recorder = AttentionRecorder(tuple(latents.shape[-2:]), len(images))
     index = torch.tensor(images, device=latents.device)
     stats = ProbeStats()
-    with job.backend.probe_unet(p, job, sampler, recorder, [conds[i] for i in images]) as call:
-        run_probe(latents.index_select(0, index), [int(seeds[i]) for i in images], sigmas, call, stats)
+    probed = latents.index_select(0, index)
+    with job.backend.probe_unet(p, job, sampler, recorder, [conds[i] for i in images], probed, images) as call:
+        run_probe(probed, [int(seeds[i]) for i in images], sigmas, call, stats)
     job.probe_stats.append(stats)
     for k, i in enumerate(images):
         out[i] = recorder.maps(k)
@@ -129,6 +130,7 @@ def noise_multiplier(p: Any) -> float:
 def run_img2img(p: Any, job: Job, conditioning: Any, unconditional_conditioning: Any) -> Any:
     """The probe on the batch's init images, then the tiled pass up to ``p.init_latent``'s size."""
     webui, settings = job.webui, job.settings
+    job.conditioning, job.unconditioning = conditioning, unconditional_conditioning
     init_latent: torch.Tensor = p.init_latent
     count = init_latent.shape[0]
     target = (int(init_latent.shape[-2]), int(init_latent.shape[-1]))

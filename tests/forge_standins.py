@@ -52,7 +52,7 @@ def attention_function(q, k, v, heads, mask=None):
 def install_backend_module() -> None:
     """``backend.nn.unet.attention_function``, which the adapter's recording patch returns through,
     and ``backend.sampling.sampling_function.sampling_prepare / sampling_cleanup`` (:366, :402),
-    which record their calls."""
+    which record their calls and run every ControlNet's ``pre_run`` / ``cleanup``."""
     if "backend.nn.unet" in sys.modules:
         return
     names = ("backend", "backend.nn", "backend.nn.unet", "backend.sampling", "backend.sampling.sampling_function",
@@ -64,8 +64,26 @@ def install_backend_module() -> None:
     memory.get_free_memory = lambda dev=None, torch_free_too=False: memory.asked.append(dev) or memory.free
     backend.memory_management = memory
     sampling_function_mod.calls = []
-    sampling_function_mod.sampling_prepare = lambda unet, x: sampling_function_mod.calls.append("prepare")
-    sampling_function_mod.sampling_cleanup = lambda unet: sampling_function_mod.calls.append("cleanup")
+
+    def chain(unet):  # unet.py:73 list_controlnets
+        node, out = unet.controlnet_linked_list, []
+        while node is not None:
+            out.append(node)
+            node = node.previous_controlnet
+        return out
+
+    def sampling_prepare(unet, x):  # :366-399: loads the models, pre_run on every ControlNet
+        sampling_function_mod.calls.append("prepare")
+        for cnet in chain(unet):
+            cnet.pre_run()
+
+    def sampling_cleanup(unet):  # :402-408: cleanup on every ControlNet (drops its cond_hint)
+        sampling_function_mod.calls.append("cleanup")
+        for cnet in chain(unet):
+            cnet.cleanup()
+
+    sampling_function_mod.sampling_prepare = sampling_prepare
+    sampling_function_mod.sampling_cleanup = sampling_cleanup
     backend.nn, nn_mod.unet = nn_mod, unet_mod
     backend.sampling, sampling.sampling_function = sampling, sampling_function_mod
     sys.modules.update(dict(zip(names, (backend, nn_mod, unet_mod, sampling, sampling_function_mod, memory))))
@@ -311,10 +329,16 @@ def broadcast_image_to(tensor, target_batch_size, batched_number):  # controlnet
 class ControlNet:
     """controlnet.py:282 ControlNet (named like Forge's class: the adapter tiles by class name).
     The "model" paints the block means of its hint's first channel (× strength, × mask) into
-    control["middle"], so tests see which pixels each item got. ``calls`` records hint shapes."""
+    control["middle"], so tests see which pixels each item got. ``calls`` records hint shapes,
+    ``seen`` what each evaluation was called with. ``soft`` = (positive, negative) weights the rows
+    by ``transformer_options["cond_mark"]`` as compute_controlnet_weighting (:86-150) does for the
+    control modes (a cond_mark of another row count fails to broadcast, as in Forge)."""
 
-    def __init__(self, hint, strength=1.0, start_percent_t=math.inf, end_percent_t=-math.inf, mask=None):
+    def __init__(self, hint, strength=1.0, start_percent_t=math.inf, end_percent_t=-math.inf, mask=None, soft=None):
         self.cond_hint_original = hint
+        self.soft = soft
+        self.seen: list = []
+        self.pre_runs = self.cleanups = 0
         self.cond_hint = None
         self.strength = strength
         self.timestep_range = (start_percent_t, end_percent_t)
@@ -336,13 +360,28 @@ class ControlNet:
             self.cond_hint = broadcast_image_to(self.cond_hint, x_noisy.shape[0], batched_number)
         assert len(self.transformer_options.get("cond_or_uncond", [])) == batched_number
         self.calls.append(tuple(self.cond_hint.shape))
+        to = self.transformer_options
+        self.seen.append({"x": tuple(x_noisy.shape), "t": t.clone(), "batched_number": batched_number,
+                          "cond_or_uncond": list(to["cond_or_uncond"]), "cond_mark": to.get("cond_mark"),
+                          "hint": self.cond_hint.clone(), "crossattn": tuple(cond["c_crossattn"].shape)})
         out = torch.nn.functional.avg_pool2d(self.cond_hint[:, :1], 8).to(x_noisy) * self.strength
         if isinstance(self.advanced_mask_weighting, torch.Tensor):
             out = out * torch.nn.functional.interpolate(self.advanced_mask_weighting.to(out), size=out.shape[-2:], mode="bilinear")
         out = out.expand(x_noisy.shape[0], *out.shape[1:])
+        if self.soft is not None:
+            mark = to["cond_mark"]
+            out = out * (self.soft[0] * (1.0 - mark) + self.soft[1] * mark)[:, None, None, None]
         if prev is not None:
             out = out + prev["middle"][0]
         return {"input": [], "middle": [out], "output": []}
+
+
+    def pre_run(self):  # controlnet.py:351 (the stand-in's timestep_range is given in sigmas already)
+        self.pre_runs += 1
+
+    def cleanup(self):  # controlnet.py:205-211, :355-357
+        self.cond_hint = None
+        self.cleanups += 1
 
 
 class T2IAdapter(ControlNet):
@@ -381,5 +420,8 @@ class ForgeImg2ImgStandIn(Img2ImgStandIn):
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
         self.pbes_calls += 1
+        if self.scripts is not None:
+            self.scripts.process_before_every_sampling(p=self, x=self.init_latent, c=conditioning,
+                                                       uc=unconditional_conditioning)
         self.adapter.before_sampling(self)
         return super().sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)

@@ -92,6 +92,23 @@ def probed_forge_crops(text):
     return re.findall(r"\[cn-probe\] Forge unit \d+ \w+ x \([^)]*\) hint \([^)]*\) is_hr_pass=(\w+) src: (.*)", text)
 
 
+def forge_calls(text):
+    """(unit, x shape, hint shape, src) of every Forge ControlNet call the probe extension saw."""
+    return re.findall(r"\[cn-probe\] Forge unit (\d+) \w+ x \(([^)]*)\) hint \(([^)]*)\) is_hr_pass=\w+ src: (.*)", text)
+
+
+def split_probe_pass(text):
+    """(the AccDiffusion probe pass's part of a job's log or None, the rest): the probe's ControlNet
+    calls follow its "AccDiffusion probe pass" line and come before the next sampling's
+    "[cn-probe] pass" line (written when that sampling's units are attached)."""
+    found = re.search(r"AccDiffusion probe pass: \d+ ControlNet", text)
+    if found is None:
+        return None, text
+    end = text.find("[cn-probe] pass ", found.end())
+    end = len(text) if end < 0 else end
+    return text[found.start():end], text[:found.start()] + text[end:]
+
+
 CASES = {
     "2x": dict(width=128, height=128, hr_scale=2),
     "1.5x padded": dict(width=128, height=128, hr_scale=1.5),
@@ -148,7 +165,9 @@ def test_two_units_in_the_tiled_pass(cn_model, case, modes):
 
 def test_img2img_with_two_units(cn_model):
     """img2img upscale through the tiled pass (probe pass first): two units, crops logged and, on
-    Forge with the probe extension, found where the logged windows are."""
+    Forge with the probe extension, found where the logged windows are; on Forge the probe pass
+    itself runs with both units (its log line; with the probe extension: each unit's whole hint at
+    the probe size, on the positive row only)."""
     from test_live_api import init_image
 
     start = log_size()
@@ -166,6 +185,15 @@ def test_img2img_with_two_units(cn_model):
     if not LOG:
         return
     text = log_text(start)
+    probe_part, text = split_probe_pass(text)
+    if FORGE:  # the probe pass (64 px: the init image's size) runs with both units, whole hints
+        assert probe_part is not None and "AccDiffusion probe pass: 2 ControlNet(s)" in probe_part
+        calls = forge_calls(probe_part)
+        if calls:  # with the probe extension: both units, three noise levels, the positive row only
+            assert len(calls) == 6 and {u for u, *_ in calls} == {"0", "1"}
+            # the 128 px hint resized to 64 px: no crop of it ("?"), or "whole hint" at equal sizes
+            assert all(x == "1, 4, 8, 8" and hint == "1, 3, 64, 64" and src.startswith(("whole hint", "crop ? x1"))
+                       for _, x, hint, src in calls)
     crops = logged_crops(text)
     assert {int(u) for u, *_ in crops} == {1, 2}
     windows = {(int(top), int(left)) for _, h, w, where in crops
