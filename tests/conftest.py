@@ -34,6 +34,43 @@ def sdxl_host(tokenizer):
     return Host(build_unet("sdxl", seed=2), tokenizer, vector_conditioning=True)
 
 
+# The WebUI stand-in models over the session's hosts: one per test module (tests change their state)
+@pytest.fixture(scope="module")
+def sd1_model(sd1_host):
+    from a1111_standins import StandInModel
+
+    return StandInModel(sd1_host, sdxl=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(sdxl_host):
+    from a1111_standins import StandInModel
+
+    return StandInModel(sdxl_host, sdxl=True)
+
+
+@pytest.fixture(scope="module")
+def forge_sd1(sd1_host):
+    from forge_standins import ForgeModelStandIn
+
+    return ForgeModelStandIn(sd1_host, sdxl=False)
+
+
+@pytest.fixture(scope="module")
+def forge_sdxl(sdxl_host):
+    from forge_standins import ForgeModelStandIn
+
+    return ForgeModelStandIn(sdxl_host, sdxl=True)
+
+
+@pytest.fixture(scope="module")
+def forge_backend():
+    """Forge's ``backend`` package stand-in in sys.modules, for modules that run the Forge backend."""
+    from forge_standins import install_backend_module
+
+    install_backend_module()
+
+
 @pytest.fixture
 def denoisers(monkeypatch):
     """Every StageDenoiser the job makes, in order (the job's own class, recorded as it is built)."""

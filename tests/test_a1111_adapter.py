@@ -11,21 +11,11 @@ from accdiffusion.attention import find_cross_attention
 from accdiffusion.hires import AccDiffusionError
 from accdiffusion.settings import AccDiffusionSettings, SettingsError
 
-from a1111_standins import (ImageRNGStandIn, StandInModel, Txt2ImgStandIn, WebUIStandIn,
+from a1111_standins import (ImageRNGStandIn, Txt2ImgStandIn, WebUIStandIn,
                             assert_hooks_removed, process_images)
 
 ON = AccDiffusionSettings(enabled=True)
 PROMPT = "a red-haired astronaut riding a horse on the moon"
-
-
-@pytest.fixture(scope="module")
-def sd1_model(sd1_host):
-    return StandInModel(sd1_host, sdxl=False)
-
-
-@pytest.fixture(scope="module")
-def sdxl_model(sdxl_host):
-    return StandInModel(sdxl_host, sdxl=True)
 
 
 def assert_clean(p, model, webui):

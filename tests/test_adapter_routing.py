@@ -23,8 +23,7 @@ from accdiffusion.settings import AccDiffusionSettings
 
 from a1111_standins import (ScheduledPromptConditioning, StandInModel, Txt2ImgStandIn, WebUIStandIn,
                             process_images)
-from forge_standins import (ForgeModelStandIn, ForgeTxt2ImgStandIn, ForgeWebUIStandIn,
-                            install_backend_module)
+from forge_standins import ForgeModelStandIn, ForgeTxt2ImgStandIn, ForgeWebUIStandIn
 
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 NEGATIVE = "blurry photo"
@@ -33,9 +32,7 @@ CHUNK = " ".join(["castle"] * 75)
 ROUTING = AccDiffusionSettings(enabled=True, dilated_sampling=False, tile_batch_size=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def backend_module():
-    install_backend_module()
+pytestmark = pytest.mark.usefixtures("forge_backend")
 
 
 class PromptVectorMixin:

@@ -155,7 +155,6 @@ def test_attention_without_to_q_calls_is_recorded_by_its_own_projection(sd1_host
     conds = sd1_host.encode(["a cat on a mat"]) + sd1_host.encode([""])
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([500.0, 500.0])
     reused, out = record_maps(sd1_host, x, t, conds, [0, None])
-    original = CrossAttention.forward
 
     def fused(self, x, context=None, mask=None, **kwargs):
         # the same attention, projecting from the weights instead of calling to_q/to_k/to_v

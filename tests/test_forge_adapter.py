@@ -11,26 +11,13 @@ from accdiffusion.settings import AccDiffusionSettings
 
 from a1111_standins import assert_hooks_removed as assert_clean
 from a1111_standins import process_images
-from forge_standins import (ForgeModelStandIn, ForgeTxt2ImgStandIn, ForgeWebUIStandIn,
-                            install_backend_module)
+from forge_standins import ForgeTxt2ImgStandIn, ForgeWebUIStandIn
 
 ON = AccDiffusionSettings(enabled=True)
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def backend_module():
-    install_backend_module()
-
-
-@pytest.fixture(scope="module")
-def sd1(sd1_host):
-    return ForgeModelStandIn(sd1_host, sdxl=False)
-
-
-@pytest.fixture(scope="module")
-def sdxl(sdxl_host):
-    return ForgeModelStandIn(sdxl_host, sdxl=True)
+pytestmark = pytest.mark.usefixtures("forge_backend")
 
 
 def run(model, settings=ON, **kw):
@@ -49,7 +36,7 @@ def test_positions_rows_and_options_helpers(sd1_host):
     assert opts["cond_indices"] == [2, 3, 6, 7, 10, 11] and opts["cond_mark"].tolist() == [1, 1, 0, 0] * 3
 
 
-@pytest.mark.parametrize("model_name", ["sd1", "sdxl"])
+@pytest.mark.parametrize("model_name", ["forge_sd1", "forge_sdxl"])
 @pytest.mark.parametrize("size,scale,stages", [((64, 64), 2.0, 1), ((64, 128), 1.5, 1), ((64, 64), 3.0, 2)])
 def test_hires_pass_through_forge_patching(request, model_name, size, scale, stages):
     model = request.getfixturevalue(model_name)
@@ -69,34 +56,34 @@ def test_hires_pass_through_forge_patching(request, model_name, size, scale, sta
     assert_clean(p, model, webui)
 
 
-def test_recording_patch_leaves_the_first_pass_identical(sd1):
-    p, webui, _ = run(sd1, prompts=[PROMPT])
+def test_recording_patch_leaves_the_first_pass_identical(forge_sd1):
+    p, webui, _ = run(forge_sd1, prompts=[PROMPT])
     first_with = p.first_pass_latent
-    q, _, _ = run(sd1, settings=None, prompts=[PROMPT])
+    q, _, _ = run(forge_sd1, settings=None, prompts=[PROMPT])
     assert torch.equal(first_with, q.first_pass_latent)
 
 
-def test_disabled_is_identical_and_attaches_nothing(sd1):
-    _, _, plain = run(sd1, settings=None, prompts=[PROMPT])
-    p, webui, off = run(sd1, settings=AccDiffusionSettings(enabled=False), prompts=[PROMPT])
+def test_disabled_is_identical_and_attaches_nothing(forge_sd1):
+    _, _, plain = run(forge_sd1, settings=None, prompts=[PROMPT])
+    p, webui, off = run(forge_sd1, settings=AccDiffusionSettings(enabled=False), prompts=[PROMPT])
     assert all(torch.equal(a, b) for a, b in zip(plain.images, off.images))
-    assert_clean(p, sd1, webui)
+    assert_clean(p, forge_sd1, webui)
 
 
-def test_same_seed_same_image_and_differs_from_stock(sd1):
-    _, _, a = run(sd1, prompts=[PROMPT], sampler_name="Euler a")
-    _, _, b = run(sd1, prompts=[PROMPT], sampler_name="Euler a")
-    _, _, stock = run(sd1, settings=None, prompts=[PROMPT], sampler_name="Euler a")
+def test_same_seed_same_image_and_differs_from_stock(forge_sd1):
+    _, _, a = run(forge_sd1, prompts=[PROMPT], sampler_name="Euler a")
+    _, _, b = run(forge_sd1, prompts=[PROMPT], sampler_name="Euler a")
+    _, _, stock = run(forge_sd1, settings=None, prompts=[PROMPT], sampler_name="Euler a")
     assert torch.equal(a.images[0], b.images[0])
     assert not torch.allclose(a.images[0], stock.images[0])
 
 
-def test_flux_like_models_are_declined(sd1):
+def test_flux_like_models_are_declined(forge_sd1):
     webui = ForgeWebUIStandIn()
-    p = ForgeTxt2ImgStandIn(sd1, webui, adapter=facade, prompts=[PROMPT])
-    sd1.is_sd1 = False
+    p = ForgeTxt2ImgStandIn(forge_sd1, webui, adapter=facade, prompts=[PROMPT])
+    forge_sd1.is_sd1 = False
     try:
         assert facade.start_job(p, ON, webui=webui) is None
     finally:
-        sd1.is_sd1 = True
+        forge_sd1.is_sd1 = True
     assert any("Flux" in c for c in p.comments)

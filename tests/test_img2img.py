@@ -12,38 +12,16 @@ from accdiffusion.hires import AccDiffusionError
 from accdiffusion.reference import first_pass, probe_pass
 from accdiffusion.settings import AccDiffusionSettings, SettingsError
 
-from a1111_standins import (Img2ImgStandIn, StandInModel, Txt2ImgStandIn, WebUIStandIn, process_images,
+from a1111_standins import (Img2ImgStandIn, Txt2ImgStandIn, WebUIStandIn, process_images,
                             process_img2img, picture)
 from a1111_standins import assert_hooks_removed as assert_clean
-from forge_standins import (ForgeImg2ImgStandIn, ForgeModelStandIn, ForgeWebUIStandIn, install_backend_module)
+from forge_standins import ForgeImg2ImgStandIn, ForgeWebUIStandIn
 
 ON = AccDiffusionSettings(enabled=True)
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def backend_module():
-    install_backend_module()
-
-
-@pytest.fixture(scope="module")
-def sd1_model(sd1_host):
-    return StandInModel(sd1_host, sdxl=False)
-
-
-@pytest.fixture(scope="module")
-def sdxl_model(sdxl_host):
-    return StandInModel(sdxl_host, sdxl=True)
-
-
-@pytest.fixture(scope="module")
-def forge_sd1(sd1_host):
-    return ForgeModelStandIn(sd1_host, sdxl=False)
-
-
-@pytest.fixture(scope="module")
-def forge_sdxl(sdxl_host):
-    return ForgeModelStandIn(sdxl_host, sdxl=True)
+pytestmark = pytest.mark.usefixtures("forge_backend")
 
 
 def img2img(model, settings=ON, images=None, forge=False, n_iter=1, **kw):

@@ -25,8 +25,7 @@ from accdiffusion.words import split_words
 
 from a1111_standins import (Img2ImgStandIn, StandInModel, Txt2ImgStandIn, WebUIStandIn, picture, process_images,
                             process_img2img)
-from forge_standins import (ForgeImg2ImgStandIn, ForgeModelStandIn, ForgeTxt2ImgStandIn, ForgeWebUIStandIn,
-                            install_backend_module)
+from forge_standins import ForgeImg2ImgStandIn, ForgeModelStandIn, ForgeTxt2ImgStandIn, ForgeWebUIStandIn
 
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 NEGATIVE = "blurry photo"
@@ -38,9 +37,7 @@ GEOMETRY = dict(width=64, height=64, hr_scale=4.0, hr_steps=4)
 POSITIVE_ROW = {"a1111": 0, "forge": 1}  # the CFG row of the image's positive prompt (Forge: [uncond, cond])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def backend_module():
-    install_backend_module()
+pytestmark = pytest.mark.usefixtures("forge_backend")
 
 
 @pytest.fixture(scope="module")
