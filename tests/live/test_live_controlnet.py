@@ -80,7 +80,11 @@ def log_size():
 def log_text(start):
     with open(LOG, errors="replace") as f:
         f.seek(start)
-        return f.read()
+        text = f.read()
+    if "AccDiffusion stage" in text and "DEBUG" not in text:
+        pytest.fail(f"{LOG} has AccDiffusion's info lines but none of its debug lines: start the host with "
+                    "--loglevel DEBUG (or unset SD_WEBUI_LOG to skip the log checks)")
+    return text
 
 
 def logged_crops(text):
