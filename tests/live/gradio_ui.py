@@ -81,6 +81,8 @@ class GradioUI:
         value = props.get("value")
         if component.get("type") == "dropdown" and props.get("multiselect") and value is None:
             return []  # what the browser sends for an empty multiselect
+        if component.get("type") == "textbox" and value is None:
+            return ""  # what the browser sends for an empty textbox (Forge's hires prompts default to None)
         if component.get("type") == "label":
             return None  # the WebUIs' hidden dummy components
         return value

@@ -39,6 +39,7 @@ SETTINGS = {
     "txt2img_denoising_strength": 0.6, "txt2img_hr_scale": 2, "txt2img_hr_upscaler": "Latent",
 }
 ENABLED_ID = "script_txt2img_accdiffusion_enabled-checkbox"  # InputAccordion's checkbox (scripts/accdiffusion.py)
+HOST_ONLY = {"txt2img_hr_cfg": 5}  # Forge's Hires CFG Scale (its default 7 would differ from the first pass)
 FALLBACK_NOTE = "the WebUI's own hires fix ran instead"
 
 
@@ -59,21 +60,34 @@ def pixels(ui, gallery_entry):
 
 def first_pass(ui):
     """A finished 64 px image with Hires. fix off and AccDiffusion off: (gallery, generation_info)."""
-    event = ui.event("txt2img_generate")
+    event = ui.event("txt2img_generate", js="submit")
     data = ui.inputs(event, {**SETTINGS, "txt2img_hr-checkbox": False}, {0: "task(upscale-button-first)"},
-                     optional={ENABLED_ID: False})
+                     optional={ENABLED_ID: False, **HOST_ONLY})
     out = ui.call(event, data)
+    assert out["txt2img_gallery"], out["_list"][3:]
     return out["txt2img_gallery"], out["generation_info_txt2img"]
+
+
+def skip_where_the_webui_fails(ui, gallery, upscaler):
+    """Forge 2 saves images as RGBA by default (Settings → "Stealth infotext mode": Alpha), and its
+    Upscale button then fails for a latent upscaler with or without this extension: processing.py
+    1356-1364 encodes np.array(firstpass_image), 4 channels, and the VAE takes 3 ("expected input
+    ... to have 3 channels, but got 4"). Pixel upscalers work (images.resize_image drops the alpha)."""
+    if upscaler == "Latent" and ui.image(gallery[0]).mode == "RGBA":
+        pytest.skip("the WebUI's own Upscale button fails on an RGBA gallery image with a latent upscaler "
+                    "(Forge: set Stealth infotext mode to None)")
 
 
 def press_upscale(ui, gallery, generation_info, enabled, upscaler="Latent", **accdiffusion):
     """What a click on ✨ sends: task id, gallery, selected index, generation info, then the txt2img
     inputs (submit_txt2img_upscale in javascript/ui.js). Hires. fix stays unticked: the button forces it."""
-    event = ui.event("txt2img_upscale")
-    ours = {ENABLED_ID: enabled, **{f"script_txt2img_accdiffusion_{k}": v for k, v in accdiffusion.items()}}
+    event = ui.event("txt2img_upscale", js="submit_txt2img_upscale")
+    ours = {ENABLED_ID: enabled, **HOST_ONLY,
+            **{f"script_txt2img_accdiffusion_{k}": v for k, v in accdiffusion.items()}}
     data = ui.inputs(event, {**SETTINGS, "txt2img_hr_upscaler": upscaler}, {0: "task(upscale-button)", 1: gallery, 2: 0, 3: generation_info},
                      optional=ours)
     out = ui.call(event, data)
+    assert out["txt2img_gallery"], out["_list"][3:]  # the WebUI's error message, if any
     info = json.loads(out["generation_info_txt2img"])
     return out["txt2img_gallery"], info["infotexts"][0], json.dumps(out["_list"][3:])
 
@@ -87,6 +101,7 @@ def ui():
 def test_upscale_button_with_accdiffusion_runs_the_probe_and_the_tiled_pass(ui, upscaler):
     gallery, info = first_pass(ui)
     assert pixels(ui, gallery[0])[0] == (64, 64)
+    skip_where_the_webui_fails(ui, gallery, upscaler)
     start = log_size()
     on_gallery, on_text, on_html = press_upscale(ui, gallery, info, True, upscaler, patch_prompt_threshold=0.4)
     text = log_text(start) if LOG else ""
@@ -112,6 +127,7 @@ def test_upscale_button_disabled_is_identical_to_not_installed(ui, upscaler):
     gallery, info = first_pass(ui)
     plain_gallery, plain_info = first_pass(plain)
     assert pixels(ui, gallery[0]) == pixels(plain, plain_gallery[0])
+    skip_where_the_webui_fails(ui, gallery, upscaler)
     off_gallery, off_text, _ = press_upscale(ui, gallery, info, False, upscaler)
     plain_out, plain_text, _ = press_upscale(plain, plain_gallery, plain_info, False, upscaler)
     assert pixels(ui, off_gallery[0])[0] == (128, 128)
