@@ -88,10 +88,6 @@ def run_hires(p: Any, job: Job, samples: torch.Tensor | None, decoded_samples: t
         return samples
     p.is_hr_pass = True
     try:
-        if decoded_samples is not None and decoded_samples.shape[1] > 3:
-            # the Upscale button's image as the gallery saved it: RGBA on Forge (stealth infotext in
-            # the alpha channel); the WebUI's pass drops the alpha (images.resize_image: RGBA → RGB)
-            decoded_samples = decoded_samples[:, :3]
         if samples is None:
             samples = webui.encode(p.sd_model, torch.clamp((decoded_samples.float() + 1.0) / 2.0, 0, 1))
         if getattr(p, "firstpass_image", None) is not None:

@@ -176,7 +176,7 @@ def upscale_button_maps(p: Any, job: Job, samples: torch.Tensor) -> list[torch.T
         return None
     webui = job.webui
     base = (int(samples.shape[-2]), int(samples.shape[-1]))
-    image = p.firstpass_image.convert("RGB")  # alpha dropped, as the hires pass drops it (run_hires)
+    image = p.firstpass_image  # RGB (facade.before_batch)
     probe = probe_latent_size(base, (image.height, image.width), webui.native_side(p.sd_model))
     if probe == base:
         latents = samples

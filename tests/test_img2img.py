@@ -419,6 +419,28 @@ def test_upscale_button_drops_the_alpha_channel_like_the_webui(sd1_model, side, 
     assert_clean(p, sd1_model, webui)
 
 
+def test_upscale_button_takes_an_rgba_image_with_a_latent_upscaler(sd1_model):
+    """The WebUI itself fails here (it encodes np.array of the RGBA image: 4 channels into the
+    VAE); with AccDiffusion on, the job gets the RGB image, and p its own image back afterwards."""
+    rgb = picture(64, 64)
+    rgba = rgb.copy()
+    rgba.putalpha(128)
+
+    def run(image, settings):
+        webui = WebUIStandIn()
+        p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+        p.firstpass_image = image
+        return p, webui, process_images(p, settings, facade)
+
+    with pytest.raises(RuntimeError, match="3 channels"):
+        run(rgba, None)
+    p, webui, out = run(rgba, ON)
+    assert not p.comments and out.images[0].shape == (3, 128, 128)
+    assert torch.equal(out.images[0], run(rgb, ON)[2].images[0])
+    assert p.firstpass_image is rgba
+    assert_clean(p, sd1_model, webui)
+
+
 # --- Forge ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_name", ["forge_sd1", "forge_sdxl"])
 def test_forge_img2img(request, model_name):
