@@ -159,6 +159,12 @@ def before_batch(p: Any) -> None:
     if is_img2img(p):
         job.set_attr(p, "sample", make_img2img_sample(p, job), batch=True)
         return
+    image = getattr(p, "firstpass_image", None)
+    if getattr(image, "mode", None) == "RGBA":
+        # the Upscale button on a Forge image (stealth infotext in the alpha channel): the WebUI's
+        # own p.sample would hand the VAE 4 channels for a latent upscaler (processing.py:1356-1364);
+        # RGB, as its hires pass makes of it for a pixel upscaler (images.resize_image)
+        job.set_attr(p, "firstpass_image", image.convert("RGB"), batch=True)
     job.set_attr(p, "sample", make_sample(p, job), batch=True)
     job.set_attr(p, "sample_hr_pass", make_hr_pass(p, job), batch=True)
 

@@ -60,6 +60,9 @@ def probe_maps(p: Any, job: Job, latents: torch.Tensor, conditioning: Any,
     with job.backend.probe_unet(p, job, sampler, recorder, [conds[i] for i in images], probed, images) as call:
         run_probe(probed, [int(seeds[i]) for i in images], sigmas, call, stats)
     job.probe_stats.append(stats)
+    log.info("AccDiffusion probe pass (%s): %d UNet calls at %dx%d latent, %d noise levels, maps for %d image(s)",
+             "Upscale button" if getattr(p, "firstpass_image", None) is not None else "img2img", stats.unet_calls,
+             stats.latent_size[1], stats.latent_size[0], stats.levels, len(images))
     for k, i in enumerate(images):
         out[i] = recorder.maps(k)
     return out
@@ -173,7 +176,7 @@ def upscale_button_maps(p: Any, job: Job, samples: torch.Tensor) -> list[torch.T
         return None
     webui = job.webui
     base = (int(samples.shape[-2]), int(samples.shape[-1]))
-    image = p.firstpass_image
+    image = p.firstpass_image  # RGB (facade.before_batch)
     probe = probe_latent_size(base, (image.height, image.width), webui.native_side(p.sd_model))
     if probe == base:
         latents = samples

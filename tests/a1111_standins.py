@@ -371,7 +371,9 @@ class WebUIStandIn:
         return {"Latent": {"mode": "bilinear", "antialias": False}}.get(name)
 
     def pixel_upscale(self, p, decoded, width, height):
-        """A 'pixel upscaler': bicubic on the decoded image, encoded back."""
+        """A 'pixel upscaler': bicubic on the decoded image, encoded back. images.resize_image
+        converts an RGBA image to RGB first (modules/images.py resize_image: alpha dropped)."""
+        decoded = decoded[:, :3]
         pixels = torch.nn.functional.interpolate((decoded.float() + 1) / 2, size=(height, width), mode="bicubic")
         return self.encode(p.sd_model, pixels.clamp(0, 1))
 
@@ -382,6 +384,8 @@ class WebUIStandIn:
 
     def encode(self, model, pixels):
         """A stand-in VAE encoder ([0, 1] pixels → latent), roughly the inverse of decode."""
+        if pixels.shape[1] != 3:  # the real VAE's conv_in takes RGB only
+            raise RuntimeError(f"VAE encoder: expected 3 channels, got {pixels.shape[1]}")
         self.encodes = getattr(self, "encodes", 0) + 1
         x = torch.nn.functional.avg_pool2d(pixels.float() * 2 - 1, 8).clamp(-0.95, 0.95)
         x = torch.atanh(x)
@@ -392,6 +396,12 @@ class WebUIStandIn:
 
     def probe_image(self, p, image, width, height):
         self.probe_sizes = getattr(self, "probe_sizes", []) + [(width, height)]
+        if image.mode == "RGBA":  # images.flatten: composited over img2img_background_color (#ffffff)
+            from PIL import Image
+
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            background.alpha_composite(image)
+            image = background.convert("RGB")
         return pil_to_tensor(resize_image(getattr(p, "resize_mode", 0), image, width, height))
 
     def decode_batch(self, model, latent):
@@ -483,7 +493,8 @@ class Txt2ImgStandIn:
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = self.webui.create_sampler(self.sampler_name, self.sd_model)
         if self.firstpass_image is not None and self.enable_hr:  # the Upscale button (processing.py:1310-1329)
-            image = pil_to_tensor(self.firstpass_image)[None]
+            # np.array(self.firstpass_image): all its channels, an alpha one too (processing.py:1313-1326)
+            image = pil_to_tensor(self.firstpass_image, keep_alpha=True)[None]
             if self.latent_scale_mode is None:
                 return self.sample_hr_pass(None, image * 2 - 1, seeds, subseeds, subseed_strength, prompts)
             samples = self.webui.encode(self.sd_model, image)
@@ -531,10 +542,11 @@ def resize_image(mode, image, width, height):
     return image.resize((width, height), Image.LANCZOS)
 
 
-def pil_to_tensor(image):
+def pil_to_tensor(image, keep_alpha=False):
     import numpy as np
 
-    return torch.from_numpy(np.moveaxis(np.array(image.convert("RGB")).astype(np.float32) / 255.0, 2, 0))
+    image = image if keep_alpha and image.mode == "RGBA" else image.convert("RGB")
+    return torch.from_numpy(np.moveaxis(np.array(image).astype(np.float32) / 255.0, 2, 0))
 
 
 def picture(width, height, seed=0):

@@ -393,6 +393,54 @@ def test_upscale_button_takes_its_maps_from_the_probe(sd1_model, monkeypatch, pi
     assert_clean(p, sd1_model, webui)
 
 
+@pytest.mark.parametrize("side,probe_side", [(64, 512), (128, 32)])  # 32: a probe below the image size
+def test_upscale_button_drops_the_alpha_channel_like_the_webui(sd1_model, side, probe_side):
+    """Forge saves its images as RGBA by default (stealth infotext in the alpha channel,
+    modules/stealth_infotext.py), and the gallery hands the Upscale button that file: with a pixel
+    upscaler its first pass arrives as 4 channels. The WebUI's hires pass drops the alpha
+    (images.resize_image converts RGBA to RGB); so must the tiled pass."""
+    rgb = picture(side, side)
+    rgba = rgb.copy()
+    rgba.putalpha(128)  # Forge's own alpha is 254/255: half makes a compositing mistake plain
+
+    def run(image, settings):
+        webui = WebUIStandIn()
+        webui.native = probe_side
+        p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT], width=side, height=side)
+        p.firstpass_image = image
+        p.latent_scale_mode, p.hr_upscaler = None, "Lanczos"
+        return p, webui, process_images(p, settings, facade)
+
+    p, webui, out = run(rgba, ON)
+    assert not p.comments and out.images[0].shape == (3, 2 * side, 2 * side)
+    assert getattr(webui, "probe_sizes", []) == ([(64, 64)] if side == 128 else [])
+    assert torch.equal(out.images[0], run(rgb, ON)[2].images[0])
+    assert torch.equal(run(rgba, None)[2].images[0], run(rgb, None)[2].images[0])  # the stock pass drops it too
+    assert_clean(p, sd1_model, webui)
+
+
+def test_upscale_button_takes_an_rgba_image_with_a_latent_upscaler(sd1_model):
+    """The WebUI itself fails here (it encodes np.array of the RGBA image: 4 channels into the
+    VAE); with AccDiffusion on, the job gets the RGB image, and p its own image back afterwards."""
+    rgb = picture(64, 64)
+    rgba = rgb.copy()
+    rgba.putalpha(128)
+
+    def run(image, settings):
+        webui = WebUIStandIn()
+        p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
+        p.firstpass_image = image
+        return p, webui, process_images(p, settings, facade)
+
+    with pytest.raises(RuntimeError, match="3 channels"):
+        run(rgba, None)
+    p, webui, out = run(rgba, ON)
+    assert not p.comments and out.images[0].shape == (3, 128, 128)
+    assert torch.equal(out.images[0], run(rgb, ON)[2].images[0])
+    assert p.firstpass_image is rgba
+    assert_clean(p, sd1_model, webui)
+
+
 # --- Forge ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_name", ["forge_sd1", "forge_sdxl"])
 def test_forge_img2img(request, model_name):
