@@ -135,3 +135,31 @@ def test_upscale_button_disabled_is_identical_to_not_installed(ui, upscaler):
     assert pixels(ui, off_gallery[0])[0] == (128, 128)
     assert pixels(ui, off_gallery[0]) == pixels(plain, plain_out[0])
     assert "AccDiffusion" not in off_text
+
+
+@pytest.fixture
+def sdxl_checkpoint():
+    """The WebUI's checkpoint switched to the tiny SDXL model (the UI's handlers use the loaded one),
+    and back afterwards."""
+    from gradio_ui import http
+
+    before = http(URL.rstrip("/") + "/sdapi/v1/options")["sd_model_checkpoint"]
+    http(URL.rstrip("/") + "/sdapi/v1/options", {"sd_model_checkpoint": "tiny-sdxl.safetensors"})
+    try:
+        yield
+    finally:
+        http(URL.rstrip("/") + "/sdapi/v1/options", {"sd_model_checkpoint": before})
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_upscale_button_with_sdxl(ui, sdxl_checkpoint, upscaler):
+    """SDXL (vector conditioning, its own native size for the probe rule) through the same button."""
+    gallery, info = first_pass(ui)
+    start = log_size()
+    out, text, html = press_upscale(ui, gallery, info, True, upscaler)
+    assert pixels(ui, out[0])[0] == (128, 128)
+    assert "AccDiffusion: True" in text and "Model: tiny-sdxl" in text
+    assert FALLBACK_NOTE not in html
+    if LOG:
+        log = log_text(start)
+        assert "AccDiffusion probe pass (Upscale button)" in log and "AccDiffusion stage 1 (16x16 latent" in log
