@@ -123,11 +123,12 @@ class AttentionRecorder:
         return self
 
     def detach(self) -> None:
-        """Leave every module exactly as it was (including someone else's instance forward)."""
-        self.flush()
+        """Leave every module exactly as it was (including someone else's instance forward), then
+        add the pending layers (the modules are restored even if that fails, e.g. out of memory)."""
         self._resolved_context = None
         while self._attached:
             restore_forward(*self._attached.pop())
+        self.flush()
 
     def __enter__(self) -> "AttentionRecorder":
         return self

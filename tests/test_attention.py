@@ -95,6 +95,26 @@ def test_detach_on_error_leaves_modules_clean(sd1_host):
     assert all("forward" not in m.__dict__ for m in modules)
 
 
+def test_detach_restores_the_modules_even_when_the_pending_layers_fail(sd1_host):
+    """The pending layers are computed at detach; if that fails (out of memory), the UNet must
+    still be left as it was."""
+    modules = find_cross_attention(sd1_host.unet)
+    recorder = AttentionRecorder((16, 16), 1)
+    recorder.attach(modules)
+    recorder.row_images = [0]
+    with torch.no_grad():
+        unet_call(sd1_host, torch.randn(1, 4, 16, 16), torch.tensor([300.0]), sd1_host.encode(["a cat"]))
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory")
+
+    recorder.flush = out_of_memory
+    with pytest.raises(RuntimeError, match="out of memory"):
+        recorder.detach()
+    assert not recorder.attached
+    assert all("forward" not in m.__dict__ for m in modules)
+
+
 def test_map_orientation_on_a_non_square_grid():
     """Query position p = r·gw + c (the transformer's row-major flatten) must land at map[r, c]."""
     torch.manual_seed(0)
