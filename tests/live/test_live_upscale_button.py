@@ -26,8 +26,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from gradio_ui import GradioUI  # noqa: E402
 
-URL = os.environ.get("SD_WEBUI_URL")
-PLAIN_URL = os.environ.get("SD_WEBUI_PLAIN_URL")
+from test_live_api import PLAIN_URL, URL, call  # noqa: E402
+
 LOG = os.environ.get("SD_WEBUI_LOG")
 pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
 
@@ -141,14 +141,12 @@ def test_upscale_button_disabled_is_identical_to_not_installed(ui, upscaler):
 def sdxl_checkpoint():
     """The WebUI's checkpoint switched to the tiny SDXL model (the UI's handlers use the loaded one),
     and back afterwards."""
-    from gradio_ui import http
-
-    before = http(URL.rstrip("/") + "/sdapi/v1/options")["sd_model_checkpoint"]
-    http(URL.rstrip("/") + "/sdapi/v1/options", {"sd_model_checkpoint": "tiny-sdxl.safetensors"})
+    before = call("/sdapi/v1/options")[1]["sd_model_checkpoint"]
+    assert call("/sdapi/v1/options", {"sd_model_checkpoint": "tiny-sdxl.safetensors"})[0] == 200
     try:
         yield
     finally:
-        http(URL.rstrip("/") + "/sdapi/v1/options", {"sd_model_checkpoint": before})
+        call("/sdapi/v1/options", {"sd_model_checkpoint": before})
 
 
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
