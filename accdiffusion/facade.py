@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from .a1111 import A1111Backend
 from .forge import ForgeBackend
-from .job import JOB_ATTR, Job, comment
+from .job import JOB_ATTR, Job, comment, step_aside
 from .passes import make_hr_pass, make_sample
 from .settings import AccDiffusionSettings
 from .upscale import img2img_fallback_reason, make_img2img_sample
@@ -133,7 +133,7 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
     if not reason and img2img:
         reason = img2img_fallback_reason(p, webui)
     if reason:
-        comment(p, f"AccDiffusion: {reason}; the WebUI's own {stock} ran instead.")
+        step_aside(p, reason, stock)
         return None
     if idle:
         comment(p, f"AccDiffusion: {idle}.")
@@ -146,7 +146,13 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
 
 def fail_job(p: Any, error: Exception, webui: Any = None) -> None:
     """Invalid arguments: the job must stop with this message. Script callbacks' exceptions are
-    swallowed by the WebUI, so the error is raised from the sampling call instead."""
+    swallowed by the WebUI (scripts.py: every callback in a try/except), so the error is raised
+    from the sampling call instead (``p.sample``, before anything is sampled), as the host's
+    client error: HTTP 422 with the message from the API (:func:`accdiffusion.job.refusal`)."""
+    if webui is None:
+        from .webui import WebUI
+
+        webui = WebUI()
     setattr(p, JOB_ATTR, Job(AccDiffusionSettings(), webui, error=error))
 
 

@@ -239,7 +239,7 @@ def test_img2img_prompt_drives_the_tile_prompts(sd1_model):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("mask", "inpainting"), ("small", "not larger than the probe size"), ("sampler", "not a k-diffusion"),
+    ("mask", "inpainting"), ("small", "not larger than the probe size"), ("sampler", "is not supported"),
     ("model", "SD3")])
 def test_fallbacks_run_the_stock_img2img_with_a_note(sd1_model, case, message):
     kw, webui_setup = {}, lambda w: None
@@ -248,7 +248,7 @@ def test_fallbacks_run_the_stock_img2img_with_a_note(sd1_model, case, message):
     elif case == "small":
         kw.update(width=64, height=64)
     elif case == "sampler":
-        webui_setup = lambda w: setattr(w, "is_kdiffusion_sampler", lambda name: False)
+        webui_setup = lambda w: setattr(w, "sampler_kind", lambda name: None)  # e.g. LCM
 
     def run(settings):
         webui = WebUIStandIn()
@@ -266,6 +266,9 @@ def test_fallbacks_run_the_stock_img2img_with_a_note(sd1_model, case, message):
     assert any(message in c and "own img2img" in c for c in p.comments), p.comments
     assert torch.equal(out.images[0], stock.images[0])
     assert "AccDiffusion" not in p.extra_generation_params and not webui.encoded
+    # the infotext says what ran instead, not "AccDiffusion: True"
+    assert message in p.extra_generation_params["AccDiffusion stepped aside"]
+    assert p.extra_generation_params["AccDiffusion stepped aside"].endswith("the WebUI's own img2img ran")
     assert_clean(p, sd1_model, webui)
 
 
