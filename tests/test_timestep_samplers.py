@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accdiffusion import facade
-from accdiffusion.hires import StageDenoiser, plan_stages, stage_windows
-from accdiffusion.reference import sd_alphas_cumprod
-from accdiffusion.settings import AccDiffusionSettings
-from accdiffusion.timesteps import KDIFFUSION, TIMESTEPS, SamplerSpace, TimestepSchedule, eps_through_sigma_space
+from accdiffusion.entry import facade
+from accdiffusion.method.hires import StageDenoiser, plan_stages, stage_windows
+from accdiffusion.lab.reference import sd_alphas_cumprod
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.timesteps import KDIFFUSION, TIMESTEPS, SamplerSpace, TimestepSchedule, eps_through_sigma_space
 
 from a1111_standins import (CompVisSamplerStandIn, Img2ImgStandIn, KDiffusionSamplerStandIn, StandInModel,
                             Txt2ImgStandIn, WebUIStandIn, picture, process_images, process_img2img,

@@ -16,10 +16,10 @@ import torch
 
 @functools.lru_cache(maxsize=None)
 def refusal_class(http_exception: type) -> type:
-    """An :class:`~accdiffusion.hires.AccDiffusionError` that is also the host API's
+    """An :class:`~accdiffusion.method.hires.AccDiffusionError` that is also the host API's
     ``http_exception`` (fastapi's ``HTTPException``) with status 422 and the message as its
     detail; ``str()`` is the message alone (Starlette's would prefix the status)."""
-    from .hires import AccDiffusionError
+    from ..method.hires import AccDiffusionError
 
     class AccDiffusionSettingsError(AccDiffusionError, http_exception):  # type: ignore[misc, valid-type]
         def __init__(self, message: str):
@@ -59,15 +59,15 @@ class WebUI:
         return self.sd_samplers.create_sampler(name, model)
 
     def sampler_kind(self, name: str | None) -> str | None:
-        """How the tiled pass drives the sampler ``name`` (:data:`~accdiffusion.timesteps.KDIFFUSION`
-        or :data:`~accdiffusion.timesteps.TIMESTEPS`), or None when it cannot: the k-diffusion list
+        """How the tiled pass drives the sampler ``name`` (:data:`~accdiffusion.method.timesteps.KDIFFUSION`
+        or :data:`~accdiffusion.method.timesteps.TIMESTEPS`), or None when it cannot: the k-diffusion list
         (sd_samplers_kdiffusion.py:11-34) and, on Forge, its extra k-diffusion sampler DDPM
         (modules_forge/alter_samplers.py: a KDiffusionSampler); the timestep samplers
         (sd_samplers_timesteps.py:11-16: DDIM, DDIM CFG++, PLMS, UniPC); not LCM
         (sd_samplers_lcm.py, its own output scaling)."""
         from modules import sd_samplers_kdiffusion, sd_samplers_timesteps
 
-        from .timesteps import KDIFFUSION, TIMESTEPS
+        from ..method.timesteps import KDIFFUSION, TIMESTEPS
 
         config = self.sd_samplers.find_sampler_config(name)
         if config is None:
@@ -115,7 +115,7 @@ class WebUI:
 
     def native_side(self, model: Any) -> int:
         """The model family's native image side (px): the probe pass's area."""
-        from .probe import NATIVE_SIDE
+        from ..method.probe import NATIVE_SIDE
 
         if getattr(model, "is_sdxl", False):
             return NATIVE_SIDE["sdxl"]

@@ -200,7 +200,7 @@ class StageDenoiser(Generic[C]):
         """x ← (1 − c1)·x + c1·scale·(reference + σ·noise), in place on the sampler's own tensor,
         so the state it continues from changes, not only a copy the model sees. ``scale`` is how
         the sampler's x relates to the k-diffusion x: 1 for a k-diffusion sampler, √ᾱ_t for a
-        timestep sampler (whose x_t = √ᾱ_t·x; :mod:`accdiffusion.timesteps`), so the mix is the
+        timestep sampler (whose x_t = √ᾱ_t·x; :mod:`accdiffusion.method.timesteps`), so the mix is the
         same one in either frame."""
         if not self.settings.skip_residual or self.reference is None or self.noise is None:
             return x
