@@ -59,7 +59,8 @@ def test_every_item_gets_its_own_hint_through_controlnets_hint_choice(sd1_model,
     sampler = webui.create_sampler("Euler", sd1_model)
     denoiser = StageDenoiser(stage, windows, settings, 1, sampler.model_wrap.sigma_to_t)
     try:
-        job.backend.hook_stage(job, p, sampler, denoiser, [[]], [None, None], windows)
+        job.backend.hook_stage(job, p, sampler, denoiser, job.backend.sampler_space(p, sampler, "k-diffusion"), [[]],
+                               [None, None], windows)
         x = torch.randn(4, 4, *target)
         for sigma in ((4.0, 2.0) if mode == "overlap" else (4.0, 3.0, 2.0, 1.0)):  # two steps: two shuffles
             out = sampler.model_wrap.forward(x, torch.full((4,), sigma), cond=cfg_cond(sd1_model, p, 4))

@@ -55,7 +55,8 @@ def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, targe
     try:
         job.backend.prepare_stage(p, job)
         p.scripts.process_before_every_sampling(p)
-        job.backend.hook_stage(job, p, sampler, denoiser, [[], []], [None, None], windows)
+        job.backend.hook_stage(job, p, sampler, denoiser, job.backend.sampler_space(p, sampler, "k-diffusion"),
+                               [[], []], [None, None], windows)
         text = torch.stack([sd1.encode(PROMPT)] * 2)
         x = torch.randn(2, 4, *target)
         for sigma in ((4.0, 2.0) if mode == "overlap" else (4.0, 3.0, 2.0, 1.0)):

@@ -361,7 +361,7 @@ def v_model(host, sd1_host, flag):
     else:
         model = ForgeModelStandIn(sd1_host, sdxl=False)
         if flag:
-            model.kmodel.predictor = SimpleNamespace(prediction_type=flag, sigma_data=0.5)
+            model.kmodel.predictor.prediction_type, model.kmodel.predictor.sigma_data = flag, 0.5
     return model
 
 
