@@ -120,6 +120,21 @@ def test_the_host_is_ready_after_a_refusal(sd1_model, forge_model, forge):
     assert torch.equal(good(), before)
 
 
+def test_the_glue_refuses_without_a_webui_object(sd1_model, monkeypatch):
+    """scripts/accdiffusion.py calls ``facade.fail_job(p, error)`` without a WebUI object: the job
+    makes the host's own (flows/webui.py) and refuses through it."""
+    from accdiffusion.flows import webui as webui_module
+
+    monkeypatch.setattr(webui_module, "WebUI", WebUIStandIn)
+    p = Txt2ImgStandIn(sd1_model, WebUIStandIn(), prompts=[PROMPT])
+    facade.fail_job(p, SettingsError("AccDiffusion: invalid value 5 for 'sigma'"))
+    facade.before_batch(p)
+    with pytest.raises(AccDiffusionError) as caught:
+        p.sample(conditioning=None, unconditional_conditioning=None, seeds=p.seeds, subseeds=p.seeds,
+                 subseed_strength=0.0, prompts=p.prompts)
+    assert api_handle_exception(caught.value)[:1] == (422,)
+
+
 def test_refusal_class_is_the_hosts_http_exception():
     """What WebUI.refusal builds on fastapi's HTTPException (here its stand-in): status 422, the
     message as detail and as str(), an AccDiffusionError too; one class per base."""

@@ -150,7 +150,7 @@ def fail_job(p: Any, error: Exception, webui: Any = None) -> None:
     from the sampling call instead (``p.sample``, before anything is sampled), as the host's
     client error: HTTP 422 with the message from the API (:func:`accdiffusion.flows.job.refusal`)."""
     if webui is None:
-        from .webui import WebUI
+        from ..flows.webui import WebUI
 
         webui = WebUI()
     setattr(p, JOB_ATTR, Job(AccDiffusionSettings(), webui, error=error))
