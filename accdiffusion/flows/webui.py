@@ -29,6 +29,7 @@ def refusal_class(http_exception: type) -> type:
         def __str__(self) -> str:
             return str(self.detail)
 
+    AccDiffusionSettingsError.__qualname__ = "AccDiffusionSettingsError"  # as consoles print it
     return AccDiffusionSettingsError
 
 

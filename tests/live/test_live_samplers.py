@@ -2,7 +2,7 @@
 k-diffusion ones and the timestep ones (DDIM, DDIM CFG++, PLMS, UniPC: A1111
 modules/sd_samplers_timesteps.py and Forge's copy), each reproducible with the same seed, with its
 stage lines in the host's log (SD_WEBUI_LOG: window evaluations, every UNet call a batch of
-windows) and AccDiffusion in the infotext; a sampler it cannot drive (A1111's and Forge's LCM)
+windows) and AccDiffusion in the infotext (Forge's extra DDPM, a k-diffusion sampler, too); a sampler it cannot drive (A1111's and Forge's LCM)
 steps aside and the infotext says so."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def stage_lines(start: int) -> list[tuple[int, ...]]:
     return [(int(m[1]), int(m[2]), int(m[3]), int(m[5]), int(m[6]), int(m[7])) for m in STAGE.finditer(text)]
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"] + TIMESTEP_SAMPLERS)
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"] + TIMESTEP_SAMPLERS + (["DDPM"] if FORGE else []))
 def test_each_hires_sampler_runs_the_tiled_pass(sampler):
     kw = dict(sampler_name=sampler, hr_sampler_name=sampler, hr_scale=3, steps=6, hr_second_pass_steps=4)
     start = log_size()
