@@ -387,8 +387,8 @@ def test_script_with_stand_ins(monkeypatch):
     fake_adapter.before_batch = lambda p: calls.append(("batch",))
     fake_adapter.finish_job = lambda p, processed: calls.append(("finish", processed))
     monkeypatch.setitem(sys.modules, "accdiffusion.entry.facade", fake_adapter)
-    import accdiffusion
-    monkeypatch.setattr(accdiffusion, "facade", fake_adapter, raising=False)
+    import accdiffusion.entry  # `from accdiffusion.entry import facade` reads the package attribute once imported
+    monkeypatch.setattr(accdiffusion.entry, "facade", fake_adapter, raising=False)
 
     p = types.SimpleNamespace()
     args = AccDiffusionSettings().to_positional()
