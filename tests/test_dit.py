@@ -251,10 +251,13 @@ def test_flux_skip_residual_and_cosine_factors_follow_the_flow_predictor(flux, d
     assert d.size_multiple == 2 and d.skip_scale is None  # flow: c_skip = 1
 
 
-def test_flux_shifted_windows_run_on_the_patch_grid(flux, denoisers):
-    _, _, out = run(flux, settings=AccDiffusionSettings(enabled=True, window_mode="shifted"), width=80, height=48)
+@pytest.mark.parametrize("mode", ["overlap", "shifted"])
+def test_flux_windows_run_on_the_patch_grid(flux, denoisers, mode):
+    # 80×48 px: a 10×6 latent, so the overlap grid's natural stride (5, 3) is odd
+    _, _, out = run(flux, settings=AccDiffusionSettings(enabled=True, window_mode=mode), width=80, height=48)
     assert out.images[0].shape == (3, 96, 160)
     d = denoisers[0]
+    assert d.stats.steps
     for step in range(d.stats.steps):
         assert all(w.top % 2 == 0 and w.left % 2 == 0 for w in d.windows_at(step))
 
