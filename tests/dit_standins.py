@@ -104,13 +104,13 @@ class StreamAttention(nn.Module):
 
 
 class DoubleStreamBlock(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, mlp_ratio=2):
         super().__init__()
         self.num_heads = heads
         self.img_mod, self.txt_mod = nn.Linear(dim, 6 * dim), nn.Linear(dim, 6 * dim)
         self.img_attn, self.txt_attn = StreamAttention(dim, heads), StreamAttention(dim, heads)
-        self.img_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.txt_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.img_mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.txt_mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, img, txt, vec=None, pe=None, mod=None):
         ln = lambda x: nn.functional.layer_norm(x, x.shape[-1:])
@@ -129,11 +129,11 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, mlp_ratio=2):
         super().__init__()
         self.num_heads = heads
         self.modulation, self.attn = nn.Linear(dim, 3 * dim), StreamAttention(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, x, vec=None, pe=None, mod=None):
         m = (self.modulation(nn.functional.silu(vec)) if mod is None else mod)[:, None].chunk(3, -1)
@@ -234,17 +234,18 @@ class MMAttention(nn.Module):
 
 
 class DismantledBlock(nn.Module):
-    def __init__(self, dim, heads, pre_only=False):
+    def __init__(self, dim, heads, pre_only=False, mlp_ratio=2):
         super().__init__()
         self.pre_only = pre_only
         self.attn, self.mod = MMAttention(dim, heads), nn.Linear(dim, 6 * dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
 
 class JointBlock(nn.Module):
-    def __init__(self, dim, heads, pre_only=False):
+    def __init__(self, dim, heads, pre_only=False, mlp_ratio=2):
         super().__init__()
-        self.context_block, self.x_block = DismantledBlock(dim, heads, pre_only), DismantledBlock(dim, heads)
+        self.context_block = DismantledBlock(dim, heads, pre_only, mlp_ratio)
+        self.x_block = DismantledBlock(dim, heads, mlp_ratio=mlp_ratio)
 
     def forward(self, context, x, c):
         ln = lambda t: nn.functional.layer_norm(t, t.shape[-1:])
