@@ -322,3 +322,14 @@ def test_cfg_models_img2img(engines, family):
     out = process_img2img(p, ON, facade)
     assert [im.shape for im in out.images] == [(3, 128, 128)] * 2
     assert all(bool(torch.isfinite(im).all()) for im in out.images)
+
+
+def test_flux_upscale_button_probes_the_image(flux, stage_prompts):
+    webui = DiTWebUIStandIn()
+    webui.native = 64
+    p = DiTTxt2ImgStandIn(flux, webui, [PROMPT])
+    p.firstpass_image = picture(64, 64)
+    out = process_images(p, ON, facade)
+    assert out.images[0].shape == (3, 128, 128)
+    assert stage_prompts and stage_prompts[0][2][0]  # probe maps gave the windows tile prompts
+    assert flux.forge_objects.unet.model_options.get("model_function_wrapper") is None
