@@ -572,7 +572,7 @@ class DiTWebUIStandIn(ForgeWebUIStandIn):
         return sampler
 
     def text_embedder(self, model):
-        from accdiffusion.webui import WebUI
+        from accdiffusion.flows.webui import WebUI
 
         return WebUI.text_embedder(None, model)  # the real rule (it reads only the model)
 
@@ -626,7 +626,7 @@ class DiTImg2ImgStandIn(ForgeImg2ImgStandIn):
 def load_tokenizers():
     from transformers import AutoTokenizer
 
-    from accdiffusion.reference import load_tokenizer
+    from accdiffusion.lab.reference import load_tokenizer
 
     clip = load_tokenizer(str(TINY.parents[1] / "clip-text-tiny"))
     t5 = AutoTokenizer.from_pretrained(str(TINY / "tiny-flux" / "tokenizer_2"))

@@ -7,15 +7,16 @@ import torch
 
 import dit_standins
 from a1111_standins import process_img2img, process_images, picture
-from accdiffusion import facade, forge
-from accdiffusion import job as job_module
-from accdiffusion import passes
-from accdiffusion.attention import AttentionRecorder
-from accdiffusion.flow import FLOW_SAMPLING, flow_noise_scaling
-from accdiffusion.hires import Stage, StageDenoiser, stage_windows
-from accdiffusion.jointattention import JointAttentionCapture, apply_rope, recorded_blocks
-from accdiffusion.schedule import cosine_factor
-from accdiffusion.settings import AccDiffusionSettings
+from accdiffusion.backends import forge
+from accdiffusion.entry import facade
+from accdiffusion.flows import job as job_module
+from accdiffusion.flows import txt2img as passes
+from accdiffusion.method.attention import AttentionRecorder
+from accdiffusion.method.flow import FLOW_SAMPLING, flow_noise_scaling
+from accdiffusion.method.hires import Stage, StageDenoiser, stage_windows
+from accdiffusion.method.jointattention import JointAttentionCapture, apply_rope, recorded_blocks
+from accdiffusion.method.schedule import cosine_factor
+from accdiffusion.method.settings import AccDiffusionSettings
 from dit_standins import (DiTEngineStandIn, DiTImg2ImgStandIn, DiTTxt2ImgStandIn, DiTWebUIStandIn, rotary,
                           rotate)
 
