@@ -207,6 +207,7 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
     if job.auto_batch is None:
         job.auto_batch = job.backend.auto_tile_batch()
     skip_scale = job.backend.skip_scale(p)
+    sampling = job.backend.model_sampling(p)
 
     latent = samples
     batch_maps: list[TileMapData] = []
@@ -223,12 +224,15 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
         noise = p.rng.next()
         if source.noise_multiplier != 1.0:
             noise = noise * source.noise_multiplier
-        windows = stage_windows(stage, base, settings)
+        windows = stage_windows(stage, base, settings, align=sampling.size_multiple if sampling.flow else 1)
         tile_schedules, lookups = _tile_schedules(source.plans, stage, windows, settings, cache)
         sampler = webui.create_sampler(target.sampler_name, p.sd_model)
         p.sampler = sampler
-        denoiser = StageDenoiser(stage, windows, settings, int(source.seeds[0]), sampler.model_wrap.sigma_to_t,
-                                 reference=x_up, noise=noise, skip_scale=skip_scale, auto_batch=job.auto_batch)
+        denoiser = StageDenoiser(stage, windows, settings, int(source.seeds[0]),
+                                 sampling.sigma_to_t or sampler.model_wrap.sigma_to_t,
+                                 reference=x_up, noise=noise, skip_scale=skip_scale, auto_batch=job.auto_batch,
+                                 noise_scaling=sampling.noise_scaling if sampling.flow else None,
+                                 **({"size_multiple": sampling.size_multiple} if sampling.flow else {}))
         job.backend.prepare_stage(p, job)
         if p.scripts is not None:
             p.scripts.process_before_every_sampling(p=p, x=x_up, noise=noise, c=target.cond, uc=target.uncond)
@@ -315,7 +319,8 @@ def image_plans(p: Any, job: Job, maps: Sequence[torch.Tensor | None] | None) ->
     if maps is None or not job.settings.patch_prompts:
         return [None] * len(p.prompts)
     embedder = webui.text_embedder(p.sd_model)
-    special = {embedder.id_start, embedder.id_end, getattr(embedder, "id_pad", embedder.id_end)}
+    # CLIP engines have a start token, Forge's T5 engine (t5_engine.py:28-29) only end and pad
+    special = {getattr(embedder, "id_start", None), embedder.id_end, getattr(embedder, "id_pad", embedder.id_end)}
     tokenize = lambda text: embedder.tokenize([text])[0]
     plans: list[ImagePromptPlan | None] = []
     for i, prompt in enumerate(p.prompts):
