@@ -104,12 +104,14 @@ def forge_calls(text):
 def split_probe_pass(text):
     """(the AccDiffusion probe pass's part of a job's log or None, the rest): the probe's ControlNet
     calls follow its "AccDiffusion probe pass" line and come before the next sampling's
-    "[cn-probe] pass" line (written when that sampling's units are attached)."""
+    "[cn-probe] pass" line (written by the probe extension when that sampling's units are
+    attached) or, without the probe extension, before the tiled pass's first hint-crop line."""
     found = re.search(r"AccDiffusion probe pass: \d+ ControlNet", text)
     if found is None:
         return None, text
-    end = text.find("[cn-probe] pass ", found.end())
-    end = len(text) if end < 0 else end
+    ends = [i for i in (text.find("[cn-probe] pass ", found.end()),
+                        text.find("AccDiffusion ControlNet unit ", found.end())) if i >= 0]
+    end = min(ends, default=len(text))
     return text[found.start():end], text[:found.start()] + text[end:]
 
 
