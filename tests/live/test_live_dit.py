@@ -304,3 +304,24 @@ def test_upscale_button(family, upscaler):
         return  # Forge's own button fails on an RGBA image with a latent upscaler (test_live_upscale_button.py)
     off, off_text, _ = press(False)
     assert _pixels(ui, off[0]) != (size, on_pixels) and "AccDiffusion" not in off_text
+
+
+# --- beside Forge's MultiDiffusion Integrated --------------------------------------------------------------
+def test_multidiffusion_integrated_enabled_makes_accdiffusion_step_aside(family):
+    """One tiler per job: with Forge's built-in tiler on, the image is its alone (forge_multidiffusion.py
+    args: enabled, method, tile width/height, overlap, batch)."""
+    def run(ours, theirs):
+        return txt2img(family, width=128, height=128, alwayson_scripts={
+            "AccDiffusion": {"args": [{"enabled": ours}]},
+            "MultiDiffusion Integrated": {"args": [theirs, "MultiDiffusion", 64, 64, 32, 4]}})
+
+    status, scripts = call("/sdapi/v1/scripts", method="GET")
+    if status != 200 or "multidiffusion integrated" not in scripts.get("txt2img", []):
+        pytest.skip("Forge's MultiDiffusion Integrated is not there")
+    log = Log()
+    both = run(True, True)
+    text = log.text()
+    assert digests(both) == digests(run(False, True)) != digests(run(True, False))
+    assert "AccDiffusion" not in infotext(both)
+    if LOG:
+        assert "AccDiffusion: Forge's MultiDiffusion is enabled and tiles the UNet itself" in text
