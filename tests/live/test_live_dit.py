@@ -166,6 +166,7 @@ def test_hires_runs_accdiffusion_and_is_reproducible(family, scale, stages):
     if LOG:
         assert [(int(h), int(w)) for _, h, w, _ in stage_lines(text)] == stages
         assert "the WebUI's own hires fix ran instead" not in text and "Traceback" not in text
+        assert "no attention maps" not in text  # the capture reached this model's attention
 
 
 # --- img2img (probe pass) ------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_img2img_runs_the_probe_and_the_tiled_pass(family):
     assert digests(on) == digests(again) and digests(on) != digests(off)
     assert "AccDiffusion: True" in infotext(on) and "AccDiffusion" not in infotext(off)
     if LOG:
-        assert "AccDiffusion probe pass (img2img)" in text
+        assert "AccDiffusion probe pass (img2img)" in text and "no attention maps" not in text
         assert [(int(h), int(w)) for _, h, w, _ in stage_lines(text)] == [(16, 16)]
         assert "Traceback" not in text
 
