@@ -185,6 +185,19 @@ def test_flux_hires_end_to_end_and_hooks_removed(flux, stage_prompts):
     assert not hasattr(p, job_module.JOB_ATTR)
 
 
+def test_flux_no_recorded_maps_is_said_not_silent(flux, monkeypatch):
+    """If the capture never reaches the model's attention (live on Forge: recording switched off for
+    joint models, the hires pass ran with "0 tile prompts encoded" and no note), the image still comes,
+    but the note says its tiles took the full prompt and it has no tile-prompt map."""
+    settings = AccDiffusionSettings(enabled=True, tile_prompt_map=True)
+    p, _, out = run(flux, settings=settings)
+    assert len(out.images) == 2 and not any("no attention maps" in c for c in p.comments)  # image + its map
+    monkeypatch.setattr(forge, "_joint_recording_unet", lambda unet, recorder: unet.clone())
+    p, _, out = run(flux, settings=settings)
+    assert [im.shape for im in out.images] == [(3, 128, 128)]  # the image, no map
+    assert any("no attention maps were recorded for image 1" in c for c in p.comments), p.comments
+
+
 def test_flux_first_pass_is_bit_identical_with_recording(flux):
     p, _, _ = run(flux)
     q, _, _ = run(flux, settings=None)

@@ -326,9 +326,15 @@ def image_plans(p: Any, job: Job, maps: Sequence[torch.Tensor | None] | None) ->
     for i, prompt in enumerate(p.prompts):
         hires_prompt = p.hr_prompts[i] if getattr(p, "hr_prompts", None) else prompt
         image_maps = maps[i]
-        if image_maps is None or _AND.search(prompt) or _AND.search(hires_prompt):
-            if _AND.search(prompt) or _AND.search(hires_prompt):
-                comment(p, "AccDiffusion: prompts with AND keep the full prompt in every tile.")
+        if _AND.search(prompt) or _AND.search(hires_prompt):
+            comment(p, "AccDiffusion: prompts with AND keep the full prompt in every tile.")
+            plans.append(None)
+            continue
+        if image_maps is None:
+            # the hooks never saw the model's attention (e.g. a model whose attention layers moved):
+            # the pass still runs, but the tiles' prompts, the heart of the method, are off — say so
+            comment(p, f"AccDiffusion: no attention maps were recorded for image {i + 1} (the model's attention "
+                       "was not reached); its tiles took the full prompt and it has no tile-prompt map.")
             plans.append(None)
             continue
         variant = webui.final_prompt_variant(prompt, p.steps)
