@@ -7,9 +7,17 @@ UNet and the real k-diffusion samplers. Attribute names and call shapes mirror v
   s_min_uncond, image_cond): interrupt check (157), rows [cond rows…] + [uncond rows] (203-205),
   cond dict {"c_crossattn": [t], "c_concat": [t]} (SD1) / {**crossattn+vector, "c_concat"} (SDXL)
   (189-200), one inner_model call or split calls when batch_cond_uncond is off (240-271), step += 1 (310)
-- sd_samplers_kdiffusion.py:67-77 KDiffusionSampler (model_wrap_cfg, model_wrap), 134-188
-  sample_img2img, 190-234 sample; sd_samplers_common.py:22-31 setup_img2img_steps, 142
-  InterruptedException(BaseException), 265-281 launch_sampling
+- sd_samplers_kdiffusion.py:67-77 KDiffusionSampler (model_wrap_cfg, model_wrap), 80-130
+  get_sigmas (the pass's scheduler: p.hr_scheduler in the hires pass), 134-188 sample_img2img,
+  190-234 sample; sd_schedulers.py:34-42, 130-144 schedulers; sd_samplers_common.py:22-31
+  setup_img2img_steps, 142 InterruptedException(BaseException), 265-281 launch_sampling
+- sd_samplers_timesteps.py:11-171 the timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC):
+  CompVisTimestepsDenoiser (26-34, ε) / CompVisTimestepsVDenoiser (37-47), CFGDenoiserTimesteps
+  (50-71, A1111's CFG forward on ε), CompVisSampler (74-171: uniform timesteps, img2img noising
+  to timesteps[t_enc]); the update rules of sd_samplers_timesteps_impl.py (DDIM 10-41, CFG++
+  44-80, PLMS 83-131, UniPC's model calls 134-185) re-written here from their formulas
+- modules/api/api.py:167-181 handle_exception (status from the exception, no traceback for an
+  HTTPException); call_queue.py wrap_gradio_call_no_job (the UI's error text)
 - processing.py:1166-1199 / 137-226 StableDiffusionProcessingTxt2Img fields, 1307-1362 sample(),
   1364-1464 sample_hr_pass(), 296 comment(), 299 txt2img_image_conditioning()
 - processing.py:1557-1735 StableDiffusionProcessingImg2Img: __post_init__ moves ``mask`` to
@@ -28,6 +36,7 @@ UNet and the real k-diffusion samplers. Attribute names and call shapes mirror v
 
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 from contextlib import nullcontext
 from enum import Enum
@@ -151,6 +160,9 @@ class CFGDenoiserStandIn(nn.Module):
         self.step = 0
         self.batch_cond_uncond = True  # shared.opts.batch_cond_uncond
         self.s_min_uncond_all = False  # shared.opts.s_min_uncond_all
+        self.cond_scale_miltiplier = 1.0  # :61 (DDIM CFG++ sets it to 1 / 12.5)
+        self.need_last_noise_uncond = False  # :63-64 (DDIM CFG++ reads last_noise_uncond)
+        self.last_noise_uncond = None
 
     @property
     def inner_model(self):
@@ -199,9 +211,11 @@ class CFGDenoiserStandIn(nn.Module):
                 x_out[-n:] = self.inner_model(x_in[-n:], sigma_in[-n:], cond=make(uncond, image_cond_in[-n:]))
         if skip_uncond:  # 280-283: the cond result stands in for the skipped uncond
             x_out = torch.cat([x_out, torch.cat([x_out[c[0][0]:c[0][0] + 1] for c in conds_list])])
+        if self.need_last_noise_uncond:  # 281-282
+            self.last_noise_uncond = torch.clone(x_out[-batch_size:])
         denoised_uncond = x_out[-batch_size:]
         denoised = torch.clone(denoised_uncond)
-        scale = 1.0 if skip_uncond else cond_scale
+        scale = 1.0 if skip_uncond else cond_scale * self.cond_scale_miltiplier  # 284-289
         for i, conds in enumerate(conds_list):
             for row, weight in conds:
                 denoised[i] += (x_out[row] - denoised_uncond[i]) * (weight * scale)
@@ -305,21 +319,292 @@ class KDiffusionSamplerStandIn:
         finally:
             k_diffusion.sampling.torch = torch  # the WebUI leaves it set; the other tests need it back
 
+    def get_sigmas(self, p, steps):
+        """sd_samplers_kdiffusion.py:80-130: the scheduler of the pass (``p.hr_scheduler`` while
+        ``p.is_hr_pass``, else ``p.scheduler``; Automatic → the sampler's own default), noted in
+        the infotext as "Schedule type" / "Hires schedule type"."""
+        name = (getattr(p, "hr_scheduler", None) if p.is_hr_pass else getattr(p, "scheduler", None)) or "Automatic"
+        if name == "Automatic":
+            name = SAMPLER_SCHEDULERS.get(getattr(self, "config_name", None))
+        scheduler = SCHEDULERS.get(name)
+        if scheduler is None:
+            return self.model_wrap.get_sigmas(steps)
+        label, function = scheduler
+        if not p.is_hr_pass:
+            p.extra_generation_params["Schedule type"] = label
+        elif label != p.extra_generation_params.get("Schedule type"):
+            p.extra_generation_params["Hires schedule type"] = label
+        sigma_min, sigma_max = self.model_wrap.sigmas[0].item(), self.model_wrap.sigmas[-1].item()
+        return function(steps, sigma_min, sigma_max, self.model_wrap).cpu()
+
     def sample(self, p, x, c, uc, image_conditioning=None):
-        sigmas = self.model_wrap.get_sigmas(p.steps)
+        sigmas = self.get_sigmas(p, p.steps)
         return self._run(p, x * sigmas[0], sigmas, c, uc, image_conditioning)
 
     def sample_img2img(self, p, x, noise, c, uc, steps=None, image_conditioning=None):
-        requested = steps or p.steps  # sd_samplers_common.py:22-31
-        steps = int(requested / min(p.denoising_strength, 0.999))
-        t_enc = requested - 1
-        sigmas = self.model_wrap.get_sigmas(steps)
+        steps, t_enc = setup_img2img_steps(p, steps)
+        sigmas = self.get_sigmas(p, steps)
         sigma_sched = sigmas[steps - t_enc - 1:]
         return self._run(p, x + noise * sigma_sched[0], sigma_sched, c, uc, image_conditioning)
 
 
+def setup_img2img_steps(p, steps=None):
+    """sd_samplers_common.py:22-31 (with ``steps`` given, as every hires and AccDiffusion stage
+    passes them, or img2img_fix_steps)."""
+    requested = steps or p.steps
+    return int(requested / min(p.denoising_strength, 0.999)), requested - 1
+
+
+def sgm_uniform(n, sigma_min, sigma_max, inner_model):
+    """sd_schedulers.py:34-42: n steps evenly spaced in the model's timestep, then 0."""
+    start, end = inner_model.sigma_to_t(torch.tensor(sigma_max)), inner_model.sigma_to_t(torch.tensor(sigma_min))
+    sigmas = [float(inner_model.t_to_sigma(t)) for t in torch.linspace(float(start), float(end), n + 1)[:-1]]
+    return torch.tensor(sigmas + [0.0])
+
+
+def _k_scheduler(name):
+    def schedule(n, sigma_min, sigma_max, inner_model):
+        import k_diffusion.sampling
+
+        return getattr(k_diffusion.sampling, name)(n, sigma_min, sigma_max)
+
+    return schedule
+
+
+# sd_schedulers.py:130-144 (by label; the WebUI also accepts the lower-case names)
+SCHEDULERS = {"Uniform": ("Uniform", lambda n, lo, hi, inner: inner.get_sigmas(n)),
+              "Karras": ("Karras", _k_scheduler("get_sigmas_karras")),
+              "Exponential": ("Exponential", _k_scheduler("get_sigmas_exponential")),
+              "SGM Uniform": ("SGM Uniform", sgm_uniform)}
+SCHEDULERS.update({"uniform": SCHEDULERS["Uniform"], "karras": SCHEDULERS["Karras"],
+                   "exponential": SCHEDULERS["Exponential"], "sgm_uniform": SCHEDULERS["SGM Uniform"]})
+
 SAMPLER_FUNCS = {"Euler": "sample_euler", "Euler a": "sample_euler_ancestral",
                  "DPM++ 2M": "sample_dpmpp_2m", "Heun": "sample_heun"}
+SAMPLER_SCHEDULERS = {"DPM++ 2M": "karras"}  # sd_samplers_kdiffusion.py:12: the config's default scheduler
+
+
+# --- timestep samplers: sd_samplers_timesteps.py, sd_samplers_timesteps_impl.py -----------------
+class CompVisTimestepsDenoiserStandIn(nn.Module):
+    """sd_samplers_timesteps.py:26-34 CompVisTimestepsDenoiser: (x_t, t, cond) → the model's ε."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner_model = model
+
+    def forward(self, input, timesteps, **kwargs):
+        return self.inner_model.apply_model(input, timesteps, **kwargs)
+
+
+class CompVisTimestepsVDenoiserStandIn(CompVisTimestepsDenoiserStandIn):
+    """sd_samplers_timesteps.py:37-47 CompVisTimestepsVDenoiser: a v-model's output as ε =
+    √ᾱ_t·v + √(1 − ᾱ_t)·x_t, ᾱ at int(t)."""
+
+    def forward(self, input, timesteps, **kwargs):
+        v = self.inner_model.apply_model(input, timesteps, **kwargs)
+        abar = self.inner_model.alphas_cumprod.to(input)[timesteps.to(torch.int)].view(-1, 1, 1, 1)
+        return abar.sqrt() * v + (1 - abar).sqrt() * input
+
+
+class CFGDenoiserTimestepsStandIn(CFGDenoiserStandIn):
+    """sd_samplers_timesteps.py:50-71 CFGDenoiserTimesteps: A1111's CFG denoiser (the same
+    forward, here CFGDenoiserStandIn's) whose inner model takes timesteps and returns ε (the CFG
+    mix of ε is the same affine mix as of x₀)."""
+
+    def __init__(self, sampler, model):
+        super().__init__(sampler)
+        v = getattr(model, "parameterization", "eps") == "v"
+        self.model_wrap = (CompVisTimestepsVDenoiserStandIn if v else CompVisTimestepsDenoiserStandIn)(model)
+
+    @property
+    def inner_model(self):
+        return self.model_wrap
+
+
+def _alphas(model):
+    """``model.inner_model.inner_model.alphas_cumprod`` as the impl functions read it (the CFG
+    denoiser → its timestep denoiser → the model), float64."""
+    return model.inner_model.inner_model.alphas_cumprod.double().cpu()
+
+
+def _ddim_like(model, x, timesteps, extra_args, callback, cfgpp):
+    """sd_samplers_timesteps_impl.py:10-41 (DDIM) and 44-80 (DDIM CFG++), eta 0: the model is
+    called at timesteps[n-1] … timesteps[1] (x_t, t·ones), x̂₀ = (x − √(1 − ᾱ_t)·ε)/√ᾱ_t, then
+    x ← √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev)·d with ᾱ_prev at the next lower timestep and d = ε (CFG++: the
+    uncond ε, ``model.last_noise_uncond``, with the CFG scale / 12.5). The noise draw of every step
+    (× σ_t = 0) is kept: it consumes p's rng as the WebUI's does."""
+    import k_diffusion.sampling
+
+    abar = _alphas(model)
+    if cfgpp:
+        model.cond_scale_miltiplier = 1 / 12.5
+        model.need_last_noise_uncond = True
+    ones = x.new_ones(x.shape[0])
+    for i, index in enumerate(range(len(timesteps) - 1, 0, -1)):
+        t, prev = int(timesteps[index]), int(timesteps[index - 1])
+        eps = model(x, t * ones, **(extra_args or {}))
+        a, a_prev = float(abar[t]), float(abar[prev])
+        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        direction = model.last_noise_uncond if cfgpp else eps
+        x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * direction + 0.0 * k_diffusion.sampling.torch.randn_like(x)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": x0})
+    return x
+
+
+def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None):
+    return _ddim_like(model, x, timesteps, extra_args, callback, cfgpp=False)
+
+
+def ddim_cfgpp(model, x, timesteps, extra_args=None, callback=None, disable=None):
+    return _ddim_like(model, x, timesteps, extra_args, callback, cfgpp=True)
+
+
+def plms(model, x, timesteps, extra_args=None, callback=None, disable=None):
+    """sd_samplers_timesteps_impl.py:83-131 PLMS: the first step a pseudo improved Euler (the
+    model also at the next lower timestep, on the intermediate latent), then Adams–Bashforth of
+    orders 2, 3, 4 over the last ε."""
+    abar = _alphas(model)
+    ones = x.new_ones(x.shape[0])
+    history: list = []
+
+    def update(x, eps, index):
+        a, a_prev = float(abar[int(timesteps[index])]), float(abar[int(timesteps[index - 1])])
+        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps, x0
+
+    for i, index in enumerate(range(len(timesteps) - 1, 0, -1)):
+        eps = model(x, int(timesteps[index]) * ones, **(extra_args or {}))
+        if not history:
+            x_mid, _ = update(x, eps, index)
+            eps_next = model(x_mid, int(timesteps[index - 1]) * ones, **(extra_args or {}))
+            used = (eps + eps_next) / 2
+        elif len(history) == 1:
+            used = (3 * eps - history[-1]) / 2
+        elif len(history) == 2:
+            used = (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
+        else:
+            used = (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+        x, x0 = update(x, used, index)
+        history = (history + [eps])[-3:]
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": x0})
+    return x
+
+
+def unipc(model, x, timesteps, extra_args=None, callback=None, disable=None, is_img2img=False):
+    """sd_samplers_timesteps_impl.py:134-185 with modules/models/diffusion/uni_pc: UniPC's model
+    function calls the CFG denoiser at the *fractional* timestep t_in = 1000·(t_c − 1/N) of a
+    continuous time t_c ∈ [1/N, 1] and reads its ε on the discrete VP schedule (log α = ½·log ᾱ,
+    linear in t_c between the knots (k + 1)/N: NoiseScheduleVP 'discrete'); time-uniform steps
+    from 1 (img2img: timesteps[-1]/1000 + 1/1000) down to 1/N, ``len(timesteps)`` of them. This
+    stand-in makes UniPC's first-order update (order 1, no corrector: DPM-Solver-1 in x₀ form),
+    which calls the model exactly so."""
+    abar = _alphas(model)
+    n = abar.shape[0]
+    knots = torch.arange(1, n + 1, dtype=torch.float64) / n
+    log_alpha = 0.5 * abar.log()
+    ones = x.new_ones(x.shape[0])
+
+    def marginal(tc):  # (log α, σ, λ) at continuous time tc
+        k = int(min(max((tc * n) - 1, 0), n - 2))
+        w = (tc - float(knots[k])) * n
+        la = (1 - w) * float(log_alpha[k]) + w * float(log_alpha[k + 1])
+        sig = (1 - math.exp(2 * la)) ** 0.5
+        return la, sig, la - math.log(sig)
+
+    start = float(timesteps[-1]) / 1000 + 1 / 1000 if is_img2img else 1.0
+    times = torch.linspace(start, 1 / n, len(timesteps) + 1, dtype=torch.float64).tolist()
+    for i, (s, t) in enumerate(zip(times[:-1], times[1:])):
+        la_s, sig_s, lam_s = marginal(s)
+        eps = model(x, (s - 1 / n) * 1000 * ones, **(extra_args or {}))
+        x0 = (x - sig_s * eps) / math.exp(la_s)
+        la_t, sig_t, lam_t = marginal(t)
+        x = (sig_t / sig_s) * x - math.exp(la_t) * math.expm1(-(lam_t - lam_s)) * x0
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": x0})
+    return x
+
+
+TIMESTEP_SAMPLERS = {"DDIM": ddim, "DDIM CFG++": ddim_cfgpp, "PLMS": plms, "UniPC": unipc}
+
+
+class CompVisSamplerStandIn(KDiffusionSamplerStandIn):
+    """sd_samplers_timesteps.py:74-171 CompVisSampler: its CFG denoiser is CFGDenoiserTimesteps;
+    uniform timesteps (92-103; schedulers do not apply to these samplers); img2img noises the init
+    latent to timesteps[t_enc] as x·√ᾱ + noise·√(1 − ᾱ) and samples over timesteps[:t_enc]
+    (105-146); txt2img starts from the noise itself (148-171)."""
+
+    def __init__(self, func, model, webui):
+        self.func = func
+        self.webui = webui
+        self.model = model
+        self.model_wrap_cfg = CFGDenoiserTimestepsStandIn(self, model)
+        self.model_wrap = self.model_wrap_cfg.inner_model
+        self.last_latent = None
+
+    def get_timesteps(self, p, steps):
+        return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
+
+    def _run_timesteps(self, p, x, timesteps, c, uc, image_conditioning, is_img2img):
+        import inspect
+
+        import k_diffusion.sampling
+
+        k_diffusion.sampling.torch = TorchHijack(p)
+        try:
+            self.model_wrap_cfg.step = 0
+            extra = {"cond": c, "image_cond": image_conditioning, "uncond": uc, "cond_scale": p.cfg_scale,
+                     "s_min_uncond": getattr(p, "s_min_uncond", 0.0)}
+            kwargs = {"is_img2img": True} if is_img2img and "is_img2img" in inspect.signature(self.func).parameters else {}
+            self.last_latent = x
+            return self.launch_sampling(lambda: self.func(self.model_wrap_cfg, x, timesteps, extra_args=extra,
+                                                          callback=self.callback_state, disable=True, **kwargs))
+        finally:
+            k_diffusion.sampling.torch = torch
+
+    def sample_img2img(self, p, x, noise, c, uc, steps=None, image_conditioning=None):
+        steps, t_enc = setup_img2img_steps(p, steps)
+        timesteps = self.get_timesteps(p, steps)
+        abar = self.model.alphas_cumprod[timesteps[t_enc]].to(x)
+        xi = x * abar.sqrt() + noise * (1 - abar).sqrt()
+        return self._run_timesteps(p, xi, timesteps[:t_enc], c, uc, image_conditioning, is_img2img=True)
+
+    def sample(self, p, x, c, uc, image_conditioning=None):
+        return self._run_timesteps(p, x, self.get_timesteps(p, p.steps), c, uc, image_conditioning, is_img2img=False)
+
+
+class StarletteHTTPExceptionStandIn(Exception):
+    """starlette/exceptions.py HTTPException: status_code, detail, headers; str() is
+    "<status>: <detail>"."""
+
+    def __init__(self, status_code, detail=None, headers=None):
+        self.status_code, self.detail, self.headers = status_code, detail, headers
+
+    def __str__(self):
+        return f"{self.status_code}: {self.detail}"
+
+
+class HTTPExceptionStandIn(StarletteHTTPExceptionStandIn):
+    """fastapi.exceptions.HTTPException (what modules/api/api.py imports and tests with isinstance)."""
+
+    def __init__(self, status_code, detail=None, headers=None):
+        super().__init__(status_code=status_code, detail=detail, headers=headers)
+
+
+def api_handle_exception(e):
+    """modules/api/api.py:167-181 handle_exception (A1111 v1.10.1; Forge's is the same): the
+    response's status and JSON, and whether it printed a traceback ("API error: ..." through
+    errors.report) — only for exceptions that are not an HTTPException."""
+    err = {"error": type(e).__name__, "detail": vars(e).get("detail", ""), "body": vars(e).get("body", ""),
+           "errors": str(e)}
+    traceback_printed = not isinstance(e, HTTPExceptionStandIn)
+    return vars(e).get("status_code", 500), err, traceback_printed
+
+
+def gradio_error_message(e):
+    """call_queue.py wrap_gradio_call_no_job: what the UI shows for an exception of a generation."""
+    return f"{type(e).__name__}: {e}"
 
 
 class ImageRNGStandIn:
@@ -357,12 +642,23 @@ class WebUIStandIn:
         return nullcontext()
 
     def create_sampler(self, name, model):
-        sampler = KDiffusionSamplerStandIn(SAMPLER_FUNCS[name], model, self)
+        if name in TIMESTEP_SAMPLERS:
+            sampler = CompVisSamplerStandIn(TIMESTEP_SAMPLERS[name], model, self)
+        else:
+            sampler = KDiffusionSamplerStandIn(SAMPLER_FUNCS[name], model, self)
+        sampler.config_name = name  # sd_samplers.py create_sampler: sampler.config
         self.samplers.append(sampler)
         return sampler
 
-    def is_kdiffusion_sampler(self, name):
-        return name in SAMPLER_FUNCS
+    def sampler_kind(self, name):
+        from accdiffusion.method.timesteps import KDIFFUSION, TIMESTEPS
+
+        return KDIFFUSION if name in SAMPLER_FUNCS else TIMESTEPS if name in TIMESTEP_SAMPLERS else None
+
+    def refusal(self, message):
+        from accdiffusion.flows.webui import refusal_class
+
+        return refusal_class(HTTPExceptionStandIn)(message)
 
     def image_rng(self, shape, p):
         return ImageRNGStandIn(shape, p.seeds)
@@ -457,6 +753,8 @@ class Txt2ImgStandIn:
         self.width, self.height, self.steps, self.hr_second_pass_steps = width, height, steps, hr_steps
         self.firstpass_steps = steps
         self.sampler_name, self.hr_sampler_name = sampler_name, None
+        # processing.py:152 / :1178 (init, 1280-1281: no hires scheduler → the first pass's)
+        self.scheduler = self.hr_scheduler = None
         self.enable_hr, self.hr_scale, self.hr_upscaler = True, hr_scale, "Latent"
         self.hr_upscale_to_x, self.hr_upscale_to_y = int(width * hr_scale), int(height * hr_scale)
         self.truncate_x = self.truncate_y = 0
@@ -580,6 +878,7 @@ class Img2ImgStandIn:
         self.seed_resize_from_h = self.seed_resize_from_w = 0
         self.width, self.height, self.steps, self.firstpass_steps = width, height, steps, steps
         self.sampler_name, self.resize_mode = sampler_name, resize_mode
+        self.scheduler = None  # processing.py:152
         self.denoising_strength, self.cfg_scale = denoising_strength, cfg_scale
         self.image_mask, self.mask = mask, None  # __post_init__ (processing.py:1584-1587)
         self.extra_generation_params: dict = {}

@@ -21,7 +21,12 @@ Mirrored:
   weighting) and sampling_function.py:261-268 (the head's get_control on the full batch → c["control"],
   c["control_model"]); the UnetPatcher's controlnet_linked_list
 - backend/diffusion_engine/base.py:7-20 ForgeObjects.shallow_copy; processing.py:1373/:1518 reset
-  of forge_objects before sampling; k_diffusion/external.py:41-73 ForgeScheduleLinker (sigma_to_t)
+  of forge_objects before sampling; k_diffusion/external.py:41-73 ForgeScheduleLinker (sigma_to_t
+  = the predictor's timestep), backend/modules/k_prediction.py:113-170 Prediction
+- the timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC): modules/sd_samplers_timesteps.py:28-47
+  (CompVisTimestepsDenoiser sets alphas_cumprod from the predictor; CFGDenoiserTimesteps with
+  classic_ddim_eps_estimation) and sd_samplers_cfg_denoiser.py:163-169, :199-202, :224-226 (x_t, t
+  converted to x, σ before the sampling function, ε after); the update rules as on A1111
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from torch import nn
 
 from accdiffusion.lab.reference import RowCond
 
-from a1111_standins import (CFGDenoiserStandIn, Img2ImgStandIn, KDiffusionSamplerStandIn, StandInEmbedder,
-                            StandInModel, Txt2ImgStandIn, WebUIStandIn, reconstruct_cond_batch,
+from a1111_standins import (CFGDenoiserStandIn, CompVisSamplerStandIn, Img2ImgStandIn, KDiffusionSamplerStandIn,
+                            StandInEmbedder, StandInModel, Txt2ImgStandIn, WebUIStandIn, reconstruct_cond_batch,
                             reconstruct_multicond_batch, InterruptedException)
 
 
@@ -89,6 +94,26 @@ def install_backend_module() -> None:
     sys.modules.update(dict(zip(names, (backend, nn_mod, unet_mod, sampling, sampling_function_mod, memory))))
 
 
+class PredictionStandIn:
+    """backend/modules/k_prediction.py:113-170 Prediction: the schedule's sigmas (one per
+    timestep), ``timestep(σ)`` = the nearest timestep in log σ (a whole one), ``sigma(t)``
+    interpolated in log σ."""
+
+    def __init__(self, sigmas, prediction_type="epsilon", sigma_data=1.0):
+        self.sigmas = sigmas.float()
+        self.log_sigmas = self.sigmas.log()
+        self.prediction_type, self.sigma_data = prediction_type, sigma_data
+
+    def timestep(self, sigma):
+        dists = sigma.log().to(self.log_sigmas.device) - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+
+    def sigma(self, timestep):
+        t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=len(self.sigmas) - 1)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp().to(timestep.device)
+
+
 class KModelStandIn(nn.Module):
     def __init__(self, model: StandInModel):
         super().__init__()
@@ -100,7 +125,7 @@ class KModelStandIn(nn.Module):
         self.memory_calls: list = []
         self.control_calls: list = []
         # k_prediction.py:113 Prediction (tests set prediction_type "v_prediction" for a v-model flag)
-        self.predictor = types.SimpleNamespace(prediction_type="epsilon", sigma_data=1.0)
+        self.predictor = PredictionStandIn(self.kd.sigmas)
 
     def memory_required(self, input_shape):
         self.memory_calls.append(list(input_shape))
@@ -210,8 +235,9 @@ def concat_crossattn(conds):
     return torch.cat([c.repeat(1, tokens // c.shape[1], 1) for c in conds])
 
 
-def sampling_function(model: ForgeModelStandIn, x, sigma, cond, uncond, cond_scale):
-    """calc_cond_uncond_batch + CFG for plain prompts: chunks [uncond, cond] of B rows each."""
+def sampling_function(model: ForgeModelStandIn, x, sigma, cond, uncond, cond_scale, return_full=False):
+    """calc_cond_uncond_batch + CFG for plain prompts: chunks [uncond, cond] of B rows each
+    (``return_full``: also the cond and uncond predictions, sampling_function.py:319-320)."""
     unet = model.forge_objects.unet  # re-read on every call (sampling_function.py:326)
     options = unet.model_options
     b = x.shape[0]
@@ -243,9 +269,8 @@ def sampling_function(model: ForgeModelStandIn, x, sigma, cond, uncond, cond_sca
     else:
         out = model.kmodel.apply_model(x_in, t_in, **c)
     chunks = dict(zip(cond_or_uncond, out.chunk(len(entries))))
-    if 1 not in chunks:
-        return chunks[0]
-    return chunks[1] + (chunks[0] - chunks[1]) * cond_scale
+    result = chunks[0] if 1 not in chunks else chunks[1] + (chunks[0] - chunks[1]) * cond_scale
+    return (result, chunks[0], chunks.get(1)) if return_full else result
 
 
 class ForgeCFGDenoiserStandIn(CFGDenoiserStandIn):
@@ -263,22 +288,28 @@ class ForgeCFGDenoiserStandIn(CFGDenoiserStandIn):
 
 
 class ForgeScheduleLinkerStandIn(nn.Module):
+    """k_diffusion/external.py ForgeScheduleLinker: the predictor's schedule (σ → t: its nearest
+    whole timestep)."""
+
     def __init__(self, kmodel):
         super().__init__()
-        self.kd = kmodel.kd
+        self.predictor = kmodel.predictor
 
     def sigma_to_t(self, sigma):
-        return self.kd.sigma_to_t(sigma)
+        return self.predictor.timestep(sigma)
 
     def t_to_sigma(self, t):
-        return self.kd.t_to_sigma(t)
+        return self.predictor.sigma(t)
 
     @property
     def sigmas(self):
-        return self.kd.sigmas
+        return self.predictor.sigmas
 
     def get_sigmas(self, n):
-        return self.kd.get_sigmas(n)
+        import k_diffusion.sampling
+
+        t = torch.linspace(len(self.sigmas) - 1, 0, n)
+        return k_diffusion.sampling.append_zero(self.t_to_sigma(t))
 
 
 class ForgeSamplerStandIn(KDiffusionSamplerStandIn):
@@ -289,11 +320,74 @@ class ForgeSamplerStandIn(KDiffusionSamplerStandIn):
         self.model_wrap_cfg = ForgeCFGDenoiserStandIn(self)
 
 
+# --- timestep samplers: Forge's sd_samplers_timesteps.py and the CFG denoiser's conversion ---------
+class ForgeCompVisTimestepsDenoiserStandIn(nn.Module):
+    """sd_samplers_timesteps.py:28-35 CompVisTimestepsDenoiser: sets the model's alphas_cumprod to
+    1/(σ² + 1) of the predictor's sigmas (Forge's CFG denoiser never calls its forward)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner_model = model
+        model.alphas_cumprod = 1.0 / (model.forge_objects.unet.model.predictor.sigmas ** 2.0 + 1.0)
+
+    def forward(self, input, timesteps, **kwargs):
+        return self.inner_model.apply_model(input, timesteps, **kwargs)
+
+
+class ForgeCFGDenoiserTimestepsStandIn(ForgeCFGDenoiserStandIn):
+    """sd_samplers_timesteps.py:38-47 CFGDenoiserTimesteps (classic_ddim_eps_estimation) in
+    sd_samplers_cfg_denoiser.py:156-228: x_t and t come in and are converted to σ = σ[round(t)] of
+    ᾱ and x = x_t·√(σ² + 1) (:163-169), the sampling function runs on them (the UNet wrapper sees
+    σ), ε = (x − denoised)/σ goes out (:224-226); DDIM CFG++'s ``last_noise_uncond`` is
+    (x − uncond_pred)/σ (:201-202). Forge's forward has no CFG-scale multiplier."""
+
+    def __init__(self, sampler, model):
+        super().__init__(sampler)
+        self.model_wrap = ForgeCompVisTimestepsDenoiserStandIn(model)
+        self.cond_scale_miltiplier = 1.0
+        self.need_last_noise_uncond = False
+        self.last_noise_uncond = None
+
+    @property
+    def inner_model(self):
+        return self.model_wrap
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        state = self.sampler.webui.state
+        if state.interrupted or state.skipped:
+            raise InterruptedException
+        acd = self.inner_model.inner_model.alphas_cumprod
+        fake_sigmas = ((1 - acd) / acd) ** 0.5
+        real_sigma = fake_sigmas[sigma.round().long().clip(0, int(fake_sigmas.shape[0]))]
+        x = x * ((real_sigma ** 2.0 + 1.0) ** 0.5)[:, None, None, None]
+        sigma = real_sigma
+        _, cond_t = reconstruct_multicond_batch(cond, self.step)
+        uncond_t = reconstruct_cond_batch(uncond, self.step) if uncond is not None else None
+        denoised, _, uncond_pred = sampling_function(self.sampler.model, x, sigma, cond_t, uncond_t, cond_scale,
+                                                     return_full=True)
+        if self.need_last_noise_uncond:
+            self.last_noise_uncond = (x - uncond_pred) / sigma[:, None, None, None]
+        self.step += 1
+        return (x - denoised) / sigma[:, None, None, None]
+
+
+class ForgeCompVisSamplerStandIn(CompVisSamplerStandIn):
+    def __init__(self, func, model, webui):
+        self.func, self.webui, self.model = func, webui, model
+        self.model_wrap_cfg = ForgeCFGDenoiserTimestepsStandIn(self, model)
+        self.model_wrap = self.model_wrap_cfg.inner_model
+        self.last_latent = None
+
+
 class ForgeWebUIStandIn(WebUIStandIn):
     def create_sampler(self, name, model):
-        from a1111_standins import SAMPLER_FUNCS
+        from a1111_standins import SAMPLER_FUNCS, TIMESTEP_SAMPLERS
 
-        sampler = ForgeSamplerStandIn(SAMPLER_FUNCS[name], model, self)
+        if name in TIMESTEP_SAMPLERS:
+            sampler = ForgeCompVisSamplerStandIn(TIMESTEP_SAMPLERS[name], model, self)
+        else:
+            sampler = ForgeSamplerStandIn(SAMPLER_FUNCS[name], model, self)
+        sampler.config_name = name
         self.samplers.append(sampler)
         return sampler
 

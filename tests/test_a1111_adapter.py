@@ -169,13 +169,16 @@ def test_invalid_arguments_stop_the_job_with_the_message(sd1_model):
     assert "sample" not in p.__dict__
 
 
-def test_non_kdiffusion_hires_sampler_falls_back_to_stock_hires(sd1_model):
+def test_unsupported_hires_sampler_falls_back_to_stock_hires(sd1_model):
     webui = WebUIStandIn()
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
-    webui.is_kdiffusion_sampler = lambda name: False
+    webui.sampler_kind = lambda name: None  # e.g. LCM
     out = process_images(p, ON, facade)
-    assert any("not a k-diffusion sampler" in c for c in p.comments)
+    assert any("is not supported" in c for c in p.comments)
     assert out.images[0].shape == (3, 128, 128)
+    assert p.extra_generation_params == {
+        "AccDiffusion stepped aside": "the hires sampler 'Euler' is not supported (k-diffusion samplers and DDIM, "
+                                      "DDIM CFG++, PLMS, UniPC are); the WebUI's own hires fix ran"}
     assert_clean(p, sd1_model, webui)
 
 
@@ -281,7 +284,7 @@ class OtherExtension:
 def test_hooks_chain_to_another_extensions_wrappers(sd1_model, kdiffusion):
     webui = WebUIStandIn()
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
-    webui.is_kdiffusion_sampler = lambda name: kdiffusion
+    webui.sampler_kind = lambda name: "k-diffusion" if kdiffusion else None
     other = OtherExtension(p)
     out = process_images(p, ON, facade)
     assert out.images[0].shape == (3, 128, 128)
@@ -289,7 +292,7 @@ def test_hooks_chain_to_another_extensions_wrappers(sd1_model, kdiffusion):
         assert other.calls == ["sample"] and webui.encoded
     else:  # fallback: the stock hires pass, through the other extension's wrapper
         assert other.calls == ["sample", "sample_hr_pass"] and webui.encoded == []
-        assert any("not a k-diffusion sampler" in c for c in p.comments)
+        assert any("is not supported" in c for c in p.comments)
     other.assert_back_in_place(p)
     assert not hasattr(p, facade.JOB_ATTR) and p.is_hr_pass is False
 

@@ -40,7 +40,10 @@ def cfg_cond(model, p, rows):
                                                           ((8, 8), (12, 12), 0, "overlap"),
                                                           ((8, 8), (20, 20), 16, "overlap"),
                                                           ((16, 8), (24, 12), 0, "overlap"),
-                                                          ((8, 8), (32, 32), 16, "shifted")])
+                                                          ((8, 8), (32, 32), 16, "shifted"),
+                                                          # not a multiple of 8 nor of the window: shifted
+                                                          # edge windows padded, sub-latents 5×7 padded to 8×8
+                                                          ((8, 8), (20, 28), 16, "shifted")])
 def test_every_item_gets_its_own_hint_through_controlnets_hint_choice(sd1_model, base, target, window_size, mode):
     """2×, 1.5× (sub-latents padded), 2.5× (s = 3) with window_size 16, and a tall image: two
     units, a batch of two images (4 CFG rows), one hint per unit."""
@@ -59,12 +62,15 @@ def test_every_item_gets_its_own_hint_through_controlnets_hint_choice(sd1_model,
     sampler = webui.create_sampler("Euler", sd1_model)
     denoiser = StageDenoiser(stage, windows, settings, 1, sampler.model_wrap.sigma_to_t)
     try:
-        job.backend.hook_stage(job, p, sampler, denoiser, [[]], [None, None], windows)
+        job.backend.hook_stage(job, p, sampler, denoiser, job.backend.sampler_space(p, sampler, "k-diffusion"), [[]],
+                               [None, None], windows)
         x = torch.randn(4, 4, *target)
         for sigma in ((4.0, 2.0) if mode == "overlap" else (4.0, 3.0, 2.0, 1.0)):  # two steps: two shuffles
             out = sampler.model_wrap.forward(x, torch.full((4,), sigma), cond=cfg_cond(sd1_model, p, 4))
             assert torch.allclose(out, 1.5 * block_means(hr)[:, :1].expand_as(out), atol=1e-2)
         assert mode == "overlap" or denoiser.windows_at(3) != denoiser.windows_at(0)  # the grid moved
+        if mode == "shifted" and target[0] % 8:  # edge windows that are not a multiple of 8 were padded
+            assert any(w.height % 8 or w.width % 8 for step in range(4) for w in denoiser.windows_at(step))
     finally:
         job.end_batch()
     assert network.calls and all(is_hr and [u for u, _ in ran] == [0, 1] for _, is_hr, ran in network.calls)

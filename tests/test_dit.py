@@ -347,3 +347,21 @@ def test_flux_upscale_button_probes_the_image(flux, stage_prompts):
     assert out.images[0].shape == (3, 128, 128)
     assert stage_prompts and stage_prompts[0][2][0]  # probe maps gave the windows tile prompts
     assert flux.forge_objects.unet.model_options.get("model_function_wrapper") is None
+
+
+def test_timestep_samplers_step_aside_on_flow_models_only():
+    """DDIM & co. are served for SD (issue 19) but not on a flow predictor: the facade says so
+    before anything is hooked; k-diffusion samplers and SD models are not affected."""
+    from types import SimpleNamespace
+
+    from accdiffusion.entry.facade import flow_sampler_reason
+    from accdiffusion.method.flow import FLOW_SAMPLING, SD_SAMPLING
+
+    webui = SimpleNamespace(sampler_kind=lambda name: "timesteps" if name in {"DDIM", "UniPC"} else "k-diffusion")
+    flow, sd = (SimpleNamespace(model_sampling=lambda p, s=s: s) for s in (FLOW_SAMPLING, SD_SAMPLING))
+    p = SimpleNamespace(sampler_name="Euler", hr_sampler_name="DDIM")
+    assert "'DDIM' is a timestep sampler" in flow_sampler_reason(p, flow, webui, img2img=False)
+    assert flow_sampler_reason(p, sd, webui, img2img=False) is None
+    assert flow_sampler_reason(p, flow, webui, img2img=True) is None  # img2img samples with sampler_name
+    p = SimpleNamespace(sampler_name="UniPC", hr_sampler_name="Use same sampler")
+    assert "'UniPC'" in flow_sampler_reason(p, flow, webui, img2img=False)

@@ -34,7 +34,10 @@ def sd1(sd1_host):
 @pytest.mark.parametrize("base,target,window_size,mode", [((8, 8), (16, 16), 0, "overlap"),
                                                           ((8, 8), (12, 12), 0, "overlap"),
                                                           ((8, 8), (20, 20), 16, "overlap"),
-                                                          ((8, 8), (32, 32), 16, "shifted")])
+                                                          ((8, 8), (32, 32), 16, "shifted"),
+                                                          # not a multiple of 8 nor of the window: shifted
+                                                          # edge windows padded, sub-latents 5×7 padded to 8×8
+                                                          ((8, 8), (20, 28), 16, "shifted")])
 def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, target, window_size, mode):
     """Two units (one hint per image of a batch of two, and one hint for all), Forge's [uncond,
     cond] chunks."""
@@ -55,7 +58,8 @@ def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, targe
     try:
         job.backend.prepare_stage(p, job)
         p.scripts.process_before_every_sampling(p)
-        job.backend.hook_stage(job, p, sampler, denoiser, [[], []], [None, None], windows)
+        job.backend.hook_stage(job, p, sampler, denoiser, job.backend.sampler_space(p, sampler, "k-diffusion"),
+                               [[], []], [None, None], windows)
         text = torch.stack([sd1.encode(PROMPT)] * 2)
         x = torch.randn(2, 4, *target)
         for sigma in ((4.0, 2.0) if mode == "overlap" else (4.0, 3.0, 2.0, 1.0)):
@@ -63,6 +67,8 @@ def test_every_item_gets_its_own_hint_through_forges_controlnet(sd1, base, targe
             expected = (block_means(per_image) + block_means(shared))[:, :1].expand_as(out)
             assert torch.allclose(out, expected, atol=1e-4)
         assert mode == "overlap" or denoiser.windows_at(3) != denoiser.windows_at(0)  # the grid moved
+        if mode == "shifted" and target[0] % 8:  # edge windows that are not a multiple of 8 were padded
+            assert any(w.height % 8 or w.width % 8 for step in range(4) for w in denoiser.windows_at(step))
     finally:
         sd1.kmodel.control_only = False
         job.end_batch()

@@ -166,6 +166,83 @@ def test_first_stage_starts_from_the_upscaled_init_latent(sd1_model):
     assert len(starts) == 1 and torch.allclose(starts[0], p.init_latent, atol=1e-4)
 
 
+@pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
+@pytest.mark.parametrize("stages", [3, 4])
+def test_first_of_several_stages_starts_from_the_init_image(sd1_model, forge_sd1, forge, stages):
+    """Probe 64 px, target 256 px (3 stages: 128, 192, 256) or 320 px (4): the first stage, smaller
+    than the target, starts from the init image (the WebUI's init latent at the target size)
+    downscaled to that stage, re-standardised to the init latent's statistics; every later stage
+    from the previous stage's result, bicubic — never from the probe-size latent."""
+    from accdiffusion.method.hires import latent_stats, restandardise
+
+    side = 64 * (stages + 1)
+    webui = ForgeWebUIStandIn() if forge else WebUIStandIn()
+    webui.native = 64
+    cls = ForgeImg2ImgStandIn if forge else Img2ImgStandIn
+    extra = {"adapter": facade} if forge else {}
+    p = cls(forge_sd1 if forge else sd1_model, webui, [PROMPT], [picture(96, 96)], width=side, height=side, steps=2,
+            **extra)
+    original = webui.create_sampler
+    starts, results = [], []
+
+    def spying(name, model):
+        sampler = original(name, model)
+        inner = sampler.sample_img2img
+
+        def sample_img2img(p_, x, *a, **k):
+            starts.append(x.clone())
+            results.append(inner(p_, x, *a, **k))
+            return results[-1]
+
+        sampler.sample_img2img = sample_img2img
+        return sampler
+
+    webui.create_sampler = spying
+    process_img2img(p, ON, facade)
+    init = p.init_latent.float()
+    mean, std = latent_stats(init)
+    sizes = [tuple(x.shape[-2:]) for x in starts]
+    assert sizes == [(8 * k, 8 * k) for k in range(2, stages + 2)]
+    first = torch.nn.functional.interpolate(init, size=sizes[0], mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(starts[0], restandardise(first, mean, std), atol=1e-4)
+    for k in range(1, len(starts)):  # the previous stage's output (re-standardised), upscaled bicubic
+        previous = restandardise(results[k - 1].float(), mean, std)
+        up = torch.nn.functional.interpolate(previous, size=sizes[k], mode="bicubic", align_corners=False)
+        assert torch.allclose(starts[k], restandardise(up, mean, std), atol=1e-4)
+
+
+@pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
+def test_probe_noises_the_latent_at_the_level_the_unet_is_told(sd1_model, forge_sd1, forge, monkeypatch):
+    """Every probe UNet call (both hosts): the timestep the UNet gets is one of 300, 500, 700, in that
+    order, and its input is exactly the probe latent plus the image's seeded probe noise at σ of
+    that very timestep, scaled by c_in = 1/√(σ² + 1) — the level the latent is noised at is the
+    level the UNet is told."""
+    from accdiffusion.method.timesteps import TimestepSchedule
+
+    model = forge_sd1 if forge else sd1_model
+    webui = ForgeWebUIStandIn() if forge else WebUIStandIn()
+    webui.native = 64  # probe 64 px: an 8×8 latent (the stages are 16×16 and 24×24)
+    encoded = []
+    encode = webui.encode
+    webui.encode = lambda m, pixels: encoded.append(encode(m, pixels)) or encoded[-1]
+    cls = ForgeImg2ImgStandIn if forge else Img2ImgStandIn
+    extra = {"adapter": facade} if forge else {}
+    p = cls(model, webui, [PROMPT, "a green dragon"], [picture(64, 64)], width=192, height=192, steps=2, **extra)
+    calls = []
+    real = model.host._eps
+    monkeypatch.setattr(model.host, "_eps", lambda x, t, conds: calls.append((x.clone(), t.clone())) or real(x, t, conds))
+    process_img2img(p, ON, facade)
+    probe_latent = next(e for e in encoded if e.shape[-1] == 8)
+    probe_calls = [(x, t) for x, t in calls if x.shape[-1] == 8 and x.shape[0] == 2][:3]
+    schedule = TimestepSchedule(model.alphas_cumprod)
+    for level, (x, t) in enumerate(probe_calls):
+        assert torch.allclose(t, torch.full_like(t, float(probe.PROBE_TIMESTEPS[level])), atol=0.05)
+        sigma = schedule.sigma(t.float()).view(-1, 1, 1, 1)
+        noise = torch.stack([probe.probe_noise(probe_latent.shape[1:], seed, level) for seed in p.seeds])
+        expected = (probe_latent + sigma * noise) / (sigma ** 2 + 1).sqrt()
+        assert torch.allclose(x, expected, atol=1e-4), level
+
+
 def stage_noises(model, forge=False, **kw):
     """The noise each stage's sample_img2img got, and the job's p."""
     webui = ForgeWebUIStandIn() if forge else WebUIStandIn()
@@ -241,7 +318,7 @@ def test_img2img_prompt_drives_the_tile_prompts(sd1_model):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("mask", "inpainting"), ("small", "not larger than the probe size"), ("sampler", "not a k-diffusion"),
+    ("mask", "inpainting"), ("small", "not larger than the probe size"), ("sampler", "is not supported"),
     ("model", "SD3")])
 def test_fallbacks_run_the_stock_img2img_with_a_note(sd1_model, case, message):
     kw, webui_setup = {}, lambda w: None
@@ -250,7 +327,7 @@ def test_fallbacks_run_the_stock_img2img_with_a_note(sd1_model, case, message):
     elif case == "small":
         kw.update(width=64, height=64)
     elif case == "sampler":
-        webui_setup = lambda w: setattr(w, "is_kdiffusion_sampler", lambda name: False)
+        webui_setup = lambda w: setattr(w, "sampler_kind", lambda name: None)  # e.g. LCM
 
     def run(settings):
         webui = WebUIStandIn()
@@ -268,6 +345,9 @@ def test_fallbacks_run_the_stock_img2img_with_a_note(sd1_model, case, message):
     assert any(message in c and "own img2img" in c for c in p.comments), p.comments
     assert torch.equal(out.images[0], stock.images[0])
     assert "AccDiffusion" not in p.extra_generation_params and not webui.encoded
+    # the infotext says what ran instead, not "AccDiffusion: True"
+    assert message in p.extra_generation_params["AccDiffusion stepped aside"]
+    assert p.extra_generation_params["AccDiffusion stepped aside"].endswith("the WebUI's own img2img ran")
     assert_clean(p, sd1_model, webui)
 
 

@@ -144,15 +144,23 @@ def check_windows_got_their_prompts(host, model, denoiser, calls, encoded):
     return pairs
 
 
+# 64 px → 288 px: a 36×36 latent, a multiple of neither 8 nor the 16-px window: the grid's pieces
+# (16, 8, 12 or 8, 8, 20 latent px) change every step and edge windows are padded to a multiple of 8
+UNEVEN = dict(width=64, height=64, hr_scale=4.5)
+
+
 @pytest.mark.parametrize("host", ["a1111", "forge"])
-def test_shifted_txt2img_tile_prompts_follow_the_windows_of_each_step(models, plans, denoisers, calls, host):
+@pytest.mark.parametrize("geometry", ["even", "uneven"])
+def test_shifted_txt2img_tile_prompts_follow_the_windows_of_each_step(models, plans, denoisers, calls, host, geometry):
     model = models[host]
-    p, webui = txt2img(host, model, prompts=[PROMPT])
+    p, webui = txt2img(host, model, prompts=[PROMPT], **(UNEVEN if geometry == "uneven" else {}))
     calls.watch(p, model)
     out = process_images(p, SHIFTED, facade)
-    assert out.images[0].shape == (3, 256, 256)
+    assert out.images[0].shape == ((3, 256, 256) if geometry == "even" else (3, 288, 288))
     assert len(denoisers) == 1 and denoisers[0].stats.steps == 4
     check_windows_got_their_prompts(host, model, denoisers[0], calls.calls, webui.encoded)
+    if geometry == "uneven":  # padded edge windows took part, each with the prompt of its own (unpadded) window
+        assert any(any(items.pad) for items, _ in calls.calls)
 
 
 @pytest.mark.parametrize("host", ["a1111", "forge"])
@@ -361,7 +369,7 @@ def v_model(host, sd1_host, flag):
     else:
         model = ForgeModelStandIn(sd1_host, sdxl=False)
         if flag:
-            model.kmodel.predictor = SimpleNamespace(prediction_type=flag, sigma_data=0.5)
+            model.kmodel.predictor.prediction_type, model.kmodel.predictor.sigma_data = flag, 0.5
     return model
 
 

@@ -7,9 +7,12 @@ modules/processing.py unless named).
 - Each hires stage runs the WebUI's own ``sampler.sample_img2img`` (1454) with two per-instance
   wrappers: ``model_wrap_cfg.forward`` (sd_samplers_cfg_denoiser.py:156; it receives the sampler's
   own ``x``, where the skip residual is applied in place: :func:`accdiffusion.flows.job.hook_skip_residual`)
-  and the k-diffusion denoiser's ``forward`` (``model_wrap_cfg.inner_model``, called at
+  and the inner model's ``forward`` (``model_wrap_cfg.inner_model``, called at
   sd_samplers_cfg_denoiser.py:246-271 with the CFG rows), where the fused tiled denoiser runs. Both
-  wrappers call the ``forward`` they replaced (bound method or another extension's wrapper).
+  wrappers call the ``forward`` they replaced (bound method or another extension's wrapper). The
+  inner model is k-diffusion's denoiser (x, σ → x₀) for a k-diffusion sampler, and
+  ``CompVisTimestepsDenoiser`` (x_t, t → ε; sd_samplers_timesteps.py:26-71) for DDIM, DDIM CFG++,
+  PLMS and UniPC, converted at this boundary (:mod:`accdiffusion.method.timesteps`).
 - Rows are recognised by their place in the CFG denoiser's layout (:class:`CfgRows`,
   sd_samplers_cfg_denoiser.py:203-271), confirmed by content (:mod:`accdiffusion.flows.rows`). In the
   first pass the layout is read through the same two wrappers, installed on ``p.sampler`` from
@@ -47,6 +50,7 @@ from ..method.hires import StageDenoiser, v_prediction_c_skip
 from ..flows.job import comment, hook_skip_residual
 from ..flows.rows import UNPLACED, positive_texts, row_images, schedule_entry, split_cond, stack_cond, tile_conditions
 from ..method.tiles import Window
+from ..method.timesteps import TIMESTEPS, SamplerSpace, TimestepSchedule, eps_through_sigma_space
 
 if TYPE_CHECKING:
     from ..flows.job import Job
@@ -208,20 +212,34 @@ class A1111Backend:
         (sd_samplers_kdiffusion.py:61), whose c_skip is 1 / (σ² + 1); an ε-model needs none (c_skip = 1)."""
         return v_prediction_c_skip if getattr(p.sd_model, "parameterization", "eps") == "v" else None
 
+    def sampler_space(self, p: Any, sampler: Any, kind: str | None) -> SamplerSpace:
+        """A k-diffusion sampler's CFG denoiser gets σ; its wrapper maps σ to the timestep
+        (CompVisDenoiser.sigma_to_t). A timestep sampler's ``CFGDenoiserTimesteps`` gets x_t and t
+        and calls ``CompVisTimestepsDenoiser`` (ε; a v-model's output turned into ε) on the model's
+        ``alphas_cumprod`` (sd_samplers_timesteps.py:26-71): σ of t from the same ᾱ."""
+        if kind == TIMESTEPS:
+            schedule = TimestepSchedule(p.sd_model.alphas_cumprod)
+            return SamplerSpace(schedule.sigma_to_t, schedule.sigma)
+        return SamplerSpace(sampler.model_wrap.sigma_to_t)
+
     def prepare_stage(self, p: Any, job: "Job") -> None:
         """Nothing to reset on A1111 between stages."""
 
-    def hook_stage(self, job: "Job", p: Any, sampler: Any, denoiser: StageDenoiser,
+    def hook_stage(self, job: "Job", p: Any, sampler: Any, denoiser: StageDenoiser, space: SamplerSpace,
                    positives: list[list[torch.Tensor]], tile_schedules: list[list | None],
                    windows: list[Window]) -> None:
         _hook_sampler(job, sampler, denoiser, positives, tile_schedules, windows,
-                      job.webui.sdxl_crop_embedder(p.sd_model), A1111Control.for_stage(p, denoiser))
+                      job.webui.sdxl_crop_embedder(p.sd_model), A1111Control.for_stage(p, denoiser), space)
 
 
 def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: list[list[torch.Tensor]],
                   tile_schedules: list[list | None], windows: list[Window],
                   crop_embed: Callable[[int, int], torch.Tensor] | None,
-                  control: "A1111Control | None" = None) -> None:
+                  control: "A1111Control | None" = None, space: SamplerSpace | None = None) -> None:
+    """The fused tiled denoiser in the inner model's ``forward``: a k-diffusion sampler's (x, σ →
+    x₀) directly, a timestep sampler's (x_t, t → ε) through :func:`eps_through_sigma_space` (every
+    window evaluated at the sampler's own t, the fused x₀ returned as ε)."""
+    space = space or SamplerSpace(sampler.model_wrap.sigma_to_t)
     cfg = sampler.model_wrap_cfg
     inner = cfg.inner_model
     inner_forward = inner.forward
@@ -244,19 +262,23 @@ def _hook_sampler(job: Job, sampler: Any, denoiser: StageDenoiser, positives: li
             out[key] = with_mark(row[key], out[key])
         return out
 
-    def fused_forward(x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None, **kwargs: Any) -> torch.Tensor:
+    def fused_forward(x: torch.Tensor, level: torch.Tensor, cond: dict | None = None, **kwargs: Any) -> torch.Tensor:
         rows = split_cond(cond)
         places = layout.take(x.shape[0])
+        tiles = tile_conditions(rows, positives, tile_schedules, windows, tile_row, places)
 
-        def row_model(xs: torch.Tensor, sigmas: torch.Tensor, conds: Sequence[dict]) -> torch.Tensor:
+        def model(xs: torch.Tensor, levels: torch.Tensor, conds: Sequence[dict]) -> torch.Tensor:
+            """The inner model on a batch of windows: x₀ (k-diffusion) or ε (timesteps)."""
             tiled = control.tiled(denoiser.items, len(rows)) if control is not None else nullcontext()
             with tiled:
-                return inner_forward(xs, sigmas, cond=stack_cond(conds, cond), **kwargs)
+                return inner_forward(xs, levels, cond=stack_cond(conds, cond), **kwargs)
 
-        return denoiser(row_model, x, sigma, rows,
-                        tile_conditions(rows, positives, tile_schedules, windows, tile_row, places))
+        if space.sigma_of_t is None:
+            return denoiser(model, x, level, rows, tiles)
+        return eps_through_sigma_space(lambda row_model, xk, sigma: denoiser(row_model, xk, sigma, rows, tiles),
+                                       model, x, level, space.sigma_of_t)
 
-    hook_skip_residual(job, sampler, denoiser)
+    hook_skip_residual(job, sampler, denoiser, space)
     hook_cfg_rows(job, sampler, layout)
     job.set_attr(inner, "forward", fused_forward)
 

@@ -14,6 +14,10 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
   sampling_function.py:270 with ``apply_model`` and {"input", "timestep" (= sigma), "c",
   "cond_or_uncond"}) runs the fused tiled denoiser; the memory estimators are told that the peak
   is one batch of windows, not the full latent (unet.py:121, base.py:197, sampling_function.py:208).
+  The wrapper always sees σ: for DDIM, DDIM CFG++, PLMS and UniPC Forge's ``CFGDenoiserTimesteps``
+  converts x_t and t to x and σ before the sampling function and returns ε after it
+  (sd_samplers_cfg_denoiser.py:163-169, :224-226); only the skip residual, applied to the
+  sampler's own x_t before that, reads t (:meth:`ForgeBackend.sampler_space`).
 - the batch comes as chunks in ``cond_or_uncond`` order (Forge runs [uncond, cond]), each chunk
   holding the batch's images in order: a row's image is its place in its chunk
   (:func:`cond_rows_to_images`), confirmed by content in the hires pass (:mod:`accdiffusion.flows.rows`);
@@ -66,6 +70,7 @@ from ..flows.job import _NO_ATTR, comment, hook_skip_residual
 from ..method.jointattention import JointAttentionCapture, joint_family
 from ..flows.rows import TEXT_KEYS, schedule_entry, split_cond, stack_cond, tile_conditions
 from ..method.tiles import Window
+from ..method.timesteps import TIMESTEPS, SamplerSpace, TimestepSchedule
 
 if TYPE_CHECKING:
     from ..flows.job import Job
@@ -425,6 +430,19 @@ class ForgeBackend:
             return functools.partial(v_prediction_c_skip, sigma_data=float(predictor.sigma_data))
         return None
 
+    def sampler_space(self, p: Any, sampler: Any, kind: str | None) -> SamplerSpace:
+        """A k-diffusion sampler's CFG denoiser gets σ (ForgeScheduleLinker: σ → t by the
+        predictor, k_diffusion/external.py). A timestep sampler's ``CFGDenoiserTimesteps`` gets x_t
+        and t and converts them itself before Forge's sampling function (so the UNet wrapper sees σ):
+        ᾱ = 1/(σ² + 1) from the predictor's sigmas (sd_samplers_timesteps.py:28-31), t rounded to
+        a whole timestep, x = x_t·√(σ² + 1) (sd_samplers_cfg_denoiser.py:163-169). Only the skip
+        residual, which runs before that conversion, needs it."""
+        predictor = p.sd_model.forge_objects.unet.model.predictor
+        if kind == TIMESTEPS:
+            schedule = TimestepSchedule(1.0 / (predictor.sigmas ** 2 + 1.0), quantize=True)
+            return SamplerSpace(predictor.timestep, schedule.sigma)
+        return SamplerSpace(sampler.model_wrap.sigma_to_t)
+
     def prepare_stage(self, p: Any, job: Job) -> None:
         """What Forge does before every sampling (processing.py:1373, :1518): start from the UNet
         with LoRA applied, so the first pass's patches and other extensions' patches of the
@@ -432,7 +450,7 @@ class ForgeBackend:
         job.undo_hooks()
         p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
 
-    def hook_stage(self, job: Job, p: Any, sampler: Any, denoiser: StageDenoiser,
+    def hook_stage(self, job: Job, p: Any, sampler: Any, denoiser: StageDenoiser, space: SamplerSpace,
                    positives: list[list[torch.Tensor]], tile_schedules: list[list | None],
                    windows: list[Window]) -> None:
         cfg = sampler.model_wrap_cfg
@@ -507,7 +525,7 @@ class ForgeBackend:
 
         unet.set_model_unet_function_wrapper(wrapper)
         self._per_window_memory(unet, job, windows, denoiser)
-        hook_skip_residual(job, sampler, denoiser)
+        hook_skip_residual(job, sampler, denoiser, space)
         job.set_attr(objects, "unet", unet)
 
     @staticmethod

@@ -22,11 +22,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..method.attention import AttentionRecorder
-from ..method.hires import AccDiffusionError
-from .job import (Job, TiledPassSource, TiledPassTarget, comment, decode_latent, image_plans, run_tiled_pass,
-                  to_pil)
+from .job import (Job, TiledPassSource, TiledPassTarget, decode_latent, image_plans, refusal, run_tiled_pass,
+                  step_aside, to_pil)
 from ..method.probe import ProbeStats, probe_latent_size, probe_sigmas, run_probe
 from ..method.tiles import cover_resize
+from ..method.timesteps import KDIFFUSION
 
 log = logging.getLogger("accdiffusion")
 
@@ -49,8 +49,7 @@ def probe_maps(p: Any, job: Job, latents: torch.Tensor, conditioning: Any,
     out: list[torch.Tensor | None] = [None] * latents.shape[0]
     if not images:
         return out
-    sampler = p.sampler if getattr(getattr(p, "sampler", None), "model_wrap", None) is not None else \
-        job.webui.create_sampler(p.sampler_name, p.sd_model)
+    sampler = probe_sampler(p, job)
     schedule = sampler.model_wrap
     sampling = job.backend.model_sampling(p)
     t_to_sigma = sampling.t_to_sigma or (lambda t: schedule.t_to_sigma(t.to(schedule.sigmas.device)))
@@ -69,6 +68,21 @@ def probe_maps(p: Any, job: Job, latents: torch.Tensor, conditioning: Any,
     for k, i in enumerate(images):
         out[i] = recorder.maps(k)
     return out
+
+
+PROBE_SAMPLER = "Euler"  # a k-diffusion sampler of every host: the probe needs its model wrapper
+
+
+def probe_sampler(p: Any, job: Job) -> Any:
+    """The sampler whose k-diffusion model wrapper the probe calls and reads the schedule from
+    (it samples nothing): the job's own when it is a k-diffusion sampler, else a fresh
+    :data:`PROBE_SAMPLER` (a timestep sampler's wrapper takes t and returns ε; the probe's UNet
+    calls are the same either way: the positive rows at timesteps 300, 500, 700)."""
+    own = getattr(p, "sampler", None)
+    if own is not None and getattr(own, "model_wrap", None) is not None \
+            and job.webui.sampler_kind(p.sampler_name) == KDIFFUSION:
+        return own
+    return job.webui.create_sampler(PROBE_SAMPLER, p.sd_model)
 
 
 # --- img2img -------------------------------------------------------------------------------------
@@ -93,8 +107,9 @@ def img2img_fallback_reason(p: Any, webui: Any) -> str | None:
         return "inpainting (a mask, inpaint sketch) is not supported"
     if not getattr(p, "init_images", None):
         return "there is no init image"
-    if not webui.is_kdiffusion_sampler(p.sampler_name):
-        return f"the sampler '{p.sampler_name}' is not a k-diffusion sampler (use Euler, DPM++, ...)"
+    if webui.sampler_kind(p.sampler_name) is None:
+        return (f"the sampler '{p.sampler_name}' is not supported (k-diffusion samplers and DDIM, DDIM CFG++, "
+                f"PLMS, UniPC are)")
     probe = probe_size_for(p, webui, p.init_images)
     if p.height // 8 <= probe[0] and p.width // 8 <= probe[1]:
         return (f"the target {p.width}×{p.height} is not larger than the probe size "
@@ -111,9 +126,9 @@ def make_img2img_sample(p: Any, job: Job) -> Callable[..., Any]:
                subseed_strength: Any, prompts: Any) -> Any:
         try:
             if job.error is not None:
-                raise AccDiffusionError(str(job.error)) from job.error
+                raise refusal(job) from None
             if getattr(p, "mask", None) is not None:
-                comment(p, "AccDiffusion: inpainting (a mask) is not supported; the WebUI's own img2img ran instead.")
+                step_aside(p, "inpainting (a mask) is not supported", "img2img")
                 return previous_sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength,
                                        prompts)
             return run_img2img(p, job, conditioning, unconditional_conditioning)

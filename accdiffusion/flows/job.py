@@ -15,7 +15,10 @@ image with probe maps); what it samples with is a :class:`TiledPassTarget`. The 
 Each stage runs the WebUI's own ``sampler.sample_img2img`` (A1111 processing.py:1454); the skip
 residual is applied in place on the sampler's own ``x`` through a per-instance wrapper of
 ``sampler.model_wrap_cfg.forward`` (sd_samplers_cfg_denoiser.py:156 on A1111; Forge's CFG
-denoiser has the same entry point).
+denoiser has the same entry point). The sampler may be a k-diffusion one (its CFG denoiser gets
+x and σ) or a timestep one (DDIM, DDIM CFG++, PLMS, UniPC: x_t and t, ε out); the backend's
+:class:`~accdiffusion.method.timesteps.SamplerSpace` says which, and the pass itself stays in the
+k-diffusion frame (:mod:`accdiffusion.method.timesteps`).
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ import torch
 
 from ..method.attention import AttentionRecorder
 from ..method.batching import AutoTileBatch
-from ..method.hires import (EncodeCache, Stage, StageDenoiser, StageStats, cover_resize, latent_stats, plan_stages,
-                            restandardise, restandardise_stage_output, should_tile_decode, stage_windows, tiled_decode)
+from ..method.hires import (AccDiffusionError, EncodeCache, Stage, StageDenoiser, StageStats, cover_resize,
+                            latent_stats, plan_stages, restandardise, restandardise_stage_output, should_tile_decode,
+                            stage_windows, tiled_decode)
 from ..method.prompts import ImagePromptPlan
 from .rows import positive_texts
-from ..method.settings import AccDiffusionSettings
+from ..method.settings import FIELDS, STEP_ASIDE_KEY, AccDiffusionSettings, infotext_key
 from ..method.tileprompts import StageTilePrompts, WindowConditioning
 from ..method.tiles import Window
+from ..method.timesteps import SamplerSpace
 from ..method.words import align_words, split_words
 
 if TYPE_CHECKING:
@@ -53,6 +58,28 @@ def comment(p: Any, text: str) -> None:
     log.warning(text)
     if hasattr(p, "comment"):
         p.comment(text)
+
+
+def step_aside(p: Any, reason: str, stock: str) -> None:
+    """AccDiffusion does not run this job and the WebUI's own ``stock`` pass does: a note, and an
+    infotext that says so. Every ``AccDiffusion …`` setting key is taken out (nothing of them ran;
+    pasting the infotext back gives the same image, with AccDiffusion off) and
+    ``AccDiffusion stepped aside: <reason>; the WebUI's own <stock> ran`` put in their place."""
+    comment(p, f"AccDiffusion: {reason}; the WebUI's own {stock} ran instead.")
+    ours = {infotext_key(f) for f in FIELDS}
+    params = {k: v for k, v in (getattr(p, "extra_generation_params", None) or {}).items() if k not in ours}
+    params[STEP_ASIDE_KEY] = f"{reason}; the WebUI's own {stock} ran"
+    p.extra_generation_params = params  # a new dict: X/Y/Z cells are shallow copies of one p
+
+
+def refusal(job: "Job") -> Exception:
+    """The exception that stops a job whose settings were refused (``job.error``), after one line
+    in the console: the host's client-error exception (the API answers HTTP 422 with the message,
+    :meth:`accdiffusion.flows.webui.WebUI.refusal`), or an :class:`AccDiffusionError` without a host."""
+    message = str(job.error)
+    log.warning("%s (the request was refused)", message)
+    make = getattr(job.webui, "refusal", None)
+    return make(message) if make is not None else AccDiffusionError(message)
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -116,15 +143,17 @@ class Job:
         self.recorder = None
 
 
-def hook_skip_residual(job: Job, sampler: Any, denoiser: StageDenoiser) -> None:
-    """The CFG denoiser is called with the sampler's own x: the skip residual goes in there. The
-    wrapper calls the ``forward`` that was there before (bound method or another wrapper)."""
+def hook_skip_residual(job: Job, sampler: Any, denoiser: StageDenoiser, space: SamplerSpace) -> None:
+    """The CFG denoiser is called with the sampler's own x: the skip residual goes in there (in the
+    sampler's frame: a timestep sampler's x_t and t are read through ``space``). The wrapper calls
+    the ``forward`` that was there before (bound method or another wrapper)."""
     cfg = sampler.model_wrap_cfg
     cfg_forward = cfg.forward
 
-    def skip_residual_forward(x: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        denoiser.skip_residual_(x, sigma)
-        return cfg_forward(x, sigma, *args, **kwargs)
+    def skip_residual_forward(x: torch.Tensor, level: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sigma, scale = space.noise_level(level)
+        denoiser.skip_residual_(x, sigma, scale)
+        return cfg_forward(x, level, *args, **kwargs)
 
     job.set_attr(cfg, "forward", skip_residual_forward)
 
@@ -157,7 +186,7 @@ class TiledPassTarget:
     width: int  # pixel size the tile prompts are encoded for
     height: int
     steps: int
-    sampler_name: str  # a k-diffusion sampler
+    sampler_name: str  # a k-diffusion or timestep sampler (``webui.sampler_kind``)
     cond: Any  # the full prompt's conditioning (the WebUI's MulticondLearnedConditioning)
     uncond: Any
     image_conditioning: Callable[[torch.Tensor], torch.Tensor]
@@ -208,6 +237,7 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
         job.auto_batch = job.backend.auto_tile_batch()
     skip_scale = job.backend.skip_scale(p)
     sampling = job.backend.model_sampling(p)
+    kind = webui.sampler_kind(target.sampler_name)  # k-diffusion or timesteps (hosts step aside for others)
 
     latent = samples
     batch_maps: list[TileMapData] = []
@@ -228,8 +258,9 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
         tile_schedules, lookups = _tile_schedules(source.plans, stage, windows, settings, cache)
         sampler = webui.create_sampler(target.sampler_name, p.sd_model)
         p.sampler = sampler
+        space = job.backend.sampler_space(p, sampler, kind)
         denoiser = StageDenoiser(stage, windows, settings, int(source.seeds[0]),
-                                 sampling.sigma_to_t or sampler.model_wrap.sigma_to_t,
+                                 sampling.sigma_to_t or space.sigma_to_t,
                                  reference=x_up, noise=noise, skip_scale=skip_scale, auto_batch=job.auto_batch,
                                  noise_scaling=sampling.noise_scaling if sampling.flow else None,
                                  **({"size_multiple": sampling.size_multiple} if sampling.flow else {}))
@@ -237,7 +268,7 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
         if p.scripts is not None:
             p.scripts.process_before_every_sampling(p=p, x=x_up, noise=noise, c=target.cond, uc=target.uncond)
         try:
-            job.backend.hook_stage(job, p, sampler, denoiser, positives, tile_schedules, windows)
+            job.backend.hook_stage(job, p, sampler, denoiser, space, positives, tile_schedules, windows)
             latent = sampler.sample_img2img(p, x_up, noise, target.cond, target.uncond, steps=target.steps,
                                             image_conditioning=target.image_conditioning(x_up))
         finally:

@@ -20,9 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..method.hires import AccDiffusionError
-from .job import (Job, TiledPassSource, TiledPassTarget, comment, decode_latent, image_plans, run_tiled_pass,
-                  to_pil)
+from .job import (Job, TiledPassSource, TiledPassTarget, decode_latent, image_plans, refusal, run_tiled_pass,
+                  step_aside, to_pil)
 from .img2img import upscale_button_maps
 
 
@@ -35,7 +34,7 @@ def make_sample(p: Any, job: Job) -> Callable[..., Any]:
                subseed_strength: Any, prompts: Any) -> Any:
         try:
             if job.error is not None:
-                raise AccDiffusionError(str(job.error)) from job.error
+                raise refusal(job) from None
             job.conditioning = conditioning  # the Upscale button's probe reads it
             job.unconditioning = unconditional_conditioning
             if job.settings.patch_prompts and getattr(p, "firstpass_image", None) is None:
@@ -57,19 +56,31 @@ def make_hr_pass(p: Any, job: Job) -> Callable[..., Any]:
                        subseed_strength: Any, prompts: Any) -> Any:
         if job.recorder is not None:
             job.recorder.detach()
-        reason = hires_fallback_reason(p, job, samples)
+        reason = hires_fallback_reason(p, job, samples, decoded_samples)
         if reason:
-            comment(p, f"AccDiffusion: {reason}; the WebUI's own hires fix ran instead.")
+            step_aside(p, reason, "hires fix")
             return previous_hr_pass(samples, decoded_samples, seeds, subseeds, subseed_strength, prompts)
         return run_hires(p, job, samples, decoded_samples)
 
     return sample_hr_pass
 
 
-def hires_fallback_reason(p: Any, job: Job, samples: Any) -> str | None:
+def hires_fallback_reason(p: Any, job: Job, samples: Any, decoded_samples: Any = None) -> str | None:
+    """Why the hires pass of this batch runs the WebUI's own hires fix, or None: a sampler the tiled
+    pass cannot drive, or a hires size that is not larger than the first pass (nothing to tile)."""
     sampler_name = p.hr_sampler_name or p.sampler_name
-    if not job.webui.is_kdiffusion_sampler(sampler_name):
-        return f"the hires sampler '{sampler_name}' is not a k-diffusion sampler (use Euler, DPM++, ...)"
+    if job.webui.sampler_kind(sampler_name) is None:
+        return (f"the hires sampler '{sampler_name}' is not supported (k-diffusion samplers and DDIM, "
+                f"DDIM CFG++, PLMS, UniPC are)")
+    first = samples if samples is not None else decoded_samples
+    if first is not None:
+        base = (int(first.shape[-2]), int(first.shape[-1]))
+        if samples is None:  # decoded pixels (the Upscale button with a pixel upscaler)
+            base = (base[0] // 8, base[1] // 8)
+        target = target_latent_size(p)
+        if target[0] <= base[0] and target[1] <= base[1]:
+            return (f"the hires size {target[1] * 8}×{target[0] * 8} is not larger than the first pass "
+                    f"{base[1] * 8}×{base[0] * 8}")
     return None
 
 

@@ -8,9 +8,28 @@ serves both hosts; the few Forge-only branches are marked. file:line references 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def refusal_class(http_exception: type) -> type:
+    """An :class:`~accdiffusion.method.hires.AccDiffusionError` that is also the host API's
+    ``http_exception`` (fastapi's ``HTTPException``) with status 422 and the message as its
+    detail; ``str()`` is the message alone (Starlette's would prefix the status)."""
+    from ..method.hires import AccDiffusionError
+
+    class AccDiffusionSettingsError(AccDiffusionError, http_exception):  # type: ignore[misc, valid-type]
+        def __init__(self, message: str):
+            AccDiffusionError.__init__(self, message)
+            http_exception.__init__(self, status_code=422, detail=message)
+
+        def __str__(self) -> str:
+            return str(self.detail)
+
+    return AccDiffusionSettingsError
 
 
 class WebUI:
@@ -39,11 +58,39 @@ class WebUI:
     def create_sampler(self, name: str, model: Any) -> Any:
         return self.sd_samplers.create_sampler(name, model)
 
-    def is_kdiffusion_sampler(self, name: str) -> bool:
-        from modules import sd_samplers_kdiffusion
+    def sampler_kind(self, name: str | None) -> str | None:
+        """How the tiled pass drives the sampler ``name`` (:data:`~accdiffusion.method.timesteps.KDIFFUSION`
+        or :data:`~accdiffusion.method.timesteps.TIMESTEPS`), or None when it cannot: the k-diffusion list
+        (sd_samplers_kdiffusion.py:11-34) and, on Forge, its extra k-diffusion sampler DDPM
+        (modules_forge/alter_samplers.py: a KDiffusionSampler); the timestep samplers
+        (sd_samplers_timesteps.py:11-16: DDIM, DDIM CFG++, PLMS, UniPC); not LCM
+        (sd_samplers_lcm.py, its own output scaling)."""
+        from modules import sd_samplers_kdiffusion, sd_samplers_timesteps
+
+        from ..method.timesteps import KDIFFUSION, TIMESTEPS
 
         config = self.sd_samplers.find_sampler_config(name)
-        return config is not None and any(config.name == c.name for c in sd_samplers_kdiffusion.samplers_data_k_diffusion)
+        if config is None:
+            return None
+        listed = lambda data: any(config.name == c.name for c in data)
+        if listed(sd_samplers_timesteps.samplers_data_timesteps):
+            return TIMESTEPS
+        if listed(sd_samplers_kdiffusion.samplers_data_k_diffusion):
+            return KDIFFUSION
+        try:  # Forge only
+            from modules_forge import alter_samplers
+        except ImportError:
+            return None
+        return KDIFFUSION if listed(alter_samplers.samplers_data_alter) else None
+
+    def refusal(self, message: str) -> Exception:
+        """The exception that stops a job for the client's mistake (a bad setting): an
+        ``HTTPException`` with status 422, so the API answers 422 with the message and prints no
+        traceback (modules/api/api.py:167-181 ``handle_exception``, the same on Forge), and the UI
+        shows "AccDiffusionSettingsError: <message>" (call_queue.py ``wrap_gradio_call_no_job``)."""
+        from fastapi import HTTPException
+
+        return refusal_class(HTTPException)(message)
 
     def image_rng(self, shape: Sequence[int], p: Any) -> Any:
         return self.rng.ImageRNG(shape, p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,

@@ -203,20 +203,24 @@ class StageDenoiser(Generic[C]):
         return self._step_of_sigma[key]
 
     @torch.no_grad()
-    def skip_residual_(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """x ← (1 − c1)·x + c1·renoised, in place on the sampler's own tensor, so the state it
+    def skip_residual_(self, x: torch.Tensor, sigma: torch.Tensor | float,
+                       scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """x ← (1 − c1)·x + c1·scale·renoised, in place on the sampler's own tensor, so the state it
         continues from changes, not only a copy the model sees; renoised is the reference at σ
         with the stage's noise, as the model noises (ε / v: reference + σ·noise; flow matching:
-        (1 − σ)·reference + σ·noise)."""
+        (1 − σ)·reference + σ·noise). ``scale`` is how the sampler's x relates to the k-diffusion
+        x: 1 for a k-diffusion sampler, √ᾱ_t for a timestep sampler (whose x_t = √ᾱ_t·x;
+        :mod:`accdiffusion.method.timesteps`), so the mix is the same one in either frame."""
         if not self.settings.skip_residual or self.reference is None or self.noise is None:
             return x
         sigma_value = float(torch.as_tensor(sigma).reshape(-1)[0])
+        scale_value = float(torch.as_tensor(scale).reshape(-1)[0])
         c1 = self.factors(sigma_value).c1
         if self.noise_scaling is None:
             renoised = self.reference.to(x) + self.noise.to(x) * sigma_value
         else:
             renoised = self.noise_scaling(sigma_value, self.noise.to(x), self.reference.to(x))
-        x.mul_(1.0 - c1).add_(renoised, alpha=c1)
+        x.mul_(1.0 - c1).add_(renoised, alpha=c1 * scale_value)
         return x
 
     @property

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 INFOTEXT_PREFIX = "AccDiffusion"
+# The infotext key of a job AccDiffusion was enabled for but did not run (the WebUI's own pass
+# ran): its value says why and what ran. Not a setting, so pasting it leaves AccDiffusion off.
+STEP_ASIDE_KEY = f"{INFOTEXT_PREFIX} stepped aside"
 
 
 class SettingsError(ValueError):
