@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         from .evaluate import SHIFTED_CONFIGS, run_eval, run_units_eval
 
         if args.units:
-            run_units_eval(scenes=args.scenes, out=args.out or Path("toy-eval-units.json"))
+            from .evaluate import units_table
+
+            print(units_table(run_units_eval(scenes=args.scenes, out=args.out or Path("toy-eval-units.json"))))
         elif args.shifted:
             run_eval(scenes=args.scenes, out=args.out or Path("toy-eval-shifted.json"), configs=SHIFTED_CONFIGS,
                      details=True)

@@ -516,3 +516,23 @@ def run_units_eval(scenes: int = 50, out: Path | None = Path("toy-eval-units.jso
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
     return report
+
+
+def units_table(report: dict) -> str:
+    """The markdown table of docs/phrases.md from a ``run_units_eval`` report."""
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"
+    lines = ["| captions | prompt units | extra objects 2× / 3× | scenes with extra 2× / 3× | lost 2× / 3× "
+             "| misplaced object words 2× / 3× (colour, shape) | recall 2× / 3× | words per tile prompt 2× / 3× |",
+             "|---|---|---|---|---|---|---|---|"]
+    for style, entry in report["styles"].items():
+        for name, scales in entry["configs"].items():
+            a, b = scales["2x"], scales["3x"]
+            lines.append(
+                f"| {style} | {name} | {a['extra_per_scene']:.2f} / {b['extra_per_scene']:.2f} "
+                f"| {pct(a['scenes_with_extra'])} / {pct(b['scenes_with_extra'])} "
+                f"| {a['lost_per_scene']:.2f} / {b['lost_per_scene']:.2f} "
+                f"| {pct(a.get('misplaced_share'))} / {pct(b.get('misplaced_share'))} "
+                f"({pct(b.get('misplaced_share_colour_words'))}, {pct(b.get('misplaced_share_shape_words'))} at 3×) "
+                f"| {pct(a.get('recall'))} / {pct(b.get('recall'))} "
+                f"| {a['words_per_tile_prompt']:.1f} / {b['words_per_tile_prompt']:.1f} |")
+    return "\n".join(lines)
