@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from accdiffusion.hires import plan_stages, stage_windows
-from accdiffusion.prompts import ImagePromptPlan
-from accdiffusion.settings import AccDiffusionSettings
-from accdiffusion.tilemap import draw_tile_prompt_map
-from accdiffusion.words import split_words
+from accdiffusion.method.hires import plan_stages, stage_windows
+from accdiffusion.method.prompts import ImagePromptPlan
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.tilemap import draw_tile_prompt_map
+from accdiffusion.method.words import split_words
 
 PROMPT = "a photo of a (cat:1.2) and a dog on the grass, sunny"
 BASE = (64, 64)  # 512x512 first pass

@@ -1,7 +1,7 @@
 """AccDiffusion for AUTOMATIC1111 / Forge: the thin WebUI glue.
 
 UI, infotext paste, X/Y/Z axes and the settings endpoint. The logic lives in
-``accdiffusion.webui_glue`` (host-free) and ``accdiffusion.facade`` (imported lazily,
+``accdiffusion.entry.surfaces`` (host-free) and ``accdiffusion.entry.facade`` (imported lazily,
 only when a job needs it).
 """
 
@@ -17,8 +17,8 @@ _EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXT_ROOT not in sys.path:
     sys.path.insert(0, _EXT_ROOT)
 
-from accdiffusion import webui_glue as glue  # noqa: E402
-from accdiffusion.settings import FIELDS, SettingsError  # noqa: E402
+from accdiffusion.entry import surfaces as glue  # noqa: E402
+from accdiffusion.method.settings import FIELDS, SettingsError  # noqa: E402
 
 try:
     from modules.infotext_utils import PasteField
@@ -85,26 +85,26 @@ class AccDiffusionScript(scripts.Script):
             if not glue.requested_enabled(args, overrides):
                 print(f"[AccDiffusion] disabled; ignoring invalid settings: {error}")
                 return
-            from accdiffusion import facade
+            from accdiffusion.entry import facade
             facade.fail_job(p, error)
             return
         if settings.enabled:
-            from accdiffusion import facade
+            from accdiffusion.entry import facade
             facade.start_job(p, settings)
 
     def before_process_batch(self, p, *args, **kwargs):
         if getattr(p, glue.JOB_ATTR, None) is not None:
-            from accdiffusion import facade
+            from accdiffusion.entry import facade
             facade.before_batch(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         if getattr(p, glue.JOB_ATTR, None) is not None:
-            from accdiffusion import facade
+            from accdiffusion.entry import facade
             facade.before_sampling(p)
 
     def postprocess(self, p, processed, *args):
         if getattr(p, glue.JOB_ATTR, None) is not None:
-            from accdiffusion import facade
+            from accdiffusion.entry import facade
             facade.finish_job(p, processed)
 
 

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from accdiffusion.reference import Host, RowCond
+from accdiffusion.lab.reference import Host, RowCond
 
 ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
 
@@ -344,7 +344,7 @@ class StateStandIn:
 
 
 class WebUIStandIn:
-    """``accdiffusion.webui.WebUI``, implemented on the stand-ins."""
+    """``accdiffusion.flows.webui.WebUI``, implemented on the stand-ins."""
 
     def __init__(self):
         self.state = StateStandIn()
@@ -655,8 +655,8 @@ def process_img2img(p: Img2ImgStandIn, settings, adapter, n_iter: int = 1,
 def assert_hooks_removed(p, model, webui) -> None:
     """Every hook the extension installs is gone after the job: attention forwards, sampler
     wrappers, p.sample / sample_hr_pass, the job attribute and, on Forge, its model options."""
-    from accdiffusion.attention import find_cross_attention
-    from accdiffusion.job import JOB_ATTR
+    from accdiffusion.method.attention import find_cross_attention
+    from accdiffusion.flows.job import JOB_ATTR
 
     assert all("forward" not in m.__dict__ for m in find_cross_attention(model.host.unet))
     for sampler in webui.samplers:

@@ -13,7 +13,7 @@ TOKENIZER_DIR = Path(os.environ.get("ACCDIFFUSION_TOKENIZER_DIR",
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from accdiffusion.reference import load_tokenizer
+    from accdiffusion.lab.reference import load_tokenizer
 
     if not TOKENIZER_DIR.exists():
         pytest.fail(f"CLIP tokenizer files not found at {TOKENIZER_DIR}; set ACCDIFFUSION_TOKENIZER_DIR")
@@ -22,14 +22,14 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def sd1_host(tokenizer):
-    from accdiffusion.reference import Host, build_unet
+    from accdiffusion.lab.reference import Host, build_unet
 
     return Host(build_unet("sd1", seed=1), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def sdxl_host(tokenizer):
-    from accdiffusion.reference import Host, build_unet
+    from accdiffusion.lab.reference import Host, build_unet
 
     return Host(build_unet("sdxl", seed=2), tokenizer, vector_conditioning=True)
 
@@ -74,8 +74,8 @@ def forge_backend():
 @pytest.fixture
 def denoisers(monkeypatch):
     """Every StageDenoiser the job makes, in order (the job's own class, recorded as it is built)."""
-    from accdiffusion import hires
-    from accdiffusion import job as job_module
+    from accdiffusion.method import hires
+    from accdiffusion.flows import job as job_module
 
     made = []
 

@@ -34,7 +34,7 @@ import types
 import torch
 from torch import nn
 
-from accdiffusion.reference import RowCond
+from accdiffusion.lab.reference import RowCond
 
 from a1111_standins import (CFGDenoiserStandIn, Img2ImgStandIn, KDiffusionSamplerStandIn, StandInEmbedder,
                             StandInModel, Txt2ImgStandIn, WebUIStandIn, reconstruct_cond_batch,

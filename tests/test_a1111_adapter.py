@@ -6,10 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from accdiffusion import a1111, facade
-from accdiffusion.attention import find_cross_attention
-from accdiffusion.hires import AccDiffusionError
-from accdiffusion.settings import AccDiffusionSettings, SettingsError
+from accdiffusion.backends import a1111
+from accdiffusion.entry import facade
+from accdiffusion.method.attention import find_cross_attention
+from accdiffusion.method.hires import AccDiffusionError
+from accdiffusion.method.settings import AccDiffusionSettings, SettingsError
 
 from a1111_standins import (ImageRNGStandIn, Txt2ImgStandIn, WebUIStandIn,
                             assert_hooks_removed, process_images)
@@ -239,7 +240,7 @@ def test_tile_prompt_maps_of_every_batch_are_kept(sd1_model):
 
 
 def test_sdxl_tile_crop_conditioning_replaces_only_the_crop_segment():
-    from accdiffusion.tiles import Window
+    from accdiffusion.method.tiles import Window
 
     def embed(top, left):  # stands in for sgm's ConcatTimestepEmbedderND on (top, left)
         return torch.cat([torch.sin(torch.arange(4) * 0.1 + top), torch.cos(torch.arange(4) * 0.1 + left)])

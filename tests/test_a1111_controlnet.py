@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accdiffusion import a1111, facade
-from accdiffusion.hires import StageDenoiser, plan_stages, stage_windows
-from accdiffusion.settings import AccDiffusionSettings
+from accdiffusion.backends import a1111
+from accdiffusion.entry import facade
+from accdiffusion.method.hires import StageDenoiser, plan_stages, stage_windows
+from accdiffusion.method.settings import AccDiffusionSettings
 
 from a1111_standins import (ControlModelType, ControlParamsStandIn, HiResFixOption, StandInModel, Txt2ImgStandIn,
                             WebUIStandIn, attach_controlnet, process_images)

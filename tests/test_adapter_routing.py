@@ -15,11 +15,12 @@ import zlib
 import pytest
 import torch
 
-from accdiffusion import facade, passes
-from accdiffusion.hires import cover_resize, latent_stats, restandardise
-from accdiffusion.reference import RowCond
-from accdiffusion.rows import match_length
-from accdiffusion.settings import AccDiffusionSettings
+from accdiffusion.entry import facade
+from accdiffusion.flows import txt2img as txt2img_flow
+from accdiffusion.method.hires import cover_resize, latent_stats, restandardise
+from accdiffusion.lab.reference import RowCond
+from accdiffusion.flows.rows import match_length
+from accdiffusion.method.settings import AccDiffusionSettings
 
 from a1111_standins import (ScheduledPromptConditioning, StandInModel, Txt2ImgStandIn, WebUIStandIn,
                             process_images)
@@ -99,7 +100,7 @@ def spy(monkeypatch):
     """Labelled tile prompts for every image that has a plan; the maps each image's plan was built
     from; the rows of every hires model call as labels."""
     seen = {"maps": None, "calls": [], "template": "{}"}
-    real_plans = passes.image_plans
+    real_plans = txt2img_flow.image_plans
 
     def image_plans(p, job, maps):
         seen["maps"] = maps
@@ -107,7 +108,7 @@ def spy(monkeypatch):
         plans = real_plans(p, job, maps)
         return [None if plan is None else LabelledPlan(i, seen["template"]) for i, plan in enumerate(plans)]
 
-    monkeypatch.setattr(passes, "image_plans", image_plans)
+    monkeypatch.setattr(txt2img_flow, "image_plans", image_plans)
 
     originals = {}
 
@@ -412,7 +413,7 @@ def test_tiled_decode_setting_is_honoured(models, host, mode):
 
 @pytest.mark.parametrize("host", ["a1111", "forge"])
 def test_batch_of_one_prompt_gets_one_tile_prompt_map_per_image(models, spy, monkeypatch, host):
-    from accdiffusion import tilemap
+    from accdiffusion.method import tilemap
 
     drawn = []
     draw = tilemap.draw_tile_prompt_map
@@ -426,7 +427,7 @@ def test_batch_of_one_prompt_gets_one_tile_prompt_map_per_image(models, spy, mon
 
 # --- rows: places first, content for the rest ----------------------------------------------------------
 def test_row_images_places_then_content():
-    from accdiffusion.rows import UNPLACED, row_images
+    from accdiffusion.flows.rows import UNPLACED, row_images
 
     g = torch.Generator().manual_seed(0)
     a, b, neg = (torch.randn(77, 8, generator=g) for _ in range(3))
@@ -448,8 +449,8 @@ def test_row_images_places_then_content():
 def test_a1111_cfg_rows_follow_the_denoisers_layout():
     from types import SimpleNamespace
 
-    from accdiffusion.a1111 import CfgRows
-    from accdiffusion.rows import UNPLACED
+    from accdiffusion.backends.a1111 import CfgRows
+    from accdiffusion.flows.rows import UNPLACED
 
     layout = CfgRows()
     assert layout.take(2) == [UNPLACED] * 2  # no step started: unplaced (content decides)
@@ -474,16 +475,16 @@ def test_prompt_units_reach_the_plans_and_the_tile_prompts(models, monkeypatch, 
     import ast
     import logging
 
-    from accdiffusion.words import PromptUnits, phrase_units, split_words
+    from accdiffusion.method.words import PromptUnits, phrase_units, split_words
 
     plans = []
-    real_plans = passes.image_plans
+    real_plans = txt2img_flow.image_plans
 
     def image_plans(p, job, maps):
         plans.extend(real_plans(p, job, maps))
         return plans
 
-    monkeypatch.setattr(passes, "image_plans", image_plans)
+    monkeypatch.setattr(txt2img_flow, "image_plans", image_plans)
     p, _ = make_job(host, models[(host, "sd1")], prompts=[TAGS], hr_scale=1.5)
     settings = ROUTING.replace(prompt_units=units, window_mode=window_mode, patch_prompt_threshold=0.6)
     with caplog.at_level(logging.DEBUG, logger="accdiffusion"):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from ldm.modules.attention import CrossAttention
 
-from accdiffusion.attention import AttentionRecorder, downsampled_size, find_cross_attention
-from accdiffusion.reference import first_pass
+from accdiffusion.method.attention import AttentionRecorder, downsampled_size, find_cross_attention
+from accdiffusion.lab.reference import first_pass
 
 
 def unet_call(host, x, t, conds):
@@ -195,7 +195,7 @@ def test_attention_without_to_q_calls_is_recorded_by_its_own_projection(sd1_host
 def test_layers_computed_together_give_the_layer_by_layer_maps(sd1_host, monkeypatch):
     """The batched computation of pending layers (several UNet calls' worth) adds up to exactly
     what one layer at a time gives."""
-    from accdiffusion import attention
+    from accdiffusion.method import attention
 
     def run():
         _, recorder = first_pass(sd1_host, ["a cat on a mat", "a dog"], "", (16, 16), 3, seed=2)
@@ -213,7 +213,7 @@ def test_layers_computed_together_give_the_layer_by_layer_maps(sd1_host, monkeyp
 def test_recording_adds_a_few_operations_per_layer_not_a_product_each(request, host_name):
     """On a GPU the recorder's cost is its kernel launches: per recorded layer it may only take
     views of q and k; the products, softmax and sums run once for the pending layers together."""
-    from accdiffusion.bench import recording_cost
+    from accdiffusion.lab.bench import recording_cost
 
     host = request.getfixturevalue(host_name)
     size = (16, 16)

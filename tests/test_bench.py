@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from accdiffusion import bench, reference
-from accdiffusion.settings import AccDiffusionSettings
+from accdiffusion.lab import bench, reference
+from accdiffusion.method.settings import AccDiffusionSettings
 
 PROMPT = "a red fox sitting in tall grass under a blue sky"
 

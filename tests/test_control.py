@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accdiffusion.control import (CallItems, StageHints, gather_subhints, hint_rows_for, shuffle_subhints,
-                                  window_hint)
-from accdiffusion.dilated import gather_sublatents, seeded_generator, shuffle_sublatents, window_permutation
-from accdiffusion.hires import Stage, StageDenoiser
-from accdiffusion.settings import AccDiffusionSettings
-from accdiffusion.tiles import window_grid
+from accdiffusion.method.control import (CallItems, StageHints, gather_subhints, hint_rows_for, shuffle_subhints,
+                                         window_hint)
+from accdiffusion.method.dilated import gather_sublatents, seeded_generator, shuffle_sublatents, window_permutation
+from accdiffusion.method.hires import Stage, StageDenoiser
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.tiles import window_grid
 
 F = 8
 
@@ -138,7 +138,7 @@ def test_fused_call_with_two_images_and_their_own_hints():
 @pytest.mark.parametrize("bug", ["not shuffled", "window off by one", "no padding"])
 def test_plausible_bugs_are_caught(bug, monkeypatch):
     """The checks above fail for the mistakes one would make (kept as a regression net)."""
-    import accdiffusion.control as control
+    import accdiffusion.method.control as control
 
     size, windows = (13, 10), window_grid(13, 10, (8, 8), (4, 4))
     if bug == "not shuffled":

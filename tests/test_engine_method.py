@@ -5,12 +5,12 @@ call receives. Each test names the bug it catches."""
 import pytest
 import torch
 
-import accdiffusion.reference as reference
-from accdiffusion.dilated import blur_restandardised, gather_sublatents
-from accdiffusion.hires import (StageDenoiser, plan_stages, restandardise, stage_windows,
-                                tiled_decode, upscale_latent, v_prediction_c_skip)
-from accdiffusion.schedule import step_factors
-from accdiffusion.settings import AccDiffusionSettings
+import accdiffusion.lab.reference as reference
+from accdiffusion.method.dilated import blur_restandardised, gather_sublatents
+from accdiffusion.method.hires import (StageDenoiser, plan_stages, restandardise, stage_windows,
+                                       tiled_decode, upscale_latent, v_prediction_c_skip)
+from accdiffusion.method.schedule import step_factors
+from accdiffusion.method.settings import AccDiffusionSettings
 
 BASE = (16, 16)
 T_HALF = lambda sigma: sigma * 0 + 500  # cf = ½ at every sigma

@@ -5,9 +5,10 @@ the A1111 tests (tests/a1111_standins.process_images)."""
 import pytest
 import torch
 
-from accdiffusion import facade, forge
-from accdiffusion.batching import CPU_TILE_BATCH
-from accdiffusion.settings import AccDiffusionSettings
+from accdiffusion.entry import facade
+from accdiffusion.backends import forge
+from accdiffusion.method.batching import CPU_TILE_BATCH
+from accdiffusion.method.settings import AccDiffusionSettings
 
 from a1111_standins import assert_hooks_removed as assert_clean
 from a1111_standins import process_images

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accdiffusion import facade
-from accdiffusion.hires import StageDenoiser, plan_stages, stage_windows
-from accdiffusion.settings import AccDiffusionSettings
+from accdiffusion.entry import facade
+from accdiffusion.method.hires import StageDenoiser, plan_stages, stage_windows
+from accdiffusion.method.settings import AccDiffusionSettings
 
 from a1111_standins import process_images
 from forge_standins import (ControlNet, ControlNetScriptsStandIn, ForgeModelStandIn, ForgeTxt2ImgStandIn,
@@ -154,7 +154,7 @@ class PatchingScripts(ControlNetScriptsStandIn):
         self.patch_calls = 0
 
     def process_before_every_sampling(self, p, **kwargs):
-        from accdiffusion.forge import attn2_positions
+        from accdiffusion.backends.forge import attn2_positions
         from forge_standins import attention_function
 
         x = kwargs.get("x")
@@ -201,7 +201,7 @@ def test_img2img_probe_runs_the_controlnet_units_on_the_positive_rows_at_the_pro
     scripts = PatchingScripts(lambda hr: [unit])
     p, webui, out = forge_img2img(sd1, scripts)
     assert [im.shape for im in out.images] == [(3, 128, 192)] * 2
-    probe = (8, 8)  # a 64×96 image into a 192×128 target (accdiffusion.probe.probe_latent_size)
+    probe = (8, 8)  # a 64×96 image into a 192×128 target (accdiffusion.method.probe.probe_latent_size)
     assert scripts.calls[0] == (False, (2, 4, *probe), True)  # the probe's own call, first
     assert len(scripts.calls) == 1 + 2  # then one per stage (128, 192 px)
     probe_calls = unit.seen[:3]
@@ -221,8 +221,8 @@ def test_img2img_probe_runs_the_controlnet_units_on_the_positive_rows_at_the_pro
 def probe_call(sd1, scripts, images=(0, 1), batch=2, made=None):
     """One probe call through the Forge backend: (denoised, the recorder's maps of image 0, p);
     ``made`` gets p and the ForgeObjects from before."""
-    from accdiffusion.attention import AttentionRecorder
-    from accdiffusion.upscale import positive_conds
+    from accdiffusion.method.attention import AttentionRecorder
+    from accdiffusion.flows.img2img import positive_conds
     from forge_standins import ForgeImg2ImgStandIn
     from a1111_standins import picture
 
@@ -327,8 +327,8 @@ def test_upscale_button_probe_uses_the_hires_hint(sd1):
 def test_recording_patches_replace_their_own_and_call_another_extensions(sd1):
     """Installed twice (Forge calls the hook twice per pass) over an IP-Adapter-like attn2 patch:
     one recording patch per position, calling that patch, not a second recorder."""
-    from accdiffusion.attention import AttentionRecorder
-    from accdiffusion.forge import _recording_unet, attn2_positions
+    from accdiffusion.method.attention import AttentionRecorder
+    from accdiffusion.backends.forge import _recording_unet, attn2_positions
     from forge_standins import attention_function
 
     def foreign(q, k, v, extra):

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from accdiffusion.hires import stage_windows
-from accdiffusion.prompts import ImagePromptPlan
-from accdiffusion.reference import first_pass, hires_pass
-from accdiffusion.settings import AccDiffusionSettings
-from accdiffusion.words import align_words, split_words
+from accdiffusion.method.hires import stage_windows
+from accdiffusion.method.prompts import ImagePromptPlan
+from accdiffusion.lab.reference import first_pass, hires_pass
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.words import align_words, split_words
 
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 

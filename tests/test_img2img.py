@@ -6,11 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from accdiffusion import facade, probe, upscale
-from accdiffusion.attention import find_cross_attention
-from accdiffusion.hires import AccDiffusionError
-from accdiffusion.reference import first_pass, probe_pass
-from accdiffusion.settings import AccDiffusionSettings, SettingsError
+from accdiffusion.entry import facade
+from accdiffusion.method import probe
+from accdiffusion.flows import img2img as img2img_flow
+from accdiffusion.method.attention import find_cross_attention
+from accdiffusion.method.hires import AccDiffusionError
+from accdiffusion.lab.reference import first_pass, probe_pass
+from accdiffusion.method.settings import AccDiffusionSettings, SettingsError
 
 from a1111_standins import (Img2ImgStandIn, Txt2ImgStandIn, WebUIStandIn, process_images,
                             process_img2img, picture)
@@ -86,7 +88,7 @@ def test_probe_sends_the_positive_rows_only(sd1_model):
     p.sampler.model_wrap.kd.forward = spy
     job = facade.start_job(p, ON, webui=webui)
     c = p.conds(p.prompts)
-    maps = upscale.probe_maps(p, job, p.init_latent[:, :, :8, :8], c, p.seeds)
+    maps = img2img_flow.probe_maps(p, job, p.init_latent[:, :, :8, :8], c, p.seeds)
     del p.sampler.model_wrap.kd.forward
     assert len(seen) == len(probe.PROBE_TIMESTEPS)
     expected = torch.stack([sd1_model.encode(PROMPT), sd1_model.encode("a green dragon")])
@@ -206,13 +208,13 @@ def test_resize_mode_is_honoured(sd1_model):
 
 def test_batch_of_init_images_each_get_their_own_probe_maps(sd1_model, monkeypatch):
     seen = []
-    original = upscale.image_plans
+    original = img2img_flow.image_plans
 
     def spy(p, job, maps):
         seen.append(maps)
         return original(p, job, maps)
 
-    monkeypatch.setattr(upscale, "image_plans", spy)
+    monkeypatch.setattr(img2img_flow, "image_plans", spy)
     images = [picture(64, 64, seed=1), picture(64, 64, seed=2)]
     p, webui, out = img2img(sd1_model, images=images, prompts=[PROMPT, PROMPT])
     assert len(out.images) == 2 and len(seen) == 1
@@ -373,8 +375,8 @@ def test_invalid_arguments_stop_an_img2img_job(sd1_model):
 @pytest.mark.parametrize("pixel_upscaler", [False, True])
 def test_upscale_button_takes_its_maps_from_the_probe(sd1_model, monkeypatch, pixel_upscaler):
     seen = []
-    original = upscale.probe_maps
-    monkeypatch.setattr(upscale, "probe_maps", lambda *a: seen.append(a[2].shape) or original(*a))
+    original = img2img_flow.probe_maps
+    monkeypatch.setattr(img2img_flow, "probe_maps", lambda *a: seen.append(a[2].shape) or original(*a))
 
     def run(settings):
         webui = WebUIStandIn()

@@ -8,12 +8,12 @@ routing is exact: the tiny random models could not show it."""
 import pytest
 import torch
 
-from accdiffusion.hires import plan_stages, stage_windows
-from accdiffusion.prompts import PHRASE_MASK, ImagePromptPlan, PhraseRules, build_word_masks, unit_masks
-from accdiffusion.settings import AccDiffusionSettings
-from accdiffusion.tileprompts import StageTilePrompts
-from accdiffusion.tiles import Window
-from accdiffusion.words import CONNECTIVES, PromptUnits, align_words, phrase_units, prompt_units, split_words
+from accdiffusion.method.hires import plan_stages, stage_windows
+from accdiffusion.method.prompts import PHRASE_MASK, ImagePromptPlan, PhraseRules, build_word_masks, unit_masks
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.tileprompts import StageTilePrompts
+from accdiffusion.method.tiles import Window
+from accdiffusion.method.words import CONNECTIVES, PromptUnits, align_words, phrase_units, prompt_units, split_words
 
 ALL = slice(0, 16)
 

@@ -1,11 +1,11 @@
 import torch
 
-from accdiffusion.hires import plan_stages, stage_windows
-from accdiffusion.prompts import (ImagePromptPlan, WordMasks, build_word_masks, open_masks,
-                                  threshold_masks, tile_keep)
-from accdiffusion.tiles import Window
-from accdiffusion.settings import AccDiffusionSettings
-from accdiffusion.words import align_words, compose_prompt, match_words, split_words
+from accdiffusion.method.hires import plan_stages, stage_windows
+from accdiffusion.method.prompts import (ImagePromptPlan, WordMasks, build_word_masks, open_masks,
+                                         threshold_masks, tile_keep)
+from accdiffusion.method.tiles import Window
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.words import align_words, compose_prompt, match_words, split_words
 
 
 def texts(prompt):

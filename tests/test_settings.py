@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from accdiffusion.settings import (FIELDS, AccDiffusionSettings, SettingsError, infotext_key,
-                                   json_schema)
+from accdiffusion.method.settings import (FIELDS, AccDiffusionSettings, SettingsError, infotext_key,
+                                          json_schema)
 
 
 def test_defaults_match_the_contract():

@@ -5,15 +5,15 @@ import random
 import pytest
 import torch
 
-from accdiffusion.batching import (CPU_TILE_BATCH, MARGIN_BYTES, MARGIN_FRACTION, AutoTileBatch,
-                                   fit_tile_batch, resolve_tile_batch)
-from accdiffusion.hires import StageDenoiser, plan_stages, stage_windows
-from accdiffusion.prompts import ImagePromptPlan
-from accdiffusion.reference import first_pass, hires_pass
-from accdiffusion.settings import AccDiffusionSettings
-from accdiffusion.tileprompts import StageTilePrompts, WindowConditioning
-from accdiffusion.tiles import coverage, shifted_axis, window_grid
-from accdiffusion.words import split_words
+from accdiffusion.method.batching import (CPU_TILE_BATCH, MARGIN_BYTES, MARGIN_FRACTION, AutoTileBatch,
+                                          fit_tile_batch, resolve_tile_batch)
+from accdiffusion.method.hires import StageDenoiser, plan_stages, stage_windows
+from accdiffusion.method.prompts import ImagePromptPlan
+from accdiffusion.lab.reference import first_pass, hires_pass
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.tileprompts import StageTilePrompts, WindowConditioning
+from accdiffusion.method.tiles import coverage, shifted_axis, window_grid
+from accdiffusion.method.words import split_words
 
 SHIFTED = AccDiffusionSettings(window_mode="shifted")
 

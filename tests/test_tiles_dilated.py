@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from accdiffusion.dilated import (blur_restandardised, gather_sublatents, invert_permutation,
-                                  scatter_sublatents, seeded_generator, shuffle_sublatents,
-                                  unshuffle_sublatents, window_permutation)
-from accdiffusion.hires import (AccDiffusionError, Stage, StageDenoiser, dilation_for, plan_stages,
-                                stage_windows, tiled_decode)
-from accdiffusion.schedule import cosine_factor, step_factors
-from accdiffusion.settings import AccDiffusionSettings
-from accdiffusion.tiles import coverage, map_windows, window_grid
+from accdiffusion.method.dilated import (blur_restandardised, gather_sublatents, invert_permutation,
+                                         scatter_sublatents, seeded_generator, shuffle_sublatents,
+                                         unshuffle_sublatents, window_permutation)
+from accdiffusion.method.hires import (AccDiffusionError, Stage, StageDenoiser, dilation_for, plan_stages,
+                                       stage_windows, tiled_decode)
+from accdiffusion.method.schedule import cosine_factor, step_factors
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.tiles import coverage, map_windows, window_grid
 
 
 @pytest.mark.parametrize("size,window,stride", [((96, 160), (64, 64), (32, 32)),

@@ -1,12 +1,12 @@
-"""The toy model trained on synthetic scenes (accdiffusion/toy): scenes, latent code, and what
+"""The toy model trained on synthetic scenes (accdiffusion/lab/toy): scenes, latent code, and what
 the committed weights show about the method — word masks on their objects, fewer duplicates."""
 
 import numpy as np
 import pytest
 import torch
 
-from accdiffusion.toy.scenes import (COLOURS, LATENT, SHAPES, counts, decode, encode, make_scene,
-                                     matches_caption, scene_latent)
+from accdiffusion.lab.toy.scenes import (COLOURS, LATENT, SHAPES, counts, decode, encode, make_scene,
+                                         matches_caption, scene_latent)
 
 
 def test_scene_generator_is_deterministic_and_seeds_differ():
@@ -58,13 +58,13 @@ def test_counting_sees_a_duplicate():
 # --- on the committed weights ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy_host():
-    from accdiffusion.toy.model import load_host
+    from accdiffusion.lab.toy.model import load_host
 
     return load_host()
 
 
 def test_committed_weights_load_and_the_recorder_reads_an_8x8_grid(toy_host):
-    from accdiffusion.toy.sample import first_pass
+    from accdiffusion.lab.toy.sample import first_pass
 
     assert toy_host.meta["steps"] > 0
     latent, recorder = first_pass(toy_host, ["a red disk"], seed=0, steps=2)
@@ -80,7 +80,7 @@ def test_shape_word_maps_find_their_objects_on_real_scenes(toy_host):
     shape word's map (the noun: in a causal text encoder it has seen its colour) peaks on its
     object and its Eq. 5 mask overlaps that object well above its overlap with the scene's other
     objects. Measured on seeds 0-7: peak on its object 0.90, IoU 0.22 vs 0.07 (see README)."""
-    from accdiffusion.toy.evaluate import WordIoU, caption_ious, probe_maps, scene_truth
+    from accdiffusion.lab.toy.evaluate import WordIoU, caption_ious, probe_maps, scene_truth
 
     total = WordIoU([], [], [])
     for seed in range(PROBE_SEEDS):
@@ -98,8 +98,8 @@ def test_accdiffusion_repeats_fewer_objects_than_plain_tiling(toy_host):
     """2× upscale of the first passes of seeds 0-7: plain tiling (one prompt in every window, no
     dilated branch, no skip residual) draws the captioned objects again in many windows;
     AccDiffusion's defaults draw far fewer. Measured: 11 vs 3 extra objects (see README)."""
-    from accdiffusion.toy.evaluate import CONFIGS, duplicates
-    from accdiffusion.toy.sample import first_pass, upscale
+    from accdiffusion.lab.toy.evaluate import CONFIGS, duplicates
+    from accdiffusion.lab.toy.sample import first_pass, upscale
 
     captions = [make_scene(seed).caption for seed in range(8)]
     latent, recorder = first_pass(toy_host, captions, seed=0)
@@ -113,8 +113,8 @@ def test_accdiffusion_repeats_fewer_objects_than_plain_tiling(toy_host):
 
 # --- eval --shifted: the seam indicator and the window capture --------------------------------------
 def test_seam_ratio_sees_an_edge_on_the_window_border_only():
-    from accdiffusion.tiles import Window
-    from accdiffusion.toy.evaluate import seam_ratio
+    from accdiffusion.method.tiles import Window
+    from accdiffusion.lab.toy.evaluate import seam_ratio
 
     generator = torch.Generator().manual_seed(0)
     latent = torch.rand(4, 16, 16, generator=generator) * 0.1
@@ -128,8 +128,8 @@ def test_seam_ratio_sees_an_edge_on_the_window_border_only():
 
 
 def test_window_capture_records_last_windows_and_swaps_alignment_back():
-    from accdiffusion import hires
-    from accdiffusion.toy.evaluate import window_capture
+    from accdiffusion.method import hires
+    from accdiffusion.lab.toy.evaluate import window_capture
 
     originals = hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows
     with window_capture(shift_align=1):

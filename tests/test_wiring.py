@@ -15,13 +15,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from accdiffusion import a1111, facade, forge, hires, passes, upscale
-from accdiffusion.batching import CPU_TILE_BATCH, AutoTileBatch, fit_tile_batch
-from accdiffusion.hires import latent_stats, restandardise
-from accdiffusion.prompts import ImagePromptPlan, WordMasks
-from accdiffusion.settings import AccDiffusionSettings
-from accdiffusion.tiles import nearest_window
-from accdiffusion.words import split_words
+from accdiffusion.backends import a1111, forge
+from accdiffusion.entry import facade
+from accdiffusion.method import hires
+from accdiffusion.flows import img2img as img2img_flow, txt2img as txt2img_flow
+from accdiffusion.method.batching import CPU_TILE_BATCH, AutoTileBatch, fit_tile_batch
+from accdiffusion.method.hires import latent_stats, restandardise
+from accdiffusion.method.prompts import ImagePromptPlan, WordMasks
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.tiles import nearest_window
+from accdiffusion.method.words import split_words
 
 from a1111_standins import (Img2ImgStandIn, StandInModel, Txt2ImgStandIn, WebUIStandIn, picture, process_images,
                             process_img2img)
@@ -85,8 +88,8 @@ def plans(monkeypatch):
         return [region_plan(p.hr_prompts[i] if getattr(p, "hr_prompts", None) else prompt)
                 for i, prompt in enumerate(p.prompts)]
 
-    monkeypatch.setattr(passes, "image_plans", image_plans)
-    monkeypatch.setattr(upscale, "image_plans", image_plans)
+    monkeypatch.setattr(txt2img_flow, "image_plans", image_plans)
+    monkeypatch.setattr(img2img_flow, "image_plans", image_plans)
 
 
 @pytest.fixture
@@ -210,7 +213,7 @@ def test_each_distinct_tile_prompt_encoded_once_per_job_across_batches(models, p
 
 @pytest.mark.parametrize("host", ["a1111", "forge"])
 def test_shifted_tile_prompt_map_shows_the_last_steps_windows(models, plans, denoisers, monkeypatch, host):
-    from accdiffusion import tilemap
+    from accdiffusion.method import tilemap
 
     drawn = []
     draw = tilemap.draw_tile_prompt_map

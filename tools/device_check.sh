@@ -59,13 +59,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,mem
 start=$SECONDS
 echo "== bench A: ${COMMON[*]} ${A[*]} --modes shifted,overlap"
 status=0
-timeout "$LIMIT_A" "$PY" -m accdiffusion.bench "${COMMON[@]}" "${A[@]}" --modes shifted,overlap \
+timeout "$LIMIT_A" "$PY" -m accdiffusion.lab.bench "${COMMON[@]}" "${A[@]}" --modes shifted,overlap \
     --json "$OUT/bench_a.json" 2>&1 | tee "$OUT/bench_a.log" || status=$?
 echo "== bench A exit $status after $((SECONDS - start)) s"
 
 if (( SECONDS - start < B_IF_BEFORE )); then
     echo "== bench B (like the earlier 30.7 s): ${COMMON[*]} ${B[*]} --modes overlap --tile-batch-size 8"
-    timeout "$LIMIT_B" "$PY" -m accdiffusion.bench "${COMMON[@]}" "${B[@]}" --modes overlap --tile-batch-size 8 \
+    timeout "$LIMIT_B" "$PY" -m accdiffusion.lab.bench "${COMMON[@]}" "${B[@]}" --modes overlap --tile-batch-size 8 \
         --json "$OUT/bench_b.json" 2>&1 | tee "$OUT/bench_b.log" || status=$((status ? status : $?))
     echo "== bench B done after $((SECONDS - start)) s"
 else

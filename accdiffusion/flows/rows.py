@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .tileprompts import WindowConditioning
-from .tiles import Window
+from ..method.tileprompts import WindowConditioning
+from ..method.tiles import Window
 
 TEXT_KEYS = ("c_crossattn", "crossattn")  # SD1/SD2 and SDXL names of the text conditioning
 
@@ -125,7 +125,7 @@ def tile_conditions(rows: Sequence[dict], positives: list[list[torch.Tensor]],
     """Per row of a model call, when the row is an image's positive row (:func:`row_images` with
     the host's ``places``): one conditioning per window of ``windows`` (the image's tile schedules
     are a list, one per window), or a lookup ``window -> conditioning`` (the image's tile schedules
-    are a :class:`~accdiffusion.tileprompts.WindowConditioning`: windows that move every step).
+    are a :class:`~accdiffusion.method.tileprompts.WindowConditioning`: windows that move every step).
     Else None: the row keeps its own conditioning in every window. ``tile_row(row, schedule,
     window)`` makes the row's conditioning from a tile prompt's schedule."""
     out: list[list[dict] | WindowConditioning | None] = []

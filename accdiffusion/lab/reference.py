@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from .attention import AttentionRecorder, find_cross_attention
-from .batching import AutoTileBatch
-from .hires import (EncodeCache, Stage, StageDenoiser, StageStats, latent_stats, plan_stages,
-                    restandardise, restandardise_stage_output, stage_windows, upscale_latent)
-from .prompts import ImagePromptPlan, PhraseRules
-from .tiles import Window
-from .settings import AccDiffusionSettings
-from .tileprompts import StageTilePrompts, WindowConditioning
-from .words import align_words, split_words
+from ..method.attention import AttentionRecorder, find_cross_attention
+from ..method.batching import AutoTileBatch
+from ..method.hires import (EncodeCache, Stage, StageDenoiser, StageStats, latent_stats, plan_stages,
+                            restandardise, restandardise_stage_output, stage_windows, upscale_latent)
+from ..method.prompts import ImagePromptPlan, PhraseRules
+from ..method.tiles import Window
+from ..method.settings import AccDiffusionSettings
+from ..method.tileprompts import StageTilePrompts, WindowConditioning
+from ..method.words import align_words, split_words
 
 if TYPE_CHECKING:
-    from .probe import ProbeStats
+    from ..method.probe import ProbeStats
 
 CHUNK = 75  # tokens per chunk between BOS and EOS, as in the WebUI
 
@@ -434,7 +434,7 @@ def probe_pass(host: Host, latent: torch.Tensor, prompts: Sequence[str], seeds: 
                timesteps: Sequence[int] | None = None) -> tuple[AttentionRecorder, "ProbeStats"]:
     """The probe pass on the reference host: the positive prompts alone, one UNet call per level,
     the recorder on the up/down blocks' attn2 (as for a first pass)."""
-    from .probe import PROBE_TIMESTEPS, probe_sigmas, run_probe
+    from ..method.probe import PROBE_TIMESTEPS, probe_sigmas, run_probe
 
     n = latent.shape[0]
     conds = host.encode(prompts)

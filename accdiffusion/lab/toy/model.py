@@ -21,7 +21,7 @@ from torch import nn
 
 from ..reference import UNET_CONFIGS, Host, RowCond, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the repository
 TOKENIZER_DIR = Path(os.environ.get("ACCDIFFUSION_TOKENIZER_DIR",
                                     ROOT.parent / "shared" / "tinymodel" / "clip-text-tiny"))
 WEIGHTS = Path(__file__).resolve().parent / "toy-weights.safetensors"
@@ -87,13 +87,13 @@ def save_weights(path: Path, unet: nn.Module, text_model: nn.Module, meta: dict[
 
 
 def load_host(path: Path | str = WEIGHTS) -> ToyHost:
-    """The trained toy model as a host for :mod:`accdiffusion.reference` (float32, eval mode)."""
+    """The trained toy model as a host for :mod:`accdiffusion.lab.reference` (float32, eval mode)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"toy weights not found at {path}; run `python -m accdiffusion.toy train`")
+        raise FileNotFoundError(f"toy weights not found at {path}; run `python -m accdiffusion.lab.toy train`")
     state = load_file(str(path))
     unet, text_model = build_unet(), build_text_encoder()
     unet.load_state_dict({k[5:]: v.float() for k, v in state.items() if k.startswith("unet.")})

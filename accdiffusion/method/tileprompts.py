@@ -58,7 +58,7 @@ class WindowConditioning(Generic[C]):
     """``window -> conditioning`` for one row: the window's tile prompt, encoded once per job by
     ``encode`` (an :meth:`EncodeCache.get`), then turned into the row's conditioning by ``make``
     (the host's per-window row: SDXL crop offsets, the step's prompt-schedule entry, ...). Pass it as the row's entry of
-    ``row_tile_conds`` to :class:`~accdiffusion.hires.StageDenoiser`."""
+    ``row_tile_conds`` to :class:`~accdiffusion.method.hires.StageDenoiser`."""
 
     def __init__(self, prompts: StageTilePrompts, encode: Callable[[list[str]], list],
                  make: Callable[[object, Window], C] | None = None):

@@ -6,8 +6,8 @@ Every item of a tiled UNet call must see the part of the hint under that item:
   dilated slot k : sub-latent k = x[..., i::s, j::s] (k = i·s + j) holds latent positions
                    (i + s·y, j + s·x), so its hint is the f×f pixel blocks at those positions,
                    padded (edge replication of whole blocks) and shuffled by the step's window
-                   permutation exactly like the sub-latents (:mod:`accdiffusion.dilated`).
-:class:`CallItems` is what the :class:`~accdiffusion.hires.StageDenoiser` says about one model
+                   permutation exactly like the sub-latents (:mod:`accdiffusion.method.dilated`).
+:class:`CallItems` is what the :class:`~accdiffusion.method.hires.StageDenoiser` says about one model
 call (it sets ``denoiser.items`` while the call runs); :class:`StageHints` cuts one hint for one
 stage (once per stage and window; a dilated step only re-shuffles) and gives the hints of a call.
 The hosts' adapters (a1111.py, forge.py) put those hints into their ControlNet objects.
@@ -92,7 +92,7 @@ def pad_blocks(hint: torch.Tensor, pad: tuple[int, int], factor: int) -> torch.T
 def gather_subhints(hint: torch.Tensor, latent_size: tuple[int, int], dilation: int, multiple: int = 1) -> torch.Tensor:
     """[N, C, f·H, f·W] → [N, s², C, f·h, f·w]: sub-hint k = i·s + j holds the f×f pixel blocks of
     latent positions (i + s·y, j + s·x), after the same edge padding as
-    :func:`accdiffusion.dilated.gather_sublatents` (whole blocks replicated)."""
+    :func:`accdiffusion.method.dilated.gather_sublatents` (whole blocks replicated)."""
     n, c = hint.shape[:2]
     h, w = latent_size
     f = hint.shape[-1] // w

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from accdiffusion import webui_glue as glue
-from accdiffusion.settings import (FIELD_BY_NAME, FIELDS, AccDiffusionSettings, SettingsError,
-                                   infotext_key)
-from accdiffusion.tilemap import draw_tile_prompt_map, wrap_text
-from accdiffusion.tiles import Window, window_grid
+from accdiffusion.entry import surfaces as glue
+from accdiffusion.method.settings import (FIELD_BY_NAME, FIELDS, AccDiffusionSettings, SettingsError,
+                                          infotext_key)
+from accdiffusion.method.tilemap import draw_tile_prompt_map, wrap_text
+from accdiffusion.method.tiles import Window, window_grid
 
 CUSTOM = AccDiffusionSettings(enabled=True, patch_prompts=False, patch_prompt_threshold=0.45,
                               window_interaction=False, cosine_scale_1=2.5, sigma=0.0,
@@ -390,12 +390,12 @@ def test_script_with_stand_ins(monkeypatch):
     assert script.ui(False)[0] is not controls[0]  # a second call builds fresh controls
 
     calls = []
-    fake_adapter = types.ModuleType("accdiffusion.facade")
+    fake_adapter = types.ModuleType("accdiffusion.entry.facade")
     fake_adapter.start_job = lambda p, s: (calls.append(("start", s)), setattr(p, "accdiffusion_job", object()))
     fake_adapter.fail_job = lambda p, e: calls.append(("fail", str(e)))
     fake_adapter.before_batch = lambda p: calls.append(("batch",))
     fake_adapter.finish_job = lambda p, processed: calls.append(("finish", processed))
-    monkeypatch.setitem(sys.modules, "accdiffusion.facade", fake_adapter)
+    monkeypatch.setitem(sys.modules, "accdiffusion.entry.facade", fake_adapter)
     import accdiffusion
     monkeypatch.setattr(accdiffusion, "facade", fake_adapter, raising=False)
 

@@ -1,4 +1,4 @@
-"""Benchmark of the engine on a random-weight UNet: ``python -m accdiffusion.bench``.
+"""Benchmark of the engine on a random-weight UNet: ``python -m accdiffusion.lab.bench``.
 
 Prints, per target scale and window mode (overlap, shifted): window evaluations per stage against
 the overlap formula ((2s−1)² + s²)·steps (per CFG row), the local branch's share, evaluations
@@ -33,10 +33,10 @@ from typing import Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .probe import PROBE_TIMESTEPS, mask_iou
-from .prompts import build_word_masks
+from ..method.probe import PROBE_TIMESTEPS, mask_iou
+from ..method.prompts import build_word_masks
 from .reference import Host, build_unet, first_pass, hires_pass, load_tokenizer, probe_pass, word_positions
-from .settings import AccDiffusionSettings
+from ..method.settings import AccDiffusionSettings
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, high quality"
 AGREEMENT_PROMPTS = (PROMPT, "a red fox sitting in tall grass under a blue sky",
@@ -130,7 +130,7 @@ def recording_cost(host: Host, size: tuple[int, int]) -> dict[str, int]:
     device, GPU launch overhead included, measured where no GPU is."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .attention import AttentionRecorder, find_cross_attention
+    from ..method.attention import AttentionRecorder, find_cross_attention
 
     device = next(host.unet.parameters()).device
     x = torch.randn(2, 4, *size, device=device)
@@ -173,7 +173,7 @@ def _sync(device: torch.device) -> None:
 
 def _mask_iou(a, b) -> float:
     """Mean IoU over words of two recorders' opened word masks (image 0, token = word)."""
-    from .prompts import build_word_masks
+    from ..method.prompts import build_word_masks
 
     maps_a, maps_b = a.maps(0), b.maps(0)
     words = [[i] for i in range(1, maps_a.shape[0]) if float(maps_a[i].std()) > 0]
@@ -226,7 +226,7 @@ def write_json(path: str | None, report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    here = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parents[2]  # the repository
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="sd1", choices=["sd1", "sdxl", "sdxl-size", "sdxl-real", "sdxl-real-tiny"])

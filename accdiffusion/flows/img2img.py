@@ -1,9 +1,9 @@
 """The flows that start from an existing image: img2img and the txt2img *Upscale* button.
 
 Neither has a first pass to record attention from, so their maps come from the probe pass
-(:mod:`accdiffusion.probe`): the image at the probe size, a few noise levels, the positive prompt
+(:mod:`accdiffusion.method.probe`): the image at the probe size, a few noise levels, the positive prompt
 through the UNet with the recorder attached (``job.backend.probe_unet``). The tiled pass itself is
-the one txt2img hires uses (:func:`accdiffusion.job.run_tiled_pass`).
+the one txt2img hires uses (:func:`accdiffusion.flows.job.run_tiled_pass`).
 
 img2img (A1111 processing.py:1598-1735, Forge the same): ``init()`` has resized every init image
 to width×height (resize mode, img2img upscaler) and encoded it into ``p.init_latent``; its
@@ -21,12 +21,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .attention import AttentionRecorder
-from .hires import AccDiffusionError
+from ..method.attention import AttentionRecorder
+from ..method.hires import AccDiffusionError
 from .job import (Job, TiledPassSource, TiledPassTarget, comment, decode_latent, image_plans, run_tiled_pass,
                   to_pil)
-from .probe import ProbeStats, probe_latent_size, probe_sigmas, run_probe
-from .tiles import cover_resize
+from ..method.probe import ProbeStats, probe_latent_size, probe_sigmas, run_probe
+from ..method.tiles import cover_resize
 
 log = logging.getLogger("accdiffusion")
 

@@ -1,4 +1,4 @@
-"""The flows that replace a WebUI pass with the tiled pass (:func:`accdiffusion.job.run_tiled_pass`).
+"""The flows that replace a WebUI pass with the tiled pass (:func:`accdiffusion.flows.job.run_tiled_pass`).
 
 Today: txt2img with Hires. fix. ``p.sample(...)`` is called as an attribute (A1111
 processing.py:988) and ``self.sample_hr_pass(...)`` likewise (1362), so both are replaced per batch
@@ -7,11 +7,11 @@ on the instance (:func:`make_sample`, :func:`make_hr_pass`, installed by the fac
 replacement calls what ``p.sample`` / ``p.sample_hr_pass`` resolved to when it was installed
 (another extension's instance wrapper, e.g. ControlNet's, or the bound class method), never the
 class method directly. The first pass records attention; the hires pass builds a
-:class:`~accdiffusion.job.TiledPassSource` from the first pass and its maps.
+:class:`~accdiffusion.flows.job.TiledPassSource` from the first pass and its maps.
 
 The txt2img Upscale button (``p.firstpass_image`` set, no first pass) takes the same hires route
-with maps from the probe pass (:func:`accdiffusion.upscale.upscale_button_maps`); img2img lives in
-:mod:`accdiffusion.upscale`.
+with maps from the probe pass (:func:`accdiffusion.flows.img2img.upscale_button_maps`); img2img lives in
+:mod:`accdiffusion.flows.img2img`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 import torch
 
-from .hires import AccDiffusionError
+from ..method.hires import AccDiffusionError
 from .job import (Job, TiledPassSource, TiledPassTarget, comment, decode_latent, image_plans, run_tiled_pass,
                   to_pil)
-from .upscale import upscale_button_maps
+from .img2img import upscale_button_maps
 
 
 # --- txt2img: first pass -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Host-free pieces of the WebUI glue (``scripts/accdiffusion.py``).
 
-Everything here is plain data and functions over ``accdiffusion.settings``: the control specs the
+Everything here is plain data and functions over ``accdiffusion.method.settings``: the control specs the
 UI builds from ``FIELDS``, the infotext paste readers, the X/Y/Z axis specs, how a job's settings
 are assembled from script args plus per-cell XYZ overrides, and the settings-schema payload. No
 ``modules.*`` import, so it is unit-testable without the WebUI.
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from .settings import (FIELD_BY_NAME, FIELDS, INFOTEXT_PREFIX, AccDiffusionSettings, Field,
-                       SettingsError, infotext_key, json_schema)
+from ..method.settings import (FIELD_BY_NAME, FIELDS, INFOTEXT_PREFIX, AccDiffusionSettings, Field,
+                               SettingsError, infotext_key, json_schema)
 
 TITLE = "AccDiffusion"
 OVERRIDES_ATTR = "accdiffusion_overrides"  # dict name -> value set by XYZ axes on a cell's p

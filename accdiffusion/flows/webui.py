@@ -68,7 +68,7 @@ class WebUI:
 
     def native_side(self, model: Any) -> int:
         """The model family's native image side (px): the probe pass's area."""
-        from .probe import NATIVE_SIDE
+        from ..method.probe import NATIVE_SIDE
 
         if getattr(model, "is_sdxl", False):
             return NATIVE_SIDE["sdxl"]

@@ -4,11 +4,11 @@
 The UNet is shown the image itself: the image is encoded at the *probe size* (its area about the
 model's native area, never larger than the image or the target), seeded noise is added at a few
 noise levels from the middle of the schedule, and the positive prompt alone goes through the UNet
-once per level (no CFG) with the :class:`~accdiffusion.attention.AttentionRecorder` attached. The
+once per level (no CFG) with the :class:`~accdiffusion.method.attention.AttentionRecorder` attached. The
 recorder averages the maps exactly as during a first pass; words, masks, the opening and the tile
 prompts are then built as for txt2img.
 
-Why these levels (measured on the reference host, ``python -m accdiffusion.bench --probe``): at
+Why these levels (measured on the reference host, ``python -m accdiffusion.lab.bench --probe``): at
 high noise the UNet hardly sees the image and attends by prior, at low noise it attends to texture;
 the middle of the schedule is where the per-word layout of a first pass forms. See
 :data:`PROBE_TIMESTEPS` for the numbers.
@@ -29,7 +29,7 @@ import torch
 NATIVE_SIDE = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 
 # Timesteps (of 1000) the probe looks at, one UNet call each. Chosen by measurement
-# (``python -m accdiffusion.bench --probe-agreement``): mean IoU of the probe's word masks with the
+# (``python -m accdiffusion.lab.bench --probe-agreement``): mean IoU of the probe's word masks with the
 # first pass's own recorded masks on generated images is 0.89 for these three levels on the tiny
 # SD1-like and SDXL-like UNets, against 0.85 for the best single level (t = 500) and 0.89-0.90 for
 # five or six levels (twice the calls); the control (another image's masks) is 0.32-0.38.

@@ -16,7 +16,7 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
   is one batch of windows, not the full latent (unet.py:121, base.py:197, sampling_function.py:208).
 - the batch comes as chunks in ``cond_or_uncond`` order (Forge runs [uncond, cond]), each chunk
   holding the batch's images in order: a row's image is its place in its chunk
-  (:func:`cond_rows_to_images`), confirmed by content in the hires pass (:mod:`accdiffusion.rows`);
+  (:func:`cond_rows_to_images`), confirmed by content in the hires pass (:mod:`accdiffusion.flows.rows`);
   the recorder gets projected q/k only, so there the place alone decides.
 - ControlNet (built in: extensions-builtin/sd_forge_controlnet, backend/patcher/controlnet.py):
   units are a linked list of ``ControlBase`` objects on the UnetPatcher (``controlnet_linked_list``,
@@ -45,16 +45,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from .attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
-from .batching import AutoTileBatch, planned_tile_batch
-from .control import CallItems, StageHints, hint_rows_for, log_call
-from .hires import StageDenoiser, v_prediction_c_skip
-from .job import _NO_ATTR, comment, hook_skip_residual
-from .rows import schedule_entry, split_cond, stack_cond, tile_conditions
-from .tiles import Window
+from ..method.attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
+from ..method.batching import AutoTileBatch, planned_tile_batch
+from ..method.control import CallItems, StageHints, hint_rows_for, log_call
+from ..method.hires import StageDenoiser, v_prediction_c_skip
+from ..flows.job import _NO_ATTR, comment, hook_skip_residual
+from ..flows.rows import schedule_entry, split_cond, stack_cond, tile_conditions
+from ..method.tiles import Window
 
 if TYPE_CHECKING:
-    from .job import Job
+    from ..flows.job import Job
 
 log = logging.getLogger("accdiffusion")
 

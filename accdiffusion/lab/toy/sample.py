@@ -1,6 +1,6 @@
 """Sampling the toy model: the first pass with the attention recorder on the 8×8 grid (the
 reference first pass records at downsample 4, which on an 8×8 latent would be a 2×2 grid), and
-the hires pass of :mod:`accdiffusion.reference` unchanged."""
+the hires pass of :mod:`accdiffusion.lab.reference` unchanged."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Sequence
 
 import torch
 
-from ..attention import AttentionRecorder
-from ..prompts import PhraseRules
+from ...method.attention import AttentionRecorder
+from ...method.prompts import PhraseRules
 from ..reference import JobResult, hires_pass
 from ..reference import first_pass as reference_first_pass
-from ..settings import AccDiffusionSettings
+from ...method.settings import AccDiffusionSettings
 from .model import ToyHost
 from .scenes import LATENT
 

@@ -14,10 +14,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..attention import AttentionRecorder, find_cross_attention
-from ..prompts import PHRASE_MASKS, PhraseRules, build_word_masks
-from ..settings import AccDiffusionSettings
-from ..words import CONNECTIVES, align_words, split_words
+from ...method.attention import AttentionRecorder, find_cross_attention
+from ...method.prompts import PHRASE_MASKS, PhraseRules, build_word_masks
+from ...method.settings import AccDiffusionSettings
+from ...method.words import CONNECTIVES, align_words, split_words
 from .model import ToyHost, load_host
 from .sample import RECORD_DOWNSAMPLE, first_pass, upscale, upscale_progressive
 from .scenes import COLOURS, LATENT, PATCH, SHAPES, Scene, counts, latent_rgb, make_scene, \
@@ -85,7 +85,7 @@ def window_capture(shift_align: int | None = None):
     """Record the local windows of each stage's last step ({stage index: windows}); with
     ``shift_align``, let the shifted schedule place offsets and cuts on that grid instead of the
     UNet's size multiple (padding is unchanged). Swapped back in ``finally``."""
-    from .. import hires
+    from ...method import hires
 
     last: dict[int, list] = {}
     originals = hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows
@@ -164,7 +164,7 @@ def caption_ious(host: ToyHost, caption: str, token_maps: torch.Tensor,
 
 
 def raw_word_maps(host: ToyHost, caption: str, token_maps: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    from ..prompts import word_maps as merge_tokens
+    from ...method.prompts import word_maps as merge_tokens
 
     words = split_words(caption)
     positions = align_words(words, host.context_ids(caption), host.special_ids, host.tokenize)
@@ -325,9 +325,9 @@ def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: in
     """First pass | plain tiling | AccDiffusion defaults | the last stage's tile-prompt map."""
     from PIL import Image, ImageDraw
 
-    from ..hires import stage_windows
-    from ..tilemap import draw_tile_prompt_map
-    from ..tiles import Window
+    from ...method.hires import stage_windows
+    from ...method.tilemap import draw_tile_prompt_map
+    from ...method.tiles import Window
 
     host = host or load_host()
     latent, recorder = first_pass(host, [caption], seed=seed)
@@ -354,7 +354,7 @@ def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: in
         sheet.paste(img, (x, head))
         draw.text((x + 4, 6), label, fill="black")
     draw.text((4, side + head + 6), f'caption "{caption}", seed {seed}; toy model, '
-              f'python -m accdiffusion.toy demo --caption "..." --seed {seed} --scale {scale}', fill="black")
+              f'python -m accdiffusion.lab.toy demo --caption "..." --seed {seed} --scale {scale}', fill="black")
     out = Path(out)
     sheet.save(out)
     return out
@@ -413,7 +413,7 @@ class PlacementCounts:
     def add(self, keep: torch.Tensor, caption: str, first: torch.Tensor, size: tuple[int, int],
             windows: Sequence) -> None:
         """``keep``: [windows, words] of the caption's words, as the stage's tile prompts kept them."""
-        from ..prompts import resize_masks, window_shares
+        from ...method.prompts import resize_masks, window_shares
 
         truth = colour_masks(first)
         objects = object_words(caption)
@@ -450,7 +450,7 @@ def run_units_eval(scenes: int = 50, out: Path | None = Path("toy-eval-units.jso
     object words (misplaced share: kept (window, object word) pairs whose object the first pass
     did not draw under that window; recall: pairs whose object is under the window and whose word
     was kept). The same first passes serve every config of a style."""
-    from ..hires import stage_windows
+    from ...method.hires import stage_windows
 
     host = host or load_host()
     base_settings = CONFIGS["AccDiffusion defaults"]

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from .a1111 import A1111Backend
-from .forge import ForgeBackend
-from .job import JOB_ATTR, Job, comment
-from .passes import make_hr_pass, make_sample
-from .settings import AccDiffusionSettings
-from .upscale import img2img_fallback_reason, make_img2img_sample
+from ..backends.a1111 import A1111Backend
+from ..backends.forge import ForgeBackend
+from ..flows.job import JOB_ATTR, Job, comment
+from ..flows.txt2img import make_hr_pass, make_sample
+from ..method.settings import AccDiffusionSettings
+from ..flows.img2img import img2img_fallback_reason, make_img2img_sample
 
 log = logging.getLogger("accdiffusion")
 
@@ -127,7 +127,7 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
     if tiler:  # two tilers on one UNet call would fight: the other one was asked for explicitly
         reason = f"{tiler} is enabled and tiles the UNet itself (one tiler per job: {tiler} runs)"
     if webui is None:
-        from .webui import WebUI
+        from ..flows.webui import WebUI
 
         webui = WebUI()
     if not reason and img2img:
@@ -184,7 +184,7 @@ def finish_job(p: Any, processed: Any) -> None:
     try:
         job.end_batch()
         if job.settings.tile_prompt_map and job.tile_maps:
-            from .tilemap import draw_tile_prompt_map
+            from ..method.tilemap import draw_tile_prompt_map
 
             info = processed.infotexts[0] if getattr(processed, "infotexts", None) else ""
             for data in job.tile_maps:

@@ -6,12 +6,12 @@ modules/processing.py unless named).
   sd_hijack_optimizations.py:88-91, so an instance attribute wins and is removed cleanly).
 - Each hires stage runs the WebUI's own ``sampler.sample_img2img`` (1454) with two per-instance
   wrappers: ``model_wrap_cfg.forward`` (sd_samplers_cfg_denoiser.py:156; it receives the sampler's
-  own ``x``, where the skip residual is applied in place: :func:`accdiffusion.job.hook_skip_residual`)
+  own ``x``, where the skip residual is applied in place: :func:`accdiffusion.flows.job.hook_skip_residual`)
   and the k-diffusion denoiser's ``forward`` (``model_wrap_cfg.inner_model``, called at
   sd_samplers_cfg_denoiser.py:246-271 with the CFG rows), where the fused tiled denoiser runs. Both
   wrappers call the ``forward`` they replaced (bound method or another extension's wrapper).
 - Rows are recognised by their place in the CFG denoiser's layout (:class:`CfgRows`,
-  sd_samplers_cfg_denoiser.py:203-271), confirmed by content (:mod:`accdiffusion.rows`). In the
+  sd_samplers_cfg_denoiser.py:203-271), confirmed by content (:mod:`accdiffusion.flows.rows`). In the
   first pass the layout is read through the same two wrappers, installed on ``p.sampler`` from
   ``process_before_every_sampling`` (processing.py:1338, after the sampler is created).
 - ControlNet (Mikubill/sd-webui-controlnet v1.1.455, file:line in its scripts/): its script (title
@@ -27,7 +27,7 @@ modules/processing.py unless named).
   ControlNet marks cond/uncond rows with an extra first token (hook.py:48, :81); tile prompts get
   the mark of the row they replace.
 
-Every ``modules.*`` call goes through ``job.webui`` (:class:`accdiffusion.webui.WebUI`), so the
+Every ``modules.*`` call goes through ``job.webui`` (:class:`accdiffusion.flows.webui.WebUI`), so the
 tests drive this backend with stand-ins on CPU.
 """
 
@@ -39,16 +39,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from .attention import AttentionRecorder, find_cross_attention
-from .batching import AutoTileBatch
-from .control import CallItems, StageHints, hint_rows_for, log_call, resize_hint
-from .hires import StageDenoiser, v_prediction_c_skip
-from .job import comment, hook_skip_residual
-from .rows import UNPLACED, positive_texts, row_images, schedule_entry, split_cond, stack_cond, tile_conditions
-from .tiles import Window
+from ..method.attention import AttentionRecorder, find_cross_attention
+from ..method.batching import AutoTileBatch
+from ..method.control import CallItems, StageHints, hint_rows_for, log_call, resize_hint
+from ..method.hires import StageDenoiser, v_prediction_c_skip
+from ..flows.job import comment, hook_skip_residual
+from ..flows.rows import UNPLACED, positive_texts, row_images, schedule_entry, split_cond, stack_cond, tile_conditions
+from ..method.tiles import Window
 
 if TYPE_CHECKING:
-    from .job import Job
+    from ..flows.job import Job
 
 log = logging.getLogger("accdiffusion")
 

@@ -1,12 +1,12 @@
 """One generation job and the host-neutral tiled pass.
 
 A :class:`Job` lives on ``p`` (``p.accdiffusion_job``) from the script's ``process`` to its
-``postprocess``; it holds the settings, the WebUI object (:class:`accdiffusion.webui.WebUI` or a
+``postprocess``; it holds the settings, the WebUI object (:class:`accdiffusion.flows.webui.WebUI` or a
 stand-in), the host backend (``a1111.A1111Backend`` / ``forge.ForgeBackend``) and every hook the
 extension installs, so :meth:`Job.end_batch` can undo them all.
 
 :func:`run_tiled_pass` is the progressive tiled sampling every flow shares (txt2img hires and the
-Upscale button in :mod:`accdiffusion.passes`, img2img in :mod:`accdiffusion.upscale`): stages from
+Upscale button in :mod:`accdiffusion.flows.txt2img`, img2img in :mod:`accdiffusion.flows.img2img`): stages from
 the source's size up to the target, per-tile prompts, dilated sampling, the skip residual. What it
 starts from is a :class:`TiledPassSource` (a first pass with its recorded maps, or an upscaled init
 image with probe maps); what it samples with is a :class:`TiledPassTarget`. The host's part of each stage goes through ``job.backend``
@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import torch
 
-from .attention import AttentionRecorder
-from .batching import AutoTileBatch
-from .hires import (EncodeCache, Stage, StageDenoiser, StageStats, cover_resize, latent_stats, plan_stages,
-                    restandardise, restandardise_stage_output, should_tile_decode, stage_windows, tiled_decode)
-from .prompts import ImagePromptPlan
+from ..method.attention import AttentionRecorder
+from ..method.batching import AutoTileBatch
+from ..method.hires import (EncodeCache, Stage, StageDenoiser, StageStats, cover_resize, latent_stats, plan_stages,
+                            restandardise, restandardise_stage_output, should_tile_decode, stage_windows, tiled_decode)
+from ..method.prompts import ImagePromptPlan
 from .rows import positive_texts
-from .settings import AccDiffusionSettings
-from .tileprompts import StageTilePrompts, WindowConditioning
-from .tiles import Window
-from .words import align_words, split_words
+from ..method.settings import AccDiffusionSettings
+from ..method.tileprompts import StageTilePrompts, WindowConditioning
+from ..method.tiles import Window
+from ..method.words import align_words, split_words
 
 if TYPE_CHECKING:
     from .webui import WebUI

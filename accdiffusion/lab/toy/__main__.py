@@ -1,4 +1,4 @@
-"""python -m accdiffusion.toy train|eval|demo — see the README section "Proof on a trained toy model"."""
+"""python -m accdiffusion.lab.toy train|eval|demo — see the README section "Proof on a trained toy model"."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    parser = argparse.ArgumentParser(prog="python -m accdiffusion.toy")
+    parser = argparse.ArgumentParser(prog="python -m accdiffusion.lab.toy")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train the toy model (weights → accdiffusion/toy/)")
     p_train.add_argument("--minutes", type=float, default=40.0)
