@@ -373,7 +373,8 @@ def image_plans(p: Any, job: Job, maps: Sequence[torch.Tensor | None] | None) ->
         context_ids = [t for chunk in chunks for t in chunk.tokens]
         words = split_words(prompt)
         positions = align_words(words, context_ids, special, tokenize)
-        plans.append(ImagePromptPlan.build(words, positions, image_maps, hires_prompt, split_words(hires_prompt)))
+        plans.append(ImagePromptPlan.build(words, positions, image_maps, hires_prompt, split_words(hires_prompt),
+                                           units=job.settings.prompt_units))
     return plans
 
 

@@ -21,7 +21,7 @@ from ..method.attention import AttentionRecorder, find_cross_attention
 from ..method.batching import AutoTileBatch
 from ..method.hires import (EncodeCache, Stage, StageDenoiser, StageStats, latent_stats, plan_stages,
                             restandardise, restandardise_stage_output, stage_windows, upscale_latent)
-from ..method.prompts import ImagePromptPlan
+from ..method.prompts import ImagePromptPlan, PhraseRules
 from ..method.tiles import Window
 from ..method.settings import AccDiffusionSettings
 from ..method.tileprompts import StageTilePrompts, WindowConditioning
@@ -319,6 +319,7 @@ class JobResult:
     recorder_bytes: int = 0
     maps: list[torch.Tensor | None] = field(default_factory=list)
     stage_windows: list[list[list[Window]]] = field(default_factory=list)  # [stage][image][window]
+    plans: list[ImagePromptPlan | None] = field(default_factory=list)  # per image: its words, units and masks
 
 
 def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[int, int], steps: int,
@@ -359,7 +360,9 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
                recorder: AttentionRecorder | None, settings: AccDiffusionSettings,
                target: tuple[int, int], steps: int, denoise: float, seed: int,
                cfg_scale: float = 7.0, sampler: str = "Euler",
-               hires_prompts: Sequence[str] | None = None, jitter: int = 0) -> JobResult:
+               hires_prompts: Sequence[str] | None = None, jitter: int = 0,
+               phrase_rules: PhraseRules | None = None) -> JobResult:
+    """``phrase_rules``: the toy evaluation's variants of the measured phrase choices."""
     base = tuple(first_latent.shape[-2:])
     n = len(prompts)
     hires_prompts = list(hires_prompts or prompts)
@@ -371,13 +374,14 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
             continue
         words = split_words(prompts[i])
         positions = align_words(words, host.context_ids(prompts[i]), host.special_ids, host.tokenize)
-        plans.append(ImagePromptPlan.build(words, positions, maps, hires_prompts[i], split_words(hires_prompts[i])))
+        plans.append(ImagePromptPlan.build(words, positions, maps, hires_prompts[i], split_words(hires_prompts[i]),
+                                           units=settings.prompt_units, rules=phrase_rules or PhraseRules()))
 
     cache: EncodeCache[RowCond] = EncodeCache(host.encode)
     global_conds = cache.get(hires_prompts) + cache.get([negative] * n)
     mean, std = latent_stats(first_latent)
     stages = plan_stages(base, target, settings.progressive)
-    result = JobResult(first_latent, stages, [], [], [], recorder.nbytes() if recorder else 0)
+    result = JobResult(first_latent, stages, [], [], [], recorder.nbytes() if recorder else 0, plans=plans)
     latent = first_latent
     auto_batch = AutoTileBatch()  # one per job: each window shape's memory is measured once
     for stage in stages:

@@ -20,10 +20,14 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--out", type=Path, default=None)
     p_eval = sub.add_parser("eval", help="measure duplicates and word-mask IoU on fixed seeds")
     p_eval.add_argument("--scenes", type=int, default=50)
-    p_eval.add_argument("--out", type=Path, default=None, help="toy-eval.json (toy-eval-shifted.json with --shifted)")
+    p_eval.add_argument("--out", type=Path, default=None,
+                        help="toy-eval.json (toy-eval-shifted.json with --shifted, toy-eval-units.json with --units)")
     p_eval.add_argument("--shifted", action="store_true",
                         help="instead of the three configs: AccDiffusion defaults with window_mode overlap and "
                              "shifted, with window evaluations and seam ratios")
+    p_eval.add_argument("--units", action="store_true",
+                        help="instead: prompt_units words against phrases (each phrase mask and separator set), "
+                             "captions as trained and as tag lists, with tile-prompt placement → toy-eval-units.json")
     p_demo = sub.add_parser("demo", help="write the picture: first pass, plain tiling, AccDiffusion, tile map")
     p_demo.add_argument("--caption", default="a red disk and a blue square")
     p_demo.add_argument("--seed", type=int, default=3)
@@ -40,9 +44,13 @@ def main(argv: list[str] | None = None) -> None:
 
         train(minutes=args.minutes, batch=args.batch, scenes=args.scenes, out=args.out or WEIGHTS)
     elif args.command == "eval":
-        from .evaluate import SHIFTED_CONFIGS, run_eval
+        from .evaluate import SHIFTED_CONFIGS, run_eval, run_units_eval
 
-        if args.shifted:
+        if args.units:
+            from .evaluate import units_table
+
+            print(units_table(run_units_eval(scenes=args.scenes, out=args.out or Path("toy-eval-units.json"))))
+        elif args.shifted:
             run_eval(scenes=args.scenes, out=args.out or Path("toy-eval-shifted.json"), configs=SHIFTED_CONFIGS,
                      details=True)
         else:

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from ...method.attention import AttentionRecorder
+from ...method.prompts import PhraseRules
 from ..reference import JobResult, hires_pass
 from ..reference import first_pass as reference_first_pass
 from ...method.settings import AccDiffusionSettings
@@ -32,10 +33,10 @@ def first_pass(host: ToyHost, prompts: Sequence[str], seed: int, steps: int = FI
 
 def upscale(host: ToyHost, latent: torch.Tensor, prompts: Sequence[str], recorder: AttentionRecorder | None,
             settings: AccDiffusionSettings, scale: int, seed: int, steps: int = HIRES_STEPS,
-            denoise: float = DENOISE, cfg_scale: float = CFG) -> JobResult:
+            denoise: float = DENOISE, cfg_scale: float = CFG, phrase_rules: PhraseRules | None = None) -> JobResult:
     size = (LATENT * scale, LATENT * scale)
     return hires_pass(host, latent, prompts, "", recorder, settings, size, steps, denoise, seed,
-                      cfg_scale=cfg_scale)
+                      cfg_scale=cfg_scale, phrase_rules=phrase_rules)
 
 
 def upscale_progressive(host: ToyHost, latent: torch.Tensor, prompts: Sequence[str],
