@@ -31,14 +31,27 @@ def main(argv: list[str] | None = None) -> None:
     p_demo.add_argument("--out", type=Path, default=Path("toy-demo.png"))
     for p in (p_train, p_eval, p_demo):
         p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--model", choices=("unet", "flow"), default="unet",
+                       help="unet: the ldm UNet toy; flow: the joint-attention flow transformer (docs/toy-flow.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    if args.command == "train":
+    if args.command == "train" and args.model == "flow":
+        from .train import train_flow
+
+        train_flow(minutes=args.minutes, batch=args.batch, scenes=args.scenes, out=args.out)
+    elif args.command == "train":
         from .model import WEIGHTS
         from .train import train
 
         train(minutes=args.minutes, batch=args.batch, scenes=args.scenes, out=args.out or WEIGHTS)
+    elif args.command == "eval" and args.model == "flow":
+        from .evaluate import kind_of, run_eval
+
+        if args.shifted:
+            parser.error("eval --shifted measures the UNet toy only")
+        run_eval(scenes=args.scenes, out=args.out or Path("toy-flow-eval.json"), kind=kind_of("flow"),
+                 study=True)
     elif args.command == "eval":
         from .evaluate import SHIFTED_CONFIGS, run_eval
 
@@ -48,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_eval(scenes=args.scenes, out=args.out or Path("toy-eval.json"))
     else:
-        from .evaluate import demo
+        from .evaluate import demo, kind_of
 
-        print(demo(args.caption, args.seed, args.scale, args.out))
+        print(demo(args.caption, args.seed, args.scale, args.out, kind=kind_of(args.model)))
 
 
 if __name__ == "__main__":
