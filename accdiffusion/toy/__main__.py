@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--shifted", action="store_true",
                         help="instead of the three configs: AccDiffusion defaults with window_mode overlap and "
                              "shifted, with window evaluations and seam ratios")
+    p_eval.add_argument("--denoise", type=float, default=None,
+                        help="hires denoising strength (default 0.6 for the UNet toy, 0.8 for the flow toy)")
     p_demo = sub.add_parser("demo", help="write the picture: first pass, plain tiling, AccDiffusion, tile map")
     p_demo.add_argument("--caption", default="a red disk and a blue square")
     p_demo.add_argument("--seed", type=int, default=3)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.shifted:
             parser.error("eval --shifted measures the UNet toy only")
         run_eval(scenes=args.scenes, out=args.out or Path("toy-flow-eval.json"), kind=kind_of("flow"),
-                 study=True)
+                 study=True, denoise=args.denoise)
     elif args.command == "eval":
         from .evaluate import SHIFTED_CONFIGS, run_eval
 

@@ -67,13 +67,17 @@ class ToyKind:
     probe_maps: Any  # (host, scene, seed) -> [tokens, 8, 8]
     view: Any  # latent → the 8-px-patch view the counting reads
     configs: dict[str, AccDiffusionSettings]
+    denoise: float = 0.6  # the hires pass's
 
 
 def kind_of(model: str) -> "ToyKind":
     if model == "flow":
         from .flow import load_flow_host
 
-        return ToyKind("flow", load_flow_host, flow_first_pass, flow_probe_maps, pooled_view, FLOW_CONFIGS)
+        from .sample import FLOW_DENOISE
+
+        return ToyKind("flow", load_flow_host, flow_first_pass, flow_probe_maps, pooled_view, FLOW_CONFIGS,
+                       FLOW_DENOISE)
     return ToyKind("unet", load_host, first_pass, probe_maps, lambda x: x, CONFIGS)
 
 
@@ -258,7 +262,10 @@ def flow_probe_maps(host, scene: Scene, sigmas: Sequence[float] = (0.2, 0.4, 0.6
 
     generator = torch.Generator().manual_seed(seed)
     x0 = scene_latent(scene, SCENE_PATCH)[None]
-    recorder = recorder or FlowAttentionRecorder((GRID, GRID), 1, host.model.config.blocks)
+    from .sample import FLOW_RECORD_BLOCKS, FLOW_RECORD_MODE
+
+    recorder = recorder or FlowAttentionRecorder((GRID, GRID), 1, host.model.config.blocks, mode=FLOW_RECORD_MODE,
+                                                 use_blocks=FLOW_RECORD_BLOCKS)
     recorder.row_images = [0]
     cond = host.encode([scene.caption])
     try:
@@ -311,7 +318,7 @@ def map_study(host, scene_list: Sequence[Scene], firsts: Sequence[torch.Tensor],
 def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: ToyHost | None = None,
              configs: dict[str, AccDiffusionSettings] | None = None, scales: Sequence[int] = SCALES,
              chunk: int = 25, verbose: bool = True, details: bool = False, kind: ToyKind | None = None,
-             study: bool = False) -> dict:
+             study: bool = False, denoise: float | None = None) -> dict:
     """``details``: also the UNet window evaluations per scene and stage and the seam ratio of
     each config (``eval --shifted``); off, the report keeps the layout of docs/toy-eval.json.
     ``kind``: which toy (default the UNet toy); ``study``: also the flow toy's maps by block and
@@ -320,10 +327,13 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
     host = host or kind.load()
     configs = configs or kind.configs
     view = kind.view
+    denoise = kind.denoise if denoise is None else denoise
     start = time.time()
     scene_list = [make_scene(EVAL_SEED_OFFSET + i) for i in range(scenes)]
     captions = [s.caption for s in scene_list]
     report: dict = {"scenes": scenes, "configs": {}, "first_pass": {}, "iou": {}}
+    if kind.name != "unet":
+        report["model"], report["hires_denoise"] = kind.name, denoise
     firsts, recorders = [], []
     for c0 in range(0, scenes, chunk):
         latent, recorder = kind.first_pass(host, captions[c0:c0 + chunk], seed=c0)
@@ -363,7 +373,8 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
         for c0, (latent, rec) in enumerate(zip(firsts, recorders)):
             caps = captions[c0 * chunk:(c0 + 1) * chunk]
             with window_capture(SHIFT_ALIGN.get(name)) as last_windows:
-                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0)
+                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0,
+                                                            denoise=denoise)
             for stage, up, stats in zip(result.stages, stage_latents, result.stage_stats):
                 scale = round(stage.scale)
                 if scale not in rows:
@@ -425,8 +436,9 @@ def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: in
     kind = kind or kind_of("unet")
     host = host or kind.load()
     latent, recorder = kind.first_pass(host, [caption], seed=seed)
-    plain = upscale(host, latent, [caption], recorder, CONFIGS["plain tiling"], scale, seed)
-    acc = upscale(host, latent, [caption], recorder, CONFIGS["AccDiffusion defaults"], scale, seed)
+    plain = upscale(host, latent, [caption], recorder, CONFIGS["plain tiling"], scale, seed, denoise=kind.denoise)
+    acc = upscale(host, latent, [caption], recorder, CONFIGS["AccDiffusion defaults"], scale, seed,
+                  denoise=kind.denoise)
     side = 384
     stage = acc.stages[-1]
     k = side // (8 * stage.size[0])  # draw the map at the panel size: windows scaled by k
