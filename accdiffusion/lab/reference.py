@@ -226,6 +226,15 @@ class Host:
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.denoiser.sigma_to_t(sigma.to(self.denoiser.sigmas.device))
 
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """A clean latent at noise level σ as the sampler's state: x₀ + σ·ε for the k-diffusion
+        wrappers of ε and v models (a flow host overrides it)."""
+        return x0 + noise * sigma
+
+    def stage_denoiser(self, *args: Any, **kwargs: Any) -> StageDenoiser:
+        """The stage denoiser of this host's parametrisation (a flow host overrides it)."""
+        return StageDenoiser(*args, **kwargs)
+
     def img2img_sigmas(self, steps: int, denoise: float) -> torch.Tensor:
         """The last ``steps`` of a schedule of ⌊steps / denoise⌋ steps, as the WebUI does."""
         total = max(steps, int(steps / denoise))
@@ -390,10 +399,10 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         x_up = restandardise(upscale_latent(latent, stage.size), mean, std)
         generator = torch.Generator().manual_seed(seed + stage.index)
         noise = torch.randn(x_up.shape, generator=generator).to(x_up)
-        denoiser: StageDenoiser[RowCond] = StageDenoiser(stage, windows, settings, seed, host.sigma_to_t,
-                                                         reference=x_up, noise=noise, auto_batch=auto_batch,
-                                                         skip_scale=host.skip_scale if host.v_prediction else None,
-                                                         jitter=jitter)
+        denoiser: StageDenoiser[RowCond] = host.stage_denoiser(stage, windows, settings, seed, host.sigma_to_t,
+                                                               reference=x_up, noise=noise, auto_batch=auto_batch,
+                                                               skip_scale=host.skip_scale if host.v_prediction else None,
+                                                               jitter=jitter)
         lookups: list[StageTilePrompts | None] = []
         if settings.window_mode == "shifted":
             # the windows move every step: each row looks its window's prompt up when it is used
@@ -417,7 +426,7 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         sigmas = host.img2img_sigmas(steps, denoise).to(x_up.device)
         torch.manual_seed(seed + 1000 + stage.index)  # ancestral samplers draw from the global RNG
         with torch.no_grad():
-            latent = host.sample(sampler, model, x_up + noise * sigmas[0], sigmas)
+            latent = host.sample(sampler, model, host.noised(x_up, noise, sigmas[0]), sigmas)
         latent = restandardise_stage_output(latent, mean, std)
         result.stage_stats.append(denoiser.stats)
         result.stage_encodes.append(cache.encodes - before)

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from ...method.prompts import PHRASE_MASKS, PhraseRules, build_word_masks
 from ...method.settings import AccDiffusionSettings
 from ...method.words import CONNECTIVES, align_words, split_words
 from .model import ToyHost, load_host
-from .sample import RECORD_DOWNSAMPLE, first_pass, upscale, upscale_progressive
+from .sample import RECORD_DOWNSAMPLE, first_pass, flow_first_pass, upscale, upscale_progressive
 from .scenes import COLOURS, LATENT, PATCH, SHAPES, Scene, counts, latent_rgb, make_scene, \
     matches_caption, segment
 
@@ -50,6 +50,37 @@ SHIFTED_CONFIGS: dict[str, AccDiffusionSettings] = {
 }
 SHIFT_ALIGN = {"AccDiffusion defaults, shifted windows, 1-px offsets": 1}  # config → offset/cut grid
 SCALES = (2, 3)
+# the flow toy's table: the two configs the UNet toy's table compares head to head
+FLOW_CONFIGS: dict[str, AccDiffusionSettings] = {name: CONFIGS[name] for name in ("plain tiling", "AccDiffusion defaults")}
+
+
+def pooled_view(latent: torch.Tensor) -> torch.Tensor:
+    """The flow toy's 4-px latent seen on 8-px patches (2×2 mean: exactly the UNet toy's colour
+    code), so objects are counted on the same grid with the same thresholds as the UNet toy."""
+    return torch.nn.functional.avg_pool2d(latent, 2)
+
+
+@dataclass(frozen=True)
+class ToyKind:
+    """What differs between the two toys in the evaluation."""
+    name: str
+    load: Any  # () -> host
+    first_pass: Any  # (host, prompts, seed) -> (latent, recorder)
+    probe_maps: Any  # (host, scene, seed) -> [tokens, 8, 8]
+    view: Any  # latent → the 8-px-patch view the counting reads
+    configs: dict[str, AccDiffusionSettings]
+    denoise: float = 0.6  # the hires pass's
+
+
+def kind_of(model: str) -> "ToyKind":
+    if model == "flow":
+        from .flow import load_flow_host
+
+        from .sample import FLOW_DENOISE
+
+        return ToyKind("flow", load_flow_host, flow_first_pass, flow_probe_maps, pooled_view, FLOW_CONFIGS,
+                       FLOW_DENOISE)
+    return ToyKind("unet", load_host, first_pass, probe_maps, lambda x: x, CONFIGS)
 
 
 # --- duplicates ------------------------------------------------------------------------------
@@ -223,27 +254,97 @@ def probe_maps(host: ToyHost, scene: Scene, timesteps: Sequence[int] = (200, 400
     return maps
 
 
+def flow_probe_maps(host, scene: Scene, sigmas: Sequence[float] = (0.2, 0.4, 0.6, 0.8), seed: int = 0,
+                    recorder=None) -> torch.Tensor:
+    """The flow toy's [tokens, 8, 8] maps of a real scene: its latent at x_σ = (1 − σ)·x₀ + σ·ε for a
+    few σ, one model call each with the recorder on (pass ``recorder`` to read other blocks or
+    normalisations afterwards)."""
+    from .flow import GRID, SCENE_PATCH, FlowAttentionRecorder, flow_noised
+    from .scenes import scene_latent
+
+    generator = torch.Generator().manual_seed(seed)
+    x0 = scene_latent(scene, SCENE_PATCH)[None]
+    from .sample import FLOW_RECORD_BLOCKS, FLOW_RECORD_MODE
+
+    recorder = recorder or FlowAttentionRecorder((GRID, GRID), 1, host.model.config.blocks, mode=FLOW_RECORD_MODE,
+                                                 use_blocks=FLOW_RECORD_BLOCKS)
+    recorder.row_images = [0]
+    cond = host.encode([scene.caption])
+    try:
+        recorder.attach(host.model)
+        with torch.no_grad():
+            for sigma in sigmas:
+                xt = flow_noised(x0, torch.randn(x0.shape, generator=generator), sigma)
+                host.row_model(xt, torch.tensor([sigma]), cond)
+    finally:
+        recorder.detach(host.model)
+    maps = recorder.maps(0)
+    assert maps is not None
+    return maps
+
+
+def map_study(host, scene_list: Sequence[Scene], firsts: Sequence[torch.Tensor], recorders: Sequence, chunk: int,
+              view) -> dict:
+    """The flow toy's maps by normalisation and block: shape and colour word IoU and peak hits on
+    generated first passes and probed real scenes, for each mode alone on every block and for
+    every mode on all blocks together."""
+    from .flow import RECORD_MODES, GRID, FlowAttentionRecorder
+
+    blocks = host.model.config.blocks
+    choices = [(mode, (b,)) for mode in RECORD_MODES for b in range(blocks)]
+    choices += [(mode, tuple(range(blocks))) for mode in RECORD_MODES]
+    choices += [("text", tuple(range(host.model.config.double_blocks)))]
+    gen = {c: WordIoU([], [], []) for c in choices}
+    real = {c: WordIoU([], [], []) for c in choices}
+    first = torch.cat(list(firsts))
+    for i, scene in enumerate(scene_list):
+        rec = recorders[i // chunk]
+        probe = FlowAttentionRecorder((GRID, GRID), 1, blocks)
+        flow_probe_maps(host, scene, seed=i, recorder=probe)
+        for mode, bl in choices:
+            gen[(mode, bl)].add(caption_ious(host, scene.caption, rec.maps(i % chunk, mode, bl),
+                                             generated_truth(view(first[i]))))
+            real[(mode, bl)].add(caption_ious(host, scene.caption, probe.maps(0, mode, bl), scene_truth(scene)))
+    mean = lambda v: round(float(np.mean(v)), 3) if v else None
+    out = {}
+    for mode, bl in choices:
+        key = f"{mode} / blocks {','.join(map(str, bl))}"
+        out[key] = {src: {"shape IoU": mean(w.shape), "shape chance": mean(w.shape_other_object),
+                          "shape peak": mean(w.shape_points), "colour IoU": mean(w.colour),
+                          "colour chance": mean(w.other_object), "colour peak": mean(w.colour_points)}
+                    for src, w in (("generated", gen[(mode, bl)]), ("real", real[(mode, bl)]))}
+    return out
+
+
 # --- the evaluation ----------------------------------------------------------------------------
 def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: ToyHost | None = None,
              configs: dict[str, AccDiffusionSettings] | None = None, scales: Sequence[int] = SCALES,
-             chunk: int = 25, verbose: bool = True, details: bool = False) -> dict:
+             chunk: int = 25, verbose: bool = True, details: bool = False, kind: ToyKind | None = None,
+             study: bool = False, denoise: float | None = None) -> dict:
     """``details``: also the UNet window evaluations per scene and stage and the seam ratio of
-    each config (``eval --shifted``); off, the report keeps the layout of docs/toy-eval.json."""
-    host = host or load_host()
-    configs = configs or CONFIGS
+    each config (``eval --shifted``); off, the report keeps the layout of docs/toy-eval.json.
+    ``kind``: which toy (default the UNet toy); ``study``: also the flow toy's maps by block and
+    normalisation (:func:`map_study`)."""
+    kind = kind or kind_of("unet")
+    host = host or kind.load()
+    configs = configs or kind.configs
+    view = kind.view
+    denoise = kind.denoise if denoise is None else denoise
     start = time.time()
     scene_list = [make_scene(EVAL_SEED_OFFSET + i) for i in range(scenes)]
     captions = [s.caption for s in scene_list]
     report: dict = {"scenes": scenes, "configs": {}, "first_pass": {}, "iou": {}}
+    if kind.name != "unet":
+        report["model"], report["hires_denoise"] = kind.name, denoise
     firsts, recorders = [], []
     for c0 in range(0, scenes, chunk):
-        latent, recorder = first_pass(host, captions[c0:c0 + chunk], seed=c0)
+        latent, recorder = kind.first_pass(host, captions[c0:c0 + chunk], seed=c0)
         firsts.append(latent)
         recorders.append(recorder)
     first = torch.cat(firsts)
-    first_counts = [counts(l) for l in first]
+    first_counts = [counts(view(l)) for l in first]
     saved: dict[str, list[torch.Tensor]] = {"first": [first]}
-    matched = [matches_caption(l, c) for l, c in zip(first, captions)]
+    matched = [matches_caption(view(l), c) for l, c in zip(first, captions)]
     report["first_pass"] = {"caption_match_share": sum(matched) / scenes,
                             "objects_per_scene": sum(sum(c.values()) for c in first_counts) / scenes,
                             "captioned_objects_per_scene": sum(len(s.objects) for s in scene_list) / scenes}
@@ -253,8 +354,8 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
     for i, (scene, latent) in enumerate(zip(scene_list, first)):
         rec = recorders[i // chunk]
         maps = rec.maps(i % chunk)
-        gen.add(caption_ious(host, scene.caption, maps, generated_truth(latent)))
-        real.add(caption_ious(host, scene.caption, probe_maps(host, scene, seed=i), scene_truth(scene)))
+        gen.add(caption_ious(host, scene.caption, maps, generated_truth(view(latent))))
+        real.add(caption_ious(host, scene.caption, kind.probe_maps(host, scene, seed=i), scene_truth(scene)))
     mean = lambda v: round(float(np.mean(v)), 3) if v else None
     report["iou"] = {name: {"colour word IoU": mean(w.colour), "shape word IoU": mean(w.shape),
                             "colour word IoU with another object (chance)": mean(w.other_object),
@@ -263,6 +364,8 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
                             "shape word peak on its object": mean(w.shape_points),
                             "objects": len(w.colour)}
                      for name, w in (("generated first pass", gen), ("real scenes, probed", real))}
+    if study:
+        report["maps_by_mode_and_block"] = map_study(host, scene_list, firsts, recorders, chunk, view)
     if verbose:
         print(json.dumps(report, indent=1), f"{time.time() - start:.0f} s", flush=True)
 
@@ -272,14 +375,15 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
         for c0, (latent, rec) in enumerate(zip(firsts, recorders)):
             caps = captions[c0 * chunk:(c0 + 1) * chunk]
             with window_capture(SHIFT_ALIGN.get(name)) as last_windows:
-                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0)
+                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0,
+                                                            denoise=denoise)
             for stage, up, stats in zip(result.stages, stage_latents, result.stage_stats):
                 scale = round(stage.scale)
                 if scale not in rows:
                     continue
                 saved.setdefault(f"{name}/{scale}x", []).append(up)  # type: ignore[arg-type]
                 for j, one in enumerate(up):
-                    e, l = duplicates(first[c0 * chunk + j], one)
+                    e, l = duplicates(view(first[c0 * chunk + j]), view(one))
                     rows[scale]["extra"].append(e)
                     rows[scale]["lost"].append(l)
                     tiles = result.tile_prompts[stage.index - 1][j] or [caps[j]]
@@ -323,7 +427,7 @@ def _to_image(latent: torch.Tensor, side: int):
 
 
 def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: int = 3,
-         out: Path | str = "toy-demo.png", host: ToyHost | None = None) -> Path:
+         out: Path | str = "toy-demo.png", host: ToyHost | None = None, kind: ToyKind | None = None) -> Path:
     """First pass | plain tiling | AccDiffusion defaults | the last stage's tile-prompt map."""
     from PIL import Image, ImageDraw
 
@@ -331,18 +435,20 @@ def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: in
     from ...method.tilemap import draw_tile_prompt_map
     from ...method.tiles import Window
 
-    host = host or load_host()
-    latent, recorder = first_pass(host, [caption], seed=seed)
-    plain = upscale(host, latent, [caption], recorder, CONFIGS["plain tiling"], scale, seed)
-    acc = upscale(host, latent, [caption], recorder, CONFIGS["AccDiffusion defaults"], scale, seed)
+    kind = kind or kind_of("unet")
+    host = host or kind.load()
+    latent, recorder = kind.first_pass(host, [caption], seed=seed)
+    plain = upscale(host, latent, [caption], recorder, CONFIGS["plain tiling"], scale, seed, denoise=kind.denoise)
+    acc = upscale(host, latent, [caption], recorder, CONFIGS["AccDiffusion defaults"], scale, seed,
+                  denoise=kind.denoise)
     side = 384
     stage = acc.stages[-1]
     k = side // (8 * stage.size[0])  # draw the map at the panel size: windows scaled by k
     windows = [Window(w.top * k, w.left * k, w.height * k, w.width * k)
-               for w in stage_windows(stage, (LATENT, LATENT), CONFIGS["AccDiffusion defaults"])]
+               for w in stage_windows(stage, tuple(latent.shape[-2:]), CONFIGS["AccDiffusion defaults"])]
     tile_map = draw_tile_prompt_map(_to_image(latent[0], side), windows, acc.tile_prompts[-1][0],
                                     (stage.size[0] * k, stage.size[1] * k)).resize((side, side))
-    first_n, plain_n, acc_n = counts(latent[0]), counts(plain.latent[0]), counts(acc.latent[0])
+    first_n, plain_n, acc_n = (counts(kind.view(x)) for x in (latent[0], plain.latent[0], acc.latent[0]))
     fmt = lambda c: ", ".join(f"{v} {k}" for k, v in c.items() if v) or "nothing"
     panels = [(f"first pass 64 px: {fmt(first_n)}", _to_image(latent[0], side)),
               (f"(a) plain tiling {scale}x: {fmt(plain_n)}", _to_image(plain.latent[0], side)),
@@ -355,8 +461,9 @@ def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: in
         x = i * (side + 10)
         sheet.paste(img, (x, head))
         draw.text((x + 4, 6), label, fill="black")
-    draw.text((4, side + head + 6), f'caption "{caption}", seed {seed}; toy model, '
-              f'python -m accdiffusion.lab.toy demo --caption "..." --seed {seed} --scale {scale}', fill="black")
+    model = " --model flow" if kind.name == "flow" else ""
+    draw.text((4, side + head + 6), f'caption "{caption}", seed {seed}; {kind.name} toy model, '
+              f'python -m accdiffusion.lab.toy demo{model} --caption "..." --seed {seed} --scale {scale}', fill="black")
     out = Path(out)
     sheet.save(out)
     return out
