@@ -462,3 +462,46 @@ def test_a1111_cfg_rows_follow_the_denoisers_layout():
     assert layout.take(2) == [0, 1]  # skip-uncond: the step ends here; the next one starts afresh
     layout.start_step(SimpleNamespace(batch=[[1], [2]]))
     assert layout.take(4) == [0, 1, None, None]
+
+
+# --- prompt units: the setting reaches the plans, and the tiles keep whole phrases ------------------------
+TAGS = "1girl, red hair, blue eyes, night sky, city street"
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+@pytest.mark.parametrize("window_mode", ["overlap", "shifted"])
+@pytest.mark.parametrize("units", ["phrases", "words"])
+def test_prompt_units_reach_the_plans_and_the_tile_prompts(models, monkeypatch, caplog, host, window_mode, units):
+    import ast
+    import logging
+
+    from accdiffusion.method.words import PromptUnits, phrase_units, split_words
+
+    plans = []
+    real_plans = txt2img_flow.image_plans
+
+    def image_plans(p, job, maps):
+        plans.extend(real_plans(p, job, maps))
+        return plans
+
+    monkeypatch.setattr(txt2img_flow, "image_plans", image_plans)
+    p, _ = make_job(host, models[(host, "sd1")], prompts=[TAGS], hr_scale=1.5)
+    settings = ROUTING.replace(prompt_units=units, window_mode=window_mode, patch_prompt_threshold=0.6)
+    with caplog.at_level(logging.DEBUG, logger="accdiffusion"):
+        process_images(p, settings, facade)
+    words = split_words(TAGS)
+    expected = phrase_units(TAGS, words) if units == "phrases" else PromptUnits.each_word(len(words))
+    assert len(plans) == 1 and plans[0].units == expected
+    logged = [ast.literal_eval(r.getMessage().split("tile prompts: ", 1)[1]) for r in caplog.records
+              if "tile prompts: " in r.getMessage()]
+    tiles = [t for stage in logged for t in stage]
+    assert tiles and any(t != TAGS for t in tiles)  # the maps dropped something somewhere
+    phrase_texts = [[words[i].text for i in m] for m in phrase_units(TAGS, words).members]
+    split = 0
+    for tile in tiles:
+        kept = {w.text for w in split_words(tile)}
+        split += sum(0 < len(kept & set(ph)) < len(ph) for ph in phrase_texts)
+    if units == "phrases":
+        assert split == 0, tiles
+    else:  # one mask per word, and these maps do split phrases: the check above can fail
+        assert plans[0].masks.masks.shape[0] == len(words) and split > 0

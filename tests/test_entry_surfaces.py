@@ -17,7 +17,8 @@ from accdiffusion.method.tiles import Window, window_grid
 CUSTOM = AccDiffusionSettings(enabled=True, patch_prompts=False, patch_prompt_threshold=0.45,
                               window_interaction=False, cosine_scale_1=2.5, sigma=0.0,
                               window_size=96, stride=48, tile_batch_size=8, progressive=False,
-                              tiled_decode="on", tile_prompt_map=True, window_mode="shifted")
+                              tiled_decode="on", tile_prompt_map=True, window_mode="shifted",
+                              prompt_units="words")
 
 
 def _infotext_roundtrip(settings):
@@ -103,6 +104,8 @@ def test_xyz_specs():
     assert specs["patch_prompt_threshold"].choices is None
     assert specs["window_mode"].type is str and specs["window_mode"].choices() == ["overlap", "shifted"]
     assert specs["window_mode"].label == "AccDiffusion Window mode"
+    assert specs["prompt_units"].label == "AccDiffusion Prompt units"
+    assert specs["prompt_units"].type is str and specs["prompt_units"].choices() == ["phrases", "words"]
 
 
 def test_xyz_apply_does_not_share_dicts():
@@ -154,6 +157,9 @@ def test_xyz_confirm():
     with pytest.raises(ValueError, match="true or false"):
         specs["dilated_sampling"].confirm(None, ["True", "Maybe"])
     assert glue.parse_bool("false") is False and glue.parse_bool("TRUE") is True
+    specs["prompt_units"].confirm(None, ["phrases", "words"])
+    with pytest.raises(ValueError, match="'phrases', 'words'"):
+        specs["prompt_units"].confirm(None, ["phrases", "sentences"])
 
 
 def test_control_specs():
@@ -169,6 +175,9 @@ def test_control_specs():
     assert specs["window_mode"].component == "radio"
     assert specs["window_mode"].choices == ("overlap", "shifted") and specs["window_mode"].value == "overlap"
     assert specs["tiled_decode"].component == "radio"
+    assert specs["prompt_units"].component == "radio" and specs["prompt_units"].value == "phrases"
+    assert specs["prompt_units"].choices == ("phrases", "words")
+    assert "prompt_units" in [f.name for f in glue.advanced_fields()]
     assert specs["tiled_decode"].choices == ("auto", "on", "off")
     assert specs["patch_prompts"].component == "checkbox" and specs["patch_prompts"].value is True
     for f in FIELDS:
@@ -387,9 +396,7 @@ def test_script_with_stand_ins(monkeypatch):
     fake_adapter.before_batch = lambda p: calls.append(("batch",))
     fake_adapter.finish_job = lambda p, processed: calls.append(("finish", processed))
     monkeypatch.setitem(sys.modules, "accdiffusion.entry.facade", fake_adapter)
-    import accdiffusion.entry
-    # `from accdiffusion.entry import facade` reads the package attribute once the real module was
-    # imported (by any earlier test), so the package's attribute is replaced too
+    import accdiffusion.entry  # `from accdiffusion.entry import facade` reads the package attribute once imported
     monkeypatch.setattr(accdiffusion.entry, "facade", fake_adapter, raising=False)
 
     p = types.SimpleNamespace()
@@ -406,6 +413,14 @@ def test_script_with_stand_ins(monkeypatch):
     script.postprocess(p, "processed", *args)
     assert [c[0] for c in calls] == ["start", "batch", "finish"]
     assert calls[0][1] == AccDiffusionSettings(enabled=True, patch_prompt_threshold=0.5)
+
+    calls.clear()  # the prompt-units axis, as registered with xyz_grid, reaches the job's settings
+    units_axis = next(o for o in xyz.axis_options if o.label == "AccDiffusion Prompt units")
+    assert units_axis.choices() == ["phrases", "words"]
+    p = types.SimpleNamespace()
+    units_axis.apply(p, "words", ["phrases", "words"])
+    script.process(p, *args)
+    assert calls == [("start", AccDiffusionSettings(enabled=True, prompt_units="words"))]
 
     calls.clear()
     bad = list(AccDiffusionSettings(enabled=True).to_positional())

@@ -79,7 +79,7 @@ def test_same_seed_same_image_and_differs_from_stock(forge_sd1):
     assert not torch.allclose(a.images[0], stock.images[0])
 
 
-def test_flux_like_models_are_declined(forge_sd1):
+def test_other_models_are_declined(forge_sd1):
     webui = ForgeWebUIStandIn()
     p = ForgeTxt2ImgStandIn(forge_sd1, webui, adapter=facade, prompts=[PROMPT])
     forge_sd1.is_sd1 = False

@@ -30,7 +30,7 @@ def test_two_stage_hires_pass_gives_finite_latents(request, host_name, sampler):
         words = split_words(prompt)
         plan = ImagePromptPlan.build(words, align_words(words, host.context_ids(prompt), host.special_ids,
                                                         host.tokenize),
-                                     recorder.maps(i), prompt, words)
+                                     recorder.maps(i), prompt, words, units=AccDiffusionSettings().prompt_units)
         windows = stage_windows(result.stages[0], (16, 24), AccDiffusionSettings(enabled=True))
         assert result.tile_prompts[0][i] == plan.tile_prompts((32, 48), windows, 0.3)
 

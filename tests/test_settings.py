@@ -13,7 +13,8 @@ def test_defaults_match_the_contract():
         "dilated_sampling": True, "window_interaction": True, "skip_residual": True,
         "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0, "sigma": 0.8,
         "window_size": 0, "stride": 0, "tile_batch_size": 0, "progressive": True,
-        "tiled_decode": "auto", "tile_prompt_map": False, "window_mode": "overlap"}
+        "tiled_decode": "auto", "tile_prompt_map": False, "window_mode": "overlap",
+        "prompt_units": "phrases"}
 
 
 @pytest.mark.parametrize("name,value,needle", [
@@ -22,6 +23,7 @@ def test_defaults_match_the_contract():
     ("tile_batch_size", -1, "0 (automatic) or an integer in [1, 64]"),
     ("tile_batch_size", 65, "[1, 64]"),
     ("window_mode", "spiral", "'overlap', 'shifted'"),
+    ("prompt_units", "sentences", "'phrases', 'words'"),
     ("tile_batch_size", 2.5, "an integer"),
     ("window_size", 20, "multiple of 8"),
     ("tiled_decode", "maybe", "'auto', 'on', 'off'"),
@@ -95,3 +97,19 @@ def test_window_mode_and_automatic_batch_round_trip():
     explicit = s.replace(tile_batch_size=6)
     assert explicit.infotext_params()["AccDiffusion tile batch size"] == 6
     assert AccDiffusionSettings.from_dict({"window_mode": "overlap", "tile_batch_size": 3}).tile_batch_size == 3
+
+
+def test_prompt_units_round_trip_through_dict_positional_and_infotext():
+    s = AccDiffusionSettings(enabled=True, prompt_units=" Words ")
+    assert s.prompt_units == "words"
+    # the newest setting comes last, so positional API calls of earlier versions keep their meaning
+    assert FIELDS[-1].name == "prompt_units"
+    assert AccDiffusionSettings.from_positional(s.to_positional()) == s
+    assert AccDiffusionSettings.from_dict({"enabled": True, "prompt_units": "words"}) == s
+    params = s.infotext_params()
+    assert params == {"AccDiffusion": True, "AccDiffusion prompt units": "words"}
+    assert AccDiffusionSettings.from_infotext({k: str(v) for k, v in params.items()}) == s
+    # the default is not written, and an infotext without the key reads as the default
+    assert AccDiffusionSettings(enabled=True).infotext_params() == {"AccDiffusion": True}
+    assert AccDiffusionSettings.from_infotext({"AccDiffusion": "True"}).prompt_units == "phrases"
+    assert json_schema()["properties"]["prompt_units"]["enum"] == ["phrases", "words"]

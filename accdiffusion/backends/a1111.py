@@ -45,6 +45,7 @@ import torch
 from ..method.attention import AttentionRecorder, find_cross_attention
 from ..method.batching import AutoTileBatch
 from ..method.control import CallItems, StageHints, hint_rows_for, log_call, resize_hint
+from ..method.flow import SD_SAMPLING, ModelSampling
 from ..method.hires import StageDenoiser, v_prediction_c_skip
 from ..flows.job import comment, hook_skip_residual
 from ..flows.rows import UNPLACED, positive_texts, row_images, schedule_entry, split_cond, stack_cond, tile_conditions
@@ -200,6 +201,10 @@ class A1111Backend:
     def auto_tile_batch(self) -> AutoTileBatch:
         """tile_batch_size 0: CUDA free memory as torch reports it (A1111 keeps no count of its own)."""
         return AutoTileBatch()
+
+    def model_sampling(self, p: Any) -> ModelSampling:
+        """The models served here (SD 1.x, 2.x, SDXL) all noise as x₀ + σ·ε."""
+        return SD_SAMPLING
 
     def skip_scale(self, p: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """c_skip(σ) for the dilated branch: A1111 wraps a v-model (``parameterization == "v"``: ldm

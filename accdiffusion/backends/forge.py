@@ -32,6 +32,17 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
   full-size call is turned off (an instance ``get_control`` returning None) and the wrapper calls the
   original per tiled call with ``cond_hint`` (and the mask) set to the call's per-item hints
   (:class:`ForgeControl`). Forge's ControlNet reads ``p.is_hr_pass`` itself (hires modes).
+- Flux, Chroma and SD 3.5 (joint-attention transformers, :mod:`accdiffusion.jointattention`):
+  their forward takes no ``transformer_options`` patches, so the first pass records through a
+  ``model_function_wrapper`` on a clone (chaining to one that was there) that holds forward hooks
+  on the recorded blocks for the duration of each model call (:func:`_joint_recording_unet`).
+  Their conditioning is {"c_crossattn", "y", "guidance"} (Flux), {"c_crossattn"} (Chroma),
+  {"c_crossattn", "y"} (SD 3.5) (backend/sampling/condition.py:91-119): a tile row takes the tile
+  prompt's text and pooled vector and keeps its own distilled guidance. Their forward builds the
+  position ids (Flux/Chroma, nn/flux.py:410-416) or crops the position table (SD 3.5,
+  mmditx.py:867-886) from the size of the latent it is given, so each window and sub-latent is
+  positioned as an image of its own size. The flow predictor (k_prediction.py 'const') gives the
+  noise scaling (:meth:`ForgeBackend.model_sampling`).
 - the probe pass (img2img, the Upscale button) runs on the UNet a sampling would use: before it,
   ``forge_objects`` are reset and the scripts' ``process_before_every_sampling`` runs (ControlNet
   attaches its units, other extensions patch the UNet); each probe call evaluates the chain on its
@@ -41,6 +52,7 @@ and its ``model_options``. So, with Forge's own patching (backend/patcher/base.p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -52,9 +64,11 @@ import torch
 from ..method.attention import MIDDLE_BLOCK_NAMES, AttentionRecorder
 from ..method.batching import AutoTileBatch, planned_tile_batch
 from ..method.control import CallItems, StageHints, hint_rows_for, log_call
+from ..method.flow import FLOW_SAMPLING, SD_SAMPLING, ModelSampling
 from ..method.hires import StageDenoiser, v_prediction_c_skip
 from ..flows.job import _NO_ATTR, comment, hook_skip_residual
-from ..flows.rows import schedule_entry, split_cond, stack_cond, tile_conditions
+from ..method.jointattention import JointAttentionCapture, joint_family
+from ..flows.rows import TEXT_KEYS, schedule_entry, split_cond, stack_cond, tile_conditions
 from ..method.tiles import Window
 from ..method.timesteps import TIMESTEPS, SamplerSpace, TimestepSchedule
 
@@ -63,7 +77,65 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("accdiffusion")
 
-TENSOR_KEYS = ("c_crossattn", "y", "c_concat")
+TENSOR_KEYS = ("c_crossattn", "y", "c_concat", "guidance")  # guidance: Flux's distilled CFG, one value per row
+
+
+def joint_transformer(unet_patcher: Any) -> torch.nn.Module | None:
+    """The joint-attention transformer (Flux, Chroma, SD 3.5) a UnetPatcher runs, or None (a UNet)."""
+    model = getattr(getattr(unet_patcher, "model", None), "diffusion_model", None)
+    return model if model is not None and joint_family(model) is not None else None
+
+
+def is_joint_model(p: Any) -> bool:
+    return joint_transformer(p.sd_model.forge_objects.unet) is not None
+
+
+def _joint_recording_unet(unet_patcher: Any, recorder: AttentionRecorder) -> Any:
+    """A clone of a UnetPatcher whose model calls feed the recorder from the joint-attention blocks
+    (:class:`JointAttentionCapture`, hooks held for the call only), with the rows' images from
+    ``cond_or_uncond`` (sampling_function.py:271). A model_function_wrapper that was there (another
+    extension's) is called inside, with the same arguments."""
+    unet = unet_patcher.clone()
+    previous = unet.model_options.get("model_function_wrapper")
+    if hasattr(previous, "accdiffusion_previous"):  # ours (Forge may call the hook twice): replace, not stack
+        previous = previous.accdiffusion_previous
+    model = unet.model.diffusion_model
+
+    def recording(apply_model: Callable[..., torch.Tensor], args: dict) -> torch.Tensor:
+        rows = cond_rows_to_images(args.get("cond_or_uncond", [0]), int(args["input"].shape[0]))
+        with JointAttentionCapture(model, recorder, rows):
+            if previous is not None:
+                return previous(apply_model, args)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+    recording.accdiffusion_previous = previous  # type: ignore[attr-defined]
+    unet.set_model_unet_function_wrapper(recording)
+    return unet
+
+
+def joint_tile_row(row: dict, cond: Any) -> dict:
+    """A Flux / Chroma / SD 3.5 row with a tile prompt's conditioning: its text sequence and
+    pooled vector (Flux: CLIP-L's; SD 3.5: CLIP-L|G's); the row's own distilled guidance stays."""
+    out = dict(row)
+    if isinstance(cond, dict):
+        out["c_crossattn"] = cond["crossattn"]
+        if "y" in row and "vector" in cond:
+            out["y"] = cond["vector"]
+    else:
+        out["c_crossattn"] = cond
+    return out
+
+
+def by_text_length(conds: Sequence[dict]) -> list[list[int]]:
+    """Row indices grouped by text length, in order of first appearance. A transformer attends to
+    every text token, so rows of different lengths are run apart rather than padded (Chroma's T5
+    is not padded, t5_engine.py:20 min_length; a Flux prompt past 255 tokens is longer than its
+    tile prompts)."""
+    groups: dict[int, list[int]] = {}
+    for i, cond in enumerate(conds):
+        text = next((cond[k] for k in TEXT_KEYS if k in cond), None)
+        groups.setdefault(int(text.shape[0]) if text is not None else 0, []).append(i)
+    return list(groups.values())
 
 
 def attn2_positions(unet: torch.nn.Module) -> list[tuple[str, int, int]]:
@@ -179,9 +251,11 @@ def probe_control(chain: Sequence[Any], x: torch.Tensor, sigma: torch.Tensor, co
 class ForgeBackend:
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
+        if is_joint_model(p):  # Flux, Chroma, SD 3.5
+            return None
         if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)
                 or getattr(model, "is_sdxl", False)):
-            return "only SD 1.x, SD 2.x and SDXL models are supported (not Flux, SD3, ...)"
+            return "only SD 1.x, SD 2.x, SDXL, Flux, Chroma and SD 3.5 models are supported"
         if getattr(model, "is_sdxl", False) and getattr(model, "text_processing_engine_l", None) is None:
             return "the SDXL refiner model is not supported"
         if getattr(model, "is_inpaint", False):
@@ -190,15 +264,34 @@ class ForgeBackend:
 
     # --- first pass ---------------------------------------------------------------------------
     def start_recording(self, p: Any, job: Job, conditioning: Any, prompts: Sequence[str]) -> AttentionRecorder:
-        """Created here, installed by :meth:`before_sampling` (Forge resets the UNet in between)."""
-        return AttentionRecorder((p.height // 8, p.width // 8), len(prompts))
+        """Created here, installed by :meth:`before_sampling` (Forge resets the UNet in between).
+        A transformer's maps are on its token grid (latent / patch size)."""
+        return AttentionRecorder((p.height // 8, p.width // 8), len(prompts),
+                                 downsample=self.model_sampling(p).map_downsample)
 
     def before_sampling(self, p: Any, job: Job) -> None:
         recorder = job.recorder
         if p.is_hr_pass or recorder is None:
             return
         objects = p.sd_model.forge_objects
-        job.set_attr(objects, "unet", _recording_unet(objects.unet, recorder))
+        patch = _joint_recording_unet if is_joint_model(p) else _recording_unet
+        job.set_attr(objects, "unet", patch(objects.unet, recorder))
+
+    def model_sampling(self, p: Any) -> ModelSampling:
+        """From the model's predictor (backend/modules/k_prediction.py): a flow predictor
+        (``prediction_type`` 'const': Flux, Chroma, SD 3.5) noises with its own ``noise_scaling``
+        ((1 − σ)·x₀ + σ·ε, :94-97); everything else as SD (x₀ + σ·ε)."""
+        predictor = getattr(getattr(p.sd_model.forge_objects.unet, "model", None), "predictor", None)
+        if getattr(predictor, "prediction_type", None) != "const":
+            return SD_SAMPLING
+
+        def noise_scaling(sigma: Any, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+            sigma = torch.as_tensor(sigma, dtype=latent.dtype, device=latent.device)
+            if sigma.numel() > 1:
+                sigma = sigma.reshape(-1, *([1] * (latent.ndim - 1)))
+            return predictor.noise_scaling(sigma, noise, latent)
+
+        return dataclasses.replace(FLOW_SAMPLING, noise_scaling=noise_scaling)
 
     @contextmanager
     def probe_unet(self, p: Any, job: Job, sampler: Any, recorder: AttentionRecorder, conds: Sequence[Any],
@@ -221,6 +314,10 @@ class ForgeBackend:
         loaded: list[Any] = []
         try:
             patched = self._probe_patched_unet(p, job, latents)
+            if is_joint_model(p):
+                call = self._joint_probe_call(p, patched, recorder, conds, loaded)
+                yield call
+                return
             unet = _recording_unet(patched, recorder)
             chain = control_chain(unet)
             saved += probe_hint_rows(chain, images)
@@ -256,6 +353,38 @@ class ForgeBackend:
                     p.__dict__.pop("modified_noise", None)
                 else:
                     p.modified_noise = noise_before
+
+    @staticmethod
+    def _joint_probe_call(p: Any, unet: Any, recorder: AttentionRecorder, conds: Sequence[Any],
+                          loaded: list[Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The probe's model call for Flux / Chroma / SD 3.5: the positive rows' conditioning
+        (text, pooled vector, distilled guidance as encoded) straight to ``apply_model``, the
+        blocks hooked for the call. ControlNet units sit out (Forge's ControlNet serves SD and
+        SDXL only)."""
+        model = unet.model.diffusion_model
+        if isinstance(conds[0], dict):
+            cond = {"c_crossattn": stack_cond([{"c_crossattn": c["crossattn"]} for c in conds],
+                                              {"c_crossattn": None})["c_crossattn"]}
+            if "vector" in conds[0]:
+                cond["y"] = torch.stack([c["vector"] for c in conds])
+            if "guidance" in conds[0]:
+                cond["guidance"] = torch.stack([torch.as_tensor(c["guidance"]).reshape(()) for c in conds])
+        else:
+            cond = {"c_crossattn": stack_cond([{"c_crossattn": c} for c in conds], {"c_crossattn": None})["c_crossattn"]}
+
+        def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            from backend.sampling.sampling_function import sampling_prepare
+
+            if not loaded:
+                sampling_prepare(unet, x)
+                loaded.append(unet)
+            args = {k: v.to(x.device) for k, v in cond.items()}
+            args["transformer_options"] = transformer_options_for(
+                unet.model_options.get("transformer_options", {}), [0], 1, sigma)
+            with JointAttentionCapture(model, recorder, list(range(x.shape[0]))):
+                return unet.model.apply_model(x, sigma, **args)
+
+        return call
 
     @staticmethod
     def _probe_patched_unet(p: Any, job: Job, latents: torch.Tensor) -> Any:
@@ -328,8 +457,12 @@ class ForgeBackend:
         objects = p.sd_model.forge_objects
         unet = objects.unet.clone()
 
+        joint = joint_transformer(unet) is not None
+
         def tile_row(row: dict, schedule: list, window: Window) -> dict:
             cond = schedule_entry(schedule, cfg.step)
+            if joint:
+                return joint_tile_row(row, cond)
             out = dict(row)
             if isinstance(cond, dict):  # SDXL: {"crossattn", "vector"}
                 out["c_crossattn"], out["y"] = cond["crossattn"], cond["vector"]
@@ -337,7 +470,11 @@ class ForgeBackend:
                 out["c_crossattn"] = cond
             return out
 
-        control = ForgeControl.for_stage(p, job, unet, denoiser)
+        if joint and control_chain(unet):
+            comment(p, "AccDiffusion: ControlNet units sat out of the tiled hires pass (Flux, Chroma and SD 3.5 "
+                       "windows are not given control hints).")
+            job.set_attr(control_chain(unet)[0], "get_control", lambda *args, **kwargs: None)
+        control = None if joint else ForgeControl.for_stage(p, job, unet, denoiser)
 
         def wrapper(apply_model: Any, args: dict) -> torch.Tensor:
             x, sigma, c = args["input"], args["timestep"], args["c"]
@@ -350,6 +487,16 @@ class ForgeBackend:
             options = others.pop("transformer_options", {})
 
             def row_model(xs: torch.Tensor, sigmas: torch.Tensor, conds: Sequence[dict]) -> torch.Tensor:
+                if joint:
+                    groups = by_text_length(conds)
+                    if len(groups) > 1:
+                        out = torch.empty_like(xs)
+                        for group in groups:
+                            index = torch.tensor(group, device=xs.device)
+                            out[index] = joint_call(xs.index_select(0, index), sigmas.index_select(0, index),
+                                                    [conds[i] for i in group])
+                        return out
+                    return joint_call(xs, sigmas, conds)
                 stacked = stack_cond(conds, conds[0])  # rows hold plain tensors here
                 blocks = xs.shape[0] // len(rows)
                 topts = transformer_options_for(options, args["cond_or_uncond"], blocks, sigmas)
@@ -359,6 +506,18 @@ class ForgeBackend:
                                              len(rows), len(rows) // len(args["cond_or_uncond"]),
                                              len(args["cond_or_uncond"]) * blocks)
                 return apply_model(xs, sigmas, **stacked, **others, **extra, transformer_options=topts)
+
+            def joint_call(xs: torch.Tensor, sigmas: torch.Tensor, conds: Sequence[dict]) -> torch.Tensor:
+                """Rows of one text length; transformer_options as Forge gives a call (its
+                cond_or_uncond layout is the caller's, repeated, when the rows are all there)."""
+                stacked = stack_cond(conds, conds[0])
+                layout = args["cond_or_uncond"]
+                blocks = xs.shape[0] // len(rows)
+                if blocks * len(rows) == xs.shape[0]:
+                    topts = transformer_options_for(options, layout, blocks, sigmas)
+                else:
+                    topts = transformer_options_for(options, [0], 1, sigmas)
+                return apply_model(xs, sigmas, **stacked, **others, transformer_options=topts)
 
             places = cond_rows_to_images(args["cond_or_uncond"], len(rows))
             return denoiser(row_model, x, sigma, rows,

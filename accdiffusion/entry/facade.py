@@ -16,6 +16,7 @@ from ..backends.forge import ForgeBackend
 from ..flows.job import JOB_ATTR, Job, comment, step_aside
 from ..flows.txt2img import make_hr_pass, make_sample
 from ..method.settings import AccDiffusionSettings
+from ..method.timesteps import TIMESTEPS
 from ..flows.img2img import img2img_fallback_reason, make_img2img_sample
 
 log = logging.getLogger("accdiffusion")
@@ -30,6 +31,19 @@ def is_img2img(p: Any) -> bool:
 
 def is_forge(p: Any) -> bool:
     return hasattr(p.sd_model, "forge_objects")
+
+
+def flow_sampler_reason(p: Any, backend: Any, webui: Any, img2img: bool) -> str | None:
+    """A flow-matching model (Flux, Chroma, SD 3.5) is served with k-diffusion samplers only: the
+    timestep samplers' boundary (x_t = √ᾱ_t·x, ε out) is the SD one, not tried on a flow predictor."""
+    if not getattr(backend.model_sampling(p), "flow", False):
+        return None
+    name = p.sampler_name if img2img else (getattr(p, "hr_sampler_name", None) or p.sampler_name)
+    if name in (None, "", "Use same sampler"):
+        name = p.sampler_name
+    if webui.sampler_kind(name) == TIMESTEPS:
+        return f"the sampler '{name}' is a timestep sampler, served for SD models only (use a k-diffusion sampler)"
+    return None
 
 
 def backend_for(p: Any) -> Any:
@@ -132,6 +146,8 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
         webui = WebUI()
     if not reason and img2img:
         reason = img2img_fallback_reason(p, webui)
+    if not reason:
+        reason = flow_sampler_reason(p, backend, webui, img2img)
     if reason:
         step_aside(p, reason, stock)
         return None

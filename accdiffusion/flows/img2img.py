@@ -51,13 +51,16 @@ def probe_maps(p: Any, job: Job, latents: torch.Tensor, conditioning: Any,
         return out
     sampler = probe_sampler(p, job)
     schedule = sampler.model_wrap
-    sigmas = probe_sigmas(lambda t: schedule.t_to_sigma(t.to(schedule.sigmas.device)))
-    recorder = AttentionRecorder(tuple(latents.shape[-2:]), len(images))
+    sampling = job.backend.model_sampling(p)
+    t_to_sigma = sampling.t_to_sigma or (lambda t: schedule.t_to_sigma(t.to(schedule.sigmas.device)))
+    sigmas = probe_sigmas(t_to_sigma)
+    recorder = AttentionRecorder(tuple(latents.shape[-2:]), len(images), downsample=sampling.map_downsample)
     index = torch.tensor(images, device=latents.device)
     stats = ProbeStats()
     probed = latents.index_select(0, index)
     with job.backend.probe_unet(p, job, sampler, recorder, [conds[i] for i in images], probed, images) as call:
-        run_probe(probed, [int(seeds[i]) for i in images], sigmas, call, stats)
+        run_probe(probed, [int(seeds[i]) for i in images], sigmas, call, stats,
+                  noise_scaling=sampling.noise_scaling if sampling.flow else None)
     job.probe_stats.append(stats)
     log.info("AccDiffusion probe pass (%s): %d UNet calls at %dx%d latent, %d noise levels, maps for %d image(s)",
              "Upscale button" if getattr(p, "firstpass_image", None) is not None else "img2img", stats.unet_calls,

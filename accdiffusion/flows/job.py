@@ -236,6 +236,7 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
     if job.auto_batch is None:
         job.auto_batch = job.backend.auto_tile_batch()
     skip_scale = job.backend.skip_scale(p)
+    sampling = job.backend.model_sampling(p)
     kind = webui.sampler_kind(target.sampler_name)  # k-diffusion or timesteps (hosts step aside for others)
 
     latent = samples
@@ -253,13 +254,16 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
         noise = p.rng.next()
         if source.noise_multiplier != 1.0:
             noise = noise * source.noise_multiplier
-        windows = stage_windows(stage, base, settings)
+        windows = stage_windows(stage, base, settings, align=sampling.size_multiple if sampling.flow else 1)
         tile_schedules, lookups = _tile_schedules(source.plans, stage, windows, settings, cache)
         sampler = webui.create_sampler(target.sampler_name, p.sd_model)
         p.sampler = sampler
         space = job.backend.sampler_space(p, sampler, kind)
-        denoiser = StageDenoiser(stage, windows, settings, int(source.seeds[0]), space.sigma_to_t,
-                                 reference=x_up, noise=noise, skip_scale=skip_scale, auto_batch=job.auto_batch)
+        denoiser = StageDenoiser(stage, windows, settings, int(source.seeds[0]),
+                                 sampling.sigma_to_t or space.sigma_to_t,
+                                 reference=x_up, noise=noise, skip_scale=skip_scale, auto_batch=job.auto_batch,
+                                 noise_scaling=sampling.noise_scaling if sampling.flow else None,
+                                 **({"size_multiple": sampling.size_multiple} if sampling.flow else {}))
         job.backend.prepare_stage(p, job)
         if p.scripts is not None:
             p.scripts.process_before_every_sampling(p=p, x=x_up, noise=noise, c=target.cond, uc=target.uncond)
@@ -346,15 +350,22 @@ def image_plans(p: Any, job: Job, maps: Sequence[torch.Tensor | None] | None) ->
     if maps is None or not job.settings.patch_prompts:
         return [None] * len(p.prompts)
     embedder = webui.text_embedder(p.sd_model)
-    special = {embedder.id_start, embedder.id_end, getattr(embedder, "id_pad", embedder.id_end)}
+    # CLIP engines have a start token, Forge's T5 engine (t5_engine.py:28-29) only end and pad
+    special = {getattr(embedder, "id_start", None), embedder.id_end, getattr(embedder, "id_pad", embedder.id_end)}
     tokenize = lambda text: embedder.tokenize([text])[0]
     plans: list[ImagePromptPlan | None] = []
     for i, prompt in enumerate(p.prompts):
         hires_prompt = p.hr_prompts[i] if getattr(p, "hr_prompts", None) else prompt
         image_maps = maps[i]
-        if image_maps is None or _AND.search(prompt) or _AND.search(hires_prompt):
-            if _AND.search(prompt) or _AND.search(hires_prompt):
-                comment(p, "AccDiffusion: prompts with AND keep the full prompt in every tile.")
+        if _AND.search(prompt) or _AND.search(hires_prompt):
+            comment(p, "AccDiffusion: prompts with AND keep the full prompt in every tile.")
+            plans.append(None)
+            continue
+        if image_maps is None:
+            # the hooks never saw the model's attention (e.g. a model whose attention layers moved):
+            # the pass still runs, but the tiles' prompts, the heart of the method, are off — say so
+            comment(p, f"AccDiffusion: no attention maps were recorded for image {i + 1} (the model's attention "
+                       "was not reached); its tiles took the full prompt and it has no tile-prompt map.")
             plans.append(None)
             continue
         variant = webui.final_prompt_variant(prompt, p.steps)
@@ -362,7 +373,8 @@ def image_plans(p: Any, job: Job, maps: Sequence[torch.Tensor | None] | None) ->
         context_ids = [t for chunk in chunks for t in chunk.tokens]
         words = split_words(prompt)
         positions = align_words(words, context_ids, special, tokenize)
-        plans.append(ImagePromptPlan.build(words, positions, image_maps, hires_prompt, split_words(hires_prompt)))
+        plans.append(ImagePromptPlan.build(words, positions, image_maps, hires_prompt, split_words(hires_prompt),
+                                           units=job.settings.prompt_units))
     return plans
 
 

@@ -126,6 +126,8 @@ class WebUI:
                             "predictor", None)
         if getattr(predictor, "prediction_type", None) == "v_prediction":  # Forge
             return NATIVE_SIDE["sd2-v"]
+        if getattr(predictor, "prediction_type", None) == "const":  # Forge's flow models: Flux, Chroma, SD 3.5
+            return NATIVE_SIDE["dit"]
         return NATIVE_SIDE["sd1"]
 
     def probe_image(self, p: Any, image: Any, width: int, height: int) -> torch.Tensor:
@@ -174,7 +176,12 @@ class WebUI:
         return schedules[0][-1][1]
 
     def text_embedder(self, model: Any) -> Any:
-        """The CLIP embedder whose tokens the UNet sees (SDXL: the first, CLIP-L; sd_models_xl.py:65-87)."""
+        """The embedder whose tokens the model sees first in its context: the CLIP one (SDXL: the
+        first, CLIP-L; sd_models_xl.py:65-87; Forge's SD 3.5: CLIP-L, the first part of
+        [CLIP-L|G; T5], sd35.py get_learned_conditioning), or T5 for Forge's Flux and Chroma (their
+        context is T5's sequence alone; the CLIP of Flux gives only the pooled vector)."""
+        if getattr(model, "text_processing_engine_t5", None) is not None and not getattr(model, "is_sd3", False):
+            return model.text_processing_engine_t5
         for forge_engine in ("text_processing_engine_l", "text_processing_engine"):  # Forge
             if getattr(model, forge_engine, None) is not None:
                 return getattr(model, forge_engine)

@@ -155,6 +155,67 @@ def recording_cost(host: Host, size: tuple[int, int]) -> dict[str, int]:
     return out
 
 
+# Full-size joint-attention transformers at 1024² px (a 128² latent: 4096 image tokens), as Forge
+# builds them: (blocks recorded, blocks not recorded, hidden, heads, text tokens, MLP ratio)
+DIT_SIZES = {"flux-dev": ("flux", 19, 38, 3072, 24, 512, 4), "chroma": ("flux", 19, 38, 3072, 24, 512, 4),
+             "sd3.5-large": ("mmdit", 38, 0, 2432, 38, 333, 4), "sd3.5-medium": ("mmdit", 24, 0, 1536, 24, 333, 4)}
+
+
+def dit_recording_cost(name: str, image_tokens: int = 4096) -> dict[str, float]:
+    """FLOPs and dispatched ops of a full-size DiT call without and with recording, counted on the
+    meta device (nothing is computed or allocated): one block of each kind at full width with the
+    stand-in blocks of tests/dit_standins.py (Forge's block structure), scaled by the model's block
+    counts. Recording adds the image × text product, softmax and sums per recorded block."""
+    import sys
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..method.attention import AttentionRecorder
+    from ..method.jointattention import JointAttentionCapture
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    import dit_standins as ds
+
+    family, recorded, other, dim, heads, text, ratio = DIT_SIZES[name]
+    meta = torch.device("meta")
+    side = int(image_tokens ** 0.5)
+    with meta:
+        if family == "flux":
+            model = torch.nn.Module()
+            model.double_blocks = torch.nn.ModuleList([ds.DoubleStreamBlock(dim, heads, ratio)])
+            single = ds.SingleStreamBlock(dim, heads, ratio)
+            img, txt, vec = torch.empty(1, image_tokens, dim), torch.empty(1, text, dim), torch.empty(1, dim)
+            pe = torch.empty(1, 1, text + image_tokens, dim // heads // 2, 2, 2)
+            calls = {"recorded": lambda: model.double_blocks[0](img=img, txt=txt, vec=vec, pe=pe),
+                     "other": lambda: single(torch.cat([txt, img], 1), vec=vec, pe=pe)}
+        else:
+            model = torch.nn.Module()
+            model.joint_blocks = torch.nn.ModuleList([ds.JointBlock(dim, heads, mlp_ratio=ratio)])
+            x, ctx, vec = torch.empty(1, image_tokens, dim), torch.empty(1, text, dim), torch.empty(1, dim)
+            calls = {"recorded": lambda: model.joint_blocks[0](ctx, x, c=vec)}
+    out: dict[str, float] = {}
+    for record in (False, True):
+        flops, ops = FlopCounterMode(display=False), _OpCount()
+        recorder = AttentionRecorder((side * 2, side * 2), 1, downsample=2)
+        with torch.no_grad(), flops, ops:
+            if record:
+                with JointAttentionCapture(model, recorder, [0]):
+                    calls["recorded"]()
+                recorder.flush()
+            else:
+                calls["recorded"]()
+        out[f"{'recording' if record else 'plain'}_block_flops"] = float(flops.get_total_flops())
+        out[f"{'recording' if record else 'plain'}_block_ops"] = float(ops.ops)
+    if other:
+        flops = FlopCounterMode(display=False)
+        with torch.no_grad(), flops:
+            calls["other"]()
+        out["other_block_flops"] = float(flops.get_total_flops())
+    plain = recorded * out["plain_block_flops"] + other * out.get("other_block_flops", 0.0)
+    added = recorded * (out["recording_block_flops"] - out["plain_block_flops"])
+    out["model_flops"], out["recording_added_flops"], out["share"] = plain, added, added / plain
+    return out
+
+
 def _print_recording_cost(host: Host, size: tuple[int, int], autocast) -> dict[str, int]:  # type: ignore[no-untyped-def]
     with autocast:
         cost = recording_cost(host, size)
@@ -249,9 +310,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recording-cost", action="store_true",
                         help="only what recording adds to one UNet call (FLOPs, dispatched ops); with "
                              "--device meta it counts full-size models without computing anything")
+    parser.add_argument("--recording-cost-dit", action="store_true",
+                        help="what recording adds to one call of full-size Flux / Chroma / SD 3.5 (FLOPs, "
+                             "counted on the meta device)")
     parser.add_argument("--tokenizer", default=os.environ.get(
         "ACCDIFFUSION_TOKENIZER_DIR", str(here.parent / "shared" / "tinymodel" / "clip-text-tiny")))
     args = parser.parse_args(argv)
+    if args.recording_cost_dit:
+        for name in DIT_SIZES:
+            cost = dit_recording_cost(name)
+            print(f"  {name} at 1024x1024 px, one row: recording adds {cost['recording_added_flops']:.3e} FLOPs to "
+                  f"{cost['model_flops']:.3e} ({cost['share'] * 100:.2f} %); ops per recorded block "
+                  f"{cost['plain_block_ops']:.0f} -> {cost['recording_block_ops']:.0f}")
+        return
     scales = [int(s) for s in args.scales.split(",")]
     try:
         scale_steps = steps_per_scale(args.steps, scales)

@@ -21,7 +21,7 @@ from ..method.attention import AttentionRecorder, find_cross_attention
 from ..method.batching import AutoTileBatch
 from ..method.hires import (EncodeCache, Stage, StageDenoiser, StageStats, latent_stats, plan_stages,
                             restandardise, restandardise_stage_output, stage_windows, upscale_latent)
-from ..method.prompts import ImagePromptPlan
+from ..method.prompts import ImagePromptPlan, PhraseRules
 from ..method.tiles import Window
 from ..method.settings import AccDiffusionSettings
 from ..method.tileprompts import StageTilePrompts, WindowConditioning
@@ -226,6 +226,15 @@ class Host:
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.denoiser.sigma_to_t(sigma.to(self.denoiser.sigmas.device))
 
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """A clean latent at noise level σ as the sampler's state: x₀ + σ·ε for the k-diffusion
+        wrappers of ε and v models (a flow host overrides it)."""
+        return x0 + noise * sigma
+
+    def stage_denoiser(self, *args: Any, **kwargs: Any) -> StageDenoiser:
+        """The stage denoiser of this host's parametrisation (a flow host overrides it)."""
+        return StageDenoiser(*args, **kwargs)
+
     def img2img_sigmas(self, steps: int, denoise: float) -> torch.Tensor:
         """The last ``steps`` of a schedule of ⌊steps / denoise⌋ steps, as the WebUI does."""
         total = max(steps, int(steps / denoise))
@@ -319,6 +328,7 @@ class JobResult:
     recorder_bytes: int = 0
     maps: list[torch.Tensor | None] = field(default_factory=list)
     stage_windows: list[list[list[Window]]] = field(default_factory=list)  # [stage][image][window]
+    plans: list[ImagePromptPlan | None] = field(default_factory=list)  # per image: its words, units and masks
 
 
 def first_pass(host: Host, prompts: Sequence[str], negative: str, size: tuple[int, int], steps: int,
@@ -359,7 +369,9 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
                recorder: AttentionRecorder | None, settings: AccDiffusionSettings,
                target: tuple[int, int], steps: int, denoise: float, seed: int,
                cfg_scale: float = 7.0, sampler: str = "Euler",
-               hires_prompts: Sequence[str] | None = None, jitter: int = 0) -> JobResult:
+               hires_prompts: Sequence[str] | None = None, jitter: int = 0,
+               phrase_rules: PhraseRules | None = None) -> JobResult:
+    """``phrase_rules``: the toy evaluation's variants of the measured phrase choices."""
     base = tuple(first_latent.shape[-2:])
     n = len(prompts)
     hires_prompts = list(hires_prompts or prompts)
@@ -371,13 +383,14 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
             continue
         words = split_words(prompts[i])
         positions = align_words(words, host.context_ids(prompts[i]), host.special_ids, host.tokenize)
-        plans.append(ImagePromptPlan.build(words, positions, maps, hires_prompts[i], split_words(hires_prompts[i])))
+        plans.append(ImagePromptPlan.build(words, positions, maps, hires_prompts[i], split_words(hires_prompts[i]),
+                                           units=settings.prompt_units, rules=phrase_rules or PhraseRules()))
 
     cache: EncodeCache[RowCond] = EncodeCache(host.encode)
     global_conds = cache.get(hires_prompts) + cache.get([negative] * n)
     mean, std = latent_stats(first_latent)
     stages = plan_stages(base, target, settings.progressive)
-    result = JobResult(first_latent, stages, [], [], [], recorder.nbytes() if recorder else 0)
+    result = JobResult(first_latent, stages, [], [], [], recorder.nbytes() if recorder else 0, plans=plans)
     latent = first_latent
     auto_batch = AutoTileBatch()  # one per job: each window shape's memory is measured once
     for stage in stages:
@@ -386,10 +399,10 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         x_up = restandardise(upscale_latent(latent, stage.size), mean, std)
         generator = torch.Generator().manual_seed(seed + stage.index)
         noise = torch.randn(x_up.shape, generator=generator).to(x_up)
-        denoiser: StageDenoiser[RowCond] = StageDenoiser(stage, windows, settings, seed, host.sigma_to_t,
-                                                         reference=x_up, noise=noise, auto_batch=auto_batch,
-                                                         skip_scale=host.skip_scale if host.v_prediction else None,
-                                                         jitter=jitter)
+        denoiser: StageDenoiser[RowCond] = host.stage_denoiser(stage, windows, settings, seed, host.sigma_to_t,
+                                                               reference=x_up, noise=noise, auto_batch=auto_batch,
+                                                               skip_scale=host.skip_scale if host.v_prediction else None,
+                                                               jitter=jitter)
         lookups: list[StageTilePrompts | None] = []
         if settings.window_mode == "shifted":
             # the windows move every step: each row looks its window's prompt up when it is used
@@ -413,7 +426,7 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         sigmas = host.img2img_sigmas(steps, denoise).to(x_up.device)
         torch.manual_seed(seed + 1000 + stage.index)  # ancestral samplers draw from the global RNG
         with torch.no_grad():
-            latent = host.sample(sampler, model, x_up + noise * sigmas[0], sigmas)
+            latent = host.sample(sampler, model, host.noised(x_up, noise, sigmas[0]), sigmas)
         latent = restandardise_stage_output(latent, mean, std)
         result.stage_stats.append(denoiser.stats)
         result.stage_encodes.append(cache.encodes - before)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 import torch
 
 from .control import CallItems
+from .flow import NoiseScaling
 from .dilated import (blur_restandardised, gather_sublatents, scatter_sublatents, seeded_generator,
                       shuffle_sublatents, unshuffle_sublatents, window_permutation)
 from .batching import CPU_TILE_BATCH, AutoTileBatch, batch_key
@@ -84,16 +85,20 @@ def plan_stages(base: tuple[int, int], target: tuple[int, int], progressive: boo
     return stages
 
 
-def stage_windows(stage: Stage, base: tuple[int, int], settings: AccDiffusionSettings) -> list[Window]:
+def stage_windows(stage: Stage, base: tuple[int, int], settings: AccDiffusionSettings, align: int = 1) -> list[Window]:
     """The exact local windows of a stage: ``window_size`` (0 = the first-pass latent size) and
-    ``stride`` (0 = half the window, per side)."""
+    ``stride`` (0 = half the window, per side). ``align``: a transformer's patch size; window
+    sides and corners are multiples of it (a corner flush with an odd latent's edge excepted)."""
     win = (settings.window_size, settings.window_size) if settings.window_size else base
     win = (min(win[0], stage.size[0]), min(win[1], stage.size[1]))
+    if align > 1:
+        win = (max(align, win[0] // align * align), max(align, win[1] // align * align))
+        win = (min(win[0], stage.size[0]), min(win[1], stage.size[1]))
     if settings.stride:
         stride = (min(settings.stride, win[0]), min(settings.stride, win[1]))
     else:
         stride = (max(1, win[0] // 2), max(1, win[1] // 2))
-    return window_grid(stage.size[0], stage.size[1], win, stride)
+    return window_grid(stage.size[0], stage.size[1], win, stride, align=align)
 
 
 # --- latent helpers ----------------------------------------------------------------------------
@@ -172,6 +177,9 @@ class StageDenoiser(Generic[C]):
     # against x as D(x_blur) + c_skip·(x − x_blur). None = ε-prediction (c_skip = 1); a
     # v-prediction model needs :func:`v_prediction_c_skip` (or the wrapper's get_scalings()[0]).
     skip_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # how the model noises a clean latent (:mod:`accdiffusion.flow`): the skip residual re-noises
+    # its reference with it; None = x₀ + σ·ε (ε / v models)
+    noise_scaling: NoiseScaling | None = None
     stats: StageStats = field(default_factory=StageStats)
     items: CallItems | None = None  # while a model call runs: what its batch rows are (control hints)
     auto_batch: AutoTileBatch | None = None  # share one across stages: each shape measured once
@@ -197,17 +205,21 @@ class StageDenoiser(Generic[C]):
     @torch.no_grad()
     def skip_residual_(self, x: torch.Tensor, sigma: torch.Tensor | float,
                        scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """x ← (1 − c1)·x + c1·scale·(reference + σ·noise), in place on the sampler's own tensor,
-        so the state it continues from changes, not only a copy the model sees. ``scale`` is how
-        the sampler's x relates to the k-diffusion x: 1 for a k-diffusion sampler, √ᾱ_t for a
-        timestep sampler (whose x_t = √ᾱ_t·x; :mod:`accdiffusion.method.timesteps`), so the mix is the
-        same one in either frame."""
+        """x ← (1 − c1)·x + c1·scale·renoised, in place on the sampler's own tensor, so the state it
+        continues from changes, not only a copy the model sees; renoised is the reference at σ
+        with the stage's noise, as the model noises (ε / v: reference + σ·noise; flow matching:
+        (1 − σ)·reference + σ·noise). ``scale`` is how the sampler's x relates to the k-diffusion
+        x: 1 for a k-diffusion sampler, √ᾱ_t for a timestep sampler (whose x_t = √ᾱ_t·x;
+        :mod:`accdiffusion.method.timesteps`), so the mix is the same one in either frame."""
         if not self.settings.skip_residual or self.reference is None or self.noise is None:
             return x
         sigma_value = float(torch.as_tensor(sigma).reshape(-1)[0])
         scale_value = float(torch.as_tensor(scale).reshape(-1)[0])
         c1 = self.factors(sigma_value).c1
-        renoised = self.reference.to(x) + self.noise.to(x) * sigma_value
+        if self.noise_scaling is None:
+            renoised = self.reference.to(x) + self.noise.to(x) * sigma_value
+        else:
+            renoised = self.noise_scaling(sigma_value, self.noise.to(x), self.reference.to(x))
         x.mul_(1.0 - c1).add_(renoised, alpha=c1 * scale_value)
         return x
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 # Native image side of a model family (pixels): the probe's area is about its square.
-NATIVE_SIDE = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
+NATIVE_SIDE = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024, "dit": 1024}  # dit: Flux, Chroma, SD 3.5
 
 # Timesteps (of 1000) the probe looks at, one UNet call each. Chosen by measurement
 # (``python -m accdiffusion.lab.bench --probe-agreement``): mean IoU of the probe's word masks with the
@@ -79,17 +79,19 @@ class ProbeStats:
 
 @torch.no_grad()
 def run_probe(latents: torch.Tensor, seeds: Sequence[int], sigmas: Sequence[float], call: ProbeCall,
-              stats: ProbeStats | None = None) -> ProbeStats:
+              stats: ProbeStats | None = None, noise_scaling: Any = None) -> ProbeStats:
     """One UNet call per noise level on ``latents + sigma · noise`` (all images of the batch in one
-    call, row i = image i, noise seeded by ``seeds[i]``). What is recorded is up to the host's
-    recorder; this only drives the calls."""
+    call, row i = image i, noise seeded by ``seeds[i]``); ``noise_scaling(sigma, noise, latents)``
+    replaces that sum for a model that noises otherwise (flow matching: (1 − σ)·x + σ·ε). What
+    is recorded is up to the host's recorder; this only drives the calls."""
     if latents.shape[0] != len(seeds):
         raise ValueError(f"probe: {latents.shape[0]} latents but {len(seeds)} seeds")
     stats = stats or ProbeStats()
     stats.latent_size = (int(latents.shape[-2]), int(latents.shape[-1]))
     for level, sigma in enumerate(sigmas):
         noise = torch.stack([probe_noise(latents.shape[1:], seed, level) for seed in seeds])
-        x = latents + noise.to(latents) * sigma
+        x = latents + noise.to(latents) * sigma if noise_scaling is None else \
+            noise_scaling(float(sigma), noise.to(latents), latents)
         call(x, torch.full((latents.shape[0],), float(sigma), device=latents.device, dtype=latents.dtype))
         stats.unet_calls += 1
         stats.levels += 1

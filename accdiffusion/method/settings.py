@@ -126,6 +126,11 @@ FIELDS: tuple[Field, ...] = (
           "overlap, moved by a random offset every step so no seam stays: about half the UNet "
           "work at 3x-4x.",
           choices=("overlap", "shifted"), xyz=True),
+    Field("prompt_units", str, "phrases", "Prompt units",
+          "What a tile prompt keeps or drops as one: phrases (the words between commas, BREAK, "
+          "periods, 'and', 'with', ...; one mask per phrase, so 'red' stays with 'hair') or "
+          "single words (the paper's).",
+          choices=("phrases", "words"), xyz=True),
 )
 
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
@@ -193,6 +198,7 @@ class AccDiffusionSettings:
     tiled_decode: str = "auto"
     tile_prompt_map: bool = False
     window_mode: str = "overlap"
+    prompt_units: str = "phrases"
 
     def __post_init__(self) -> None:
         for field in FIELDS:

@@ -26,17 +26,19 @@ class StageTilePrompts:
     def __init__(self, plan: ImagePromptPlan, stage_size: tuple[int, int], threshold: float):
         self.plan = plan
         self.threshold = threshold
-        masks = resize_masks(plan.masks.masks, stage_size)  # [words, H, W]: resized once per stage
+        masks = resize_masks(plan.masks.masks, stage_size)  # [units, H, W]: resized once per stage
         self._integral = F.pad(masks.double().cumsum(-2).cumsum(-1), (1, 0, 1, 0))
         self._always = ~plan.masks.located
         self._prompts: dict[Window, str] = {}
 
     def keep(self, window: Window) -> torch.Tensor:
-        """[words] bool: Eq. 8 for this window (share > c), words without a map always kept."""
+        """[words] bool: Eq. 8 for this window (share > c) per unit, units without a map always
+        kept, then each unit's keep given to its words."""
         t, l, b, r = window.top, window.left, window.top + window.height, window.left + window.width
         ii = self._integral
         area = ii[:, b, r] - ii[:, t, r] - ii[:, b, l] + ii[:, t, l]
-        return (area / (window.height * window.width) > self.threshold) | self._always
+        assert self.plan.units is not None
+        return self.plan.units.word_keep((area / (window.height * window.width) > self.threshold) | self._always)
 
     def __call__(self, window: Window) -> str:
         if window not in self._prompts:

@@ -22,9 +22,10 @@ class Window:
 
 
 def axis_starts(length: int, window: int, stride: int, jitter: int = 0,
-                generator: torch.Generator | None = None) -> list[int]:
+                generator: torch.Generator | None = None, align: int = 1) -> list[int]:
     """Start offsets of windows along one axis: first at 0, last flush with the end, evenly
-    spaced in between at no more than ``stride``. Jitter moves inner windows by up to ``jitter``
+    spaced in between at no more than ``stride``; inner starts rounded to multiples of ``align``
+    (a transformer's patch grid). Jitter moves inner windows by up to ``jitter``
     while keeping every gap below ``window``, so coverage is never lost."""
     if window <= 0 or stride <= 0:
         raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
@@ -33,6 +34,10 @@ def axis_starts(length: int, window: int, stride: int, jitter: int = 0,
     count = math.ceil((length - window) / stride) + 1
     span = length - window
     starts = [round(i * span / (count - 1)) for i in range(count)]
+    if align > 1:
+        aligned = [starts[0]] + [round(s / align) * align for s in starts[1:-1]] + [starts[-1]]
+        if all(b - a <= window for a, b in zip(aligned, aligned[1:])):  # else a gap: keep the exact starts
+            starts = aligned
     if jitter and count > 2:
         gap = span / (count - 1)
         jitter = min(jitter, max(0, int((window - gap) // 2)))
@@ -42,12 +47,12 @@ def axis_starts(length: int, window: int, stride: int, jitter: int = 0,
 
 
 def window_grid(height: int, width: int, window: tuple[int, int], stride: tuple[int, int],
-                jitter: int = 0, generator: torch.Generator | None = None) -> list[Window]:
+                jitter: int = 0, generator: torch.Generator | None = None, align: int = 1) -> list[Window]:
     """Row-major windows covering a ``height``×``width`` latent; windows larger than the latent
     shrink to it."""
     win_h, win_w = min(window[0], height), min(window[1], width)
-    rows = axis_starts(height, win_h, stride[0], jitter, generator)
-    cols = axis_starts(width, win_w, stride[1], jitter, generator)
+    rows = axis_starts(height, win_h, stride[0], jitter, generator, align)
+    cols = axis_starts(width, win_w, stride[1], jitter, generator, align)
     return [Window(r, c, win_h, win_w) for r in rows for c in cols]
 
 

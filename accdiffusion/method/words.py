@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 # Syntax characters of A1111/Forge prompts: attention (), [], weights after ':', alternation '|',
 # extra networks <...>, and the separators ',' and whitespace.
@@ -155,3 +158,87 @@ def _drop_empty_breaks(text: str) -> str:
             out += " " + piece
             has_words = has_words or piece_has_words
     return out
+
+
+# --- prompt units: words or phrases ------------------------------------------------------------
+# What ends a phrase between two words: a comma, semicolon, period, exclamation or question mark,
+# a line break, BREAK or AND (the last two never split a word, so they are seen in the gap).
+_PHRASE_GAP = re.compile(r"[,;.!?\n]|\bBREAK\b|\bAND\b")
+_PHRASE_END = re.compile(r"[;.!?]$")  # punctuation the word pattern keeps inside a word ("disk.")
+_GAP_NUMBER = re.compile(r"\d*\.\d+|\d+\.?")  # a weight or step ("(cat:1.2)", "[a:b:0.5]"): not a period
+# Words that join two phrases of a sentence prompt ("a girl with red hair", "a cat and a dog"):
+# chosen by measurement on the toy model (docs/phrases.md).
+CONNECTIVES: tuple[str, ...] = ("and", "with")
+
+
+@dataclass(frozen=True)
+class PromptUnits:
+    """How a prompt's words are kept or dropped: each unit's words (indices into the prompt's
+    words) go together; a *joiner* is a connective word between two units, kept when the unit
+    after it is kept and an earlier unit is too (so "a cat and a dog" keeps "and" only with both,
+    and a tile with the dog alone gets "a dog")."""
+    members: tuple[tuple[int, ...], ...]
+    joiners: tuple[tuple[int, int], ...]  # (word index, index of the unit after it)
+    n_words: int
+
+    @staticmethod
+    def each_word(n_words: int) -> "PromptUnits":
+        """The paper's units: every word on its own."""
+        return PromptUnits(tuple((i,) for i in range(n_words)), (), n_words)
+
+    def word_keep(self, unit_keep: "torch.Tensor") -> "torch.Tensor":
+        """[..., units] bool → [..., words] bool."""
+        import torch
+
+        out = torch.zeros(*unit_keep.shape[:-1], self.n_words, dtype=torch.bool)
+        for u, members in enumerate(self.members):
+            out[..., list(members)] = unit_keep[..., u:u + 1]
+        for word, after in self.joiners:
+            out[..., word] = unit_keep[..., after] & unit_keep[..., :after].any(-1)
+        return out
+
+
+def phrase_units(prompt: str, words: Sequence[Word],
+                 connectives: Sequence[str] = CONNECTIVES) -> PromptUnits:
+    """Phrases: the runs of words between separators (``_PHRASE_GAP`` in the text between two
+    words, ``_PHRASE_END`` at a word's end, or a connective word). A connective with no phrase on
+    one side belongs to the phrase on the other, so keeping every unit keeps the whole prompt."""
+    connective = {c.lower() for c in connectives}
+    runs: list[list[int]] = [[]]
+    between: list[list[int]] = [[]]  # connectives before each run
+    for i, word in enumerate(words):
+        if i and (_PHRASE_GAP.search(_GAP_NUMBER.sub("", prompt[words[i - 1].end:word.start]))
+                  or _PHRASE_END.search(words[i - 1].text)):
+            if runs[-1]:
+                runs.append([])
+                between.append([])
+        if word.text.lower() in connective:
+            if runs[-1]:
+                runs.append([])
+                between.append([])
+            between[-1].append(i)
+        else:
+            runs[-1].append(i)
+    if not runs[-1]:  # trailing connectives (or no words): they join the last phrase
+        trailing = between.pop()
+        runs.pop()
+        if runs:
+            runs[-1].extend(trailing)
+        elif trailing:
+            runs.append(trailing)
+            between.append([])
+    if runs and between[0]:  # leading connectives join the first phrase
+        runs[0] = between[0] + runs[0]
+        between[0] = []
+    joiners = tuple((w, u) for u, ws in enumerate(between) for w in ws)
+    return PromptUnits(tuple(tuple(sorted(r)) for r in runs), joiners, len(words))
+
+
+def prompt_units(prompt: str, words: Sequence[Word], kind: str,
+                 connectives: Sequence[str] = CONNECTIVES) -> PromptUnits:
+    """``kind``: "words" (the paper's) or "phrases"."""
+    if kind == "words":
+        return PromptUnits.each_word(len(words))
+    if kind == "phrases":
+        return phrase_units(prompt, words, connectives)
+    raise ValueError(f"unknown prompt units {kind!r}: expected 'phrases' or 'words'")

@@ -103,15 +103,18 @@ def forge_calls(text):
 
 def split_probe_pass(text):
     """(the AccDiffusion probe pass's part of a job's log or None, the rest): the probe's ControlNet
-    calls follow its "AccDiffusion probe pass: N ControlNet(s)" line and end with its summary line
-    ("AccDiffusion probe pass (img2img): …", written after its UNet calls) or, with the optional
-    zz-cn-probe extension, the next sampling's "[cn-probe] pass" line, whichever comes first."""
+    calls follow its "AccDiffusion probe pass" line and come before the next sampling's
+    "[cn-probe] pass" line (written when that sampling's units are attached), or, on a host
+    without the cn-probe extension, end with the probe's summary line ("AccDiffusion probe pass
+    (img2img): ... UNet calls"), written before the tiled pass starts."""
     found = re.search(r"AccDiffusion probe pass: \d+ ControlNet", text)
     if found is None:
         return None, text
-    ends = [i for i in (text.find("[cn-probe] pass ", found.end()), text.find("AccDiffusion probe pass (", found.end()))
-            if i >= 0]
-    end = min(ends) if ends else len(text)
+    marks = [i for i in (text.find("[cn-probe] pass ", found.end()),) if i >= 0]
+    summary = re.search(r"AccDiffusion probe pass \([^)]*\): .*\n?", text[found.end():])
+    if summary is not None:
+        marks.append(found.end() + summary.end())
+    end = min(marks, default=len(text))
     return text[found.start():end], text[:found.start()] + text[end:]
 
 

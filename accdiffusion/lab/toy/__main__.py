@@ -20,10 +20,16 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--out", type=Path, default=None)
     p_eval = sub.add_parser("eval", help="measure duplicates and word-mask IoU on fixed seeds")
     p_eval.add_argument("--scenes", type=int, default=50)
-    p_eval.add_argument("--out", type=Path, default=None, help="toy-eval.json (toy-eval-shifted.json with --shifted)")
+    p_eval.add_argument("--out", type=Path, default=None,
+                        help="toy-eval.json (toy-eval-shifted.json with --shifted, toy-eval-units.json with --units)")
     p_eval.add_argument("--shifted", action="store_true",
                         help="instead of the three configs: AccDiffusion defaults with window_mode overlap and "
                              "shifted, with window evaluations and seam ratios")
+    p_eval.add_argument("--units", action="store_true",
+                        help="instead: prompt_units words against phrases (each phrase mask and separator set), "
+                             "captions as trained and as tag lists, with tile-prompt placement → toy-eval-units.json")
+    p_eval.add_argument("--denoise", type=float, default=None,
+                        help="hires denoising strength (default 0.6 for the UNet toy, 0.8 for the flow toy)")
     p_demo = sub.add_parser("demo", help="write the picture: first pass, plain tiling, AccDiffusion, tile map")
     p_demo.add_argument("--caption", default="a red disk and a blue square")
     p_demo.add_argument("--seed", type=int, default=3)
@@ -31,26 +37,43 @@ def main(argv: list[str] | None = None) -> None:
     p_demo.add_argument("--out", type=Path, default=Path("toy-demo.png"))
     for p in (p_train, p_eval, p_demo):
         p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--model", choices=("unet", "flow"), default="unet",
+                       help="unet: the ldm UNet toy; flow: the joint-attention flow transformer (docs/toy-flow.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    if args.command == "train":
+    if args.command == "train" and args.model == "flow":
+        from .train import train_flow
+
+        train_flow(minutes=args.minutes, batch=args.batch, scenes=args.scenes, out=args.out)
+    elif args.command == "train":
         from .model import WEIGHTS
         from .train import train
 
         train(minutes=args.minutes, batch=args.batch, scenes=args.scenes, out=args.out or WEIGHTS)
-    elif args.command == "eval":
-        from .evaluate import SHIFTED_CONFIGS, run_eval
+    elif args.command == "eval" and args.model == "flow":
+        from .evaluate import kind_of, run_eval
 
         if args.shifted:
+            parser.error("eval --shifted measures the UNet toy only")
+        run_eval(scenes=args.scenes, out=args.out or Path("toy-flow-eval.json"), kind=kind_of("flow"),
+                 study=True, denoise=args.denoise)
+    elif args.command == "eval":
+        from .evaluate import SHIFTED_CONFIGS, run_eval, run_units_eval
+
+        if args.units:
+            from .evaluate import units_table
+
+            print(units_table(run_units_eval(scenes=args.scenes, out=args.out or Path("toy-eval-units.json"))))
+        elif args.shifted:
             run_eval(scenes=args.scenes, out=args.out or Path("toy-eval-shifted.json"), configs=SHIFTED_CONFIGS,
                      details=True)
         else:
             run_eval(scenes=args.scenes, out=args.out or Path("toy-eval.json"))
     else:
-        from .evaluate import demo
+        from .evaluate import demo, kind_of
 
-        print(demo(args.caption, args.seed, args.scale, args.out))
+        print(demo(args.caption, args.seed, args.scale, args.out, kind=kind_of(args.model)))
 
 
 if __name__ == "__main__":

@@ -9,31 +9,33 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ...method.attention import AttentionRecorder, find_cross_attention
-from ...method.prompts import build_word_masks
+from ...method.prompts import PHRASE_MASKS, PhraseRules, build_word_masks
 from ...method.settings import AccDiffusionSettings
-from ...method.words import align_words, split_words
+from ...method.words import CONNECTIVES, align_words, split_words
 from .model import ToyHost, load_host
-from .sample import RECORD_DOWNSAMPLE, first_pass, upscale, upscale_progressive
+from .sample import RECORD_DOWNSAMPLE, first_pass, flow_first_pass, upscale, upscale_progressive
 from .scenes import COLOURS, LATENT, PATCH, SHAPES, Scene, counts, latent_rgb, make_scene, \
     matches_caption, segment
 
 EVAL_SEED_OFFSET = 0  # scenes 0..N-1 give the captions; training uses seeds from 1 000 000
+# Measured with word units (the paper's, and the default when these tables were made); phrase
+# units against words: ``eval --units`` (docs/phrases.md).
 CONFIGS: dict[str, AccDiffusionSettings] = {
     # (a) plain tiling: one prompt for all windows, no dilated branch, no skip residual
     "plain tiling": AccDiffusionSettings(enabled=True, patch_prompts=False, dilated_sampling=False,
                                          window_interaction=False, skip_residual=False,
-                                         tile_batch_size=64),
+                                         tile_batch_size=64, prompt_units="words"),
     # (a') the method with only its patch prompts off
     "AccDiffusion, patch prompts off": AccDiffusionSettings(enabled=True, patch_prompts=False,
-                                                            tile_batch_size=64),
-    # (b) the defaults
-    "AccDiffusion defaults": AccDiffusionSettings(enabled=True, tile_batch_size=64),
+                                                            tile_batch_size=64, prompt_units="words"),
+    # (b) the defaults, with word units
+    "AccDiffusion defaults": AccDiffusionSettings(enabled=True, tile_batch_size=64, prompt_units="words"),
 }
 # ``eval --shifted``: the defaults with both window modes, stored apart from the table above.
 # The toy's window (8 latent px) equals the UNet's size multiple, so the shipped shifted schedule
@@ -48,6 +50,37 @@ SHIFTED_CONFIGS: dict[str, AccDiffusionSettings] = {
 }
 SHIFT_ALIGN = {"AccDiffusion defaults, shifted windows, 1-px offsets": 1}  # config → offset/cut grid
 SCALES = (2, 3)
+# the flow toy's table: the two configs the UNet toy's table compares head to head
+FLOW_CONFIGS: dict[str, AccDiffusionSettings] = {name: CONFIGS[name] for name in ("plain tiling", "AccDiffusion defaults")}
+
+
+def pooled_view(latent: torch.Tensor) -> torch.Tensor:
+    """The flow toy's 4-px latent seen on 8-px patches (2×2 mean: exactly the UNet toy's colour
+    code), so objects are counted on the same grid with the same thresholds as the UNet toy."""
+    return torch.nn.functional.avg_pool2d(latent, 2)
+
+
+@dataclass(frozen=True)
+class ToyKind:
+    """What differs between the two toys in the evaluation."""
+    name: str
+    load: Any  # () -> host
+    first_pass: Any  # (host, prompts, seed) -> (latent, recorder)
+    probe_maps: Any  # (host, scene, seed) -> [tokens, 8, 8]
+    view: Any  # latent → the 8-px-patch view the counting reads
+    configs: dict[str, AccDiffusionSettings]
+    denoise: float = 0.6  # the hires pass's
+
+
+def kind_of(model: str) -> "ToyKind":
+    if model == "flow":
+        from .flow import load_flow_host
+
+        from .sample import FLOW_DENOISE
+
+        return ToyKind("flow", load_flow_host, flow_first_pass, flow_probe_maps, pooled_view, FLOW_CONFIGS,
+                       FLOW_DENOISE)
+    return ToyKind("unet", load_host, first_pass, probe_maps, lambda x: x, CONFIGS)
 
 
 # --- duplicates ------------------------------------------------------------------------------
@@ -221,27 +254,97 @@ def probe_maps(host: ToyHost, scene: Scene, timesteps: Sequence[int] = (200, 400
     return maps
 
 
+def flow_probe_maps(host, scene: Scene, sigmas: Sequence[float] = (0.2, 0.4, 0.6, 0.8), seed: int = 0,
+                    recorder=None) -> torch.Tensor:
+    """The flow toy's [tokens, 8, 8] maps of a real scene: its latent at x_σ = (1 − σ)·x₀ + σ·ε for a
+    few σ, one model call each with the recorder on (pass ``recorder`` to read other blocks or
+    normalisations afterwards)."""
+    from .flow import GRID, SCENE_PATCH, FlowAttentionRecorder, flow_noised
+    from .scenes import scene_latent
+
+    generator = torch.Generator().manual_seed(seed)
+    x0 = scene_latent(scene, SCENE_PATCH)[None]
+    from .sample import FLOW_RECORD_BLOCKS, FLOW_RECORD_MODE
+
+    recorder = recorder or FlowAttentionRecorder((GRID, GRID), 1, host.model.config.blocks, mode=FLOW_RECORD_MODE,
+                                                 use_blocks=FLOW_RECORD_BLOCKS)
+    recorder.row_images = [0]
+    cond = host.encode([scene.caption])
+    try:
+        recorder.attach(host.model)
+        with torch.no_grad():
+            for sigma in sigmas:
+                xt = flow_noised(x0, torch.randn(x0.shape, generator=generator), sigma)
+                host.row_model(xt, torch.tensor([sigma]), cond)
+    finally:
+        recorder.detach(host.model)
+    maps = recorder.maps(0)
+    assert maps is not None
+    return maps
+
+
+def map_study(host, scene_list: Sequence[Scene], firsts: Sequence[torch.Tensor], recorders: Sequence, chunk: int,
+              view) -> dict:
+    """The flow toy's maps by normalisation and block: shape and colour word IoU and peak hits on
+    generated first passes and probed real scenes, for each mode alone on every block and for
+    every mode on all blocks together."""
+    from .flow import RECORD_MODES, GRID, FlowAttentionRecorder
+
+    blocks = host.model.config.blocks
+    choices = [(mode, (b,)) for mode in RECORD_MODES for b in range(blocks)]
+    choices += [(mode, tuple(range(blocks))) for mode in RECORD_MODES]
+    choices += [("text", tuple(range(host.model.config.double_blocks)))]
+    gen = {c: WordIoU([], [], []) for c in choices}
+    real = {c: WordIoU([], [], []) for c in choices}
+    first = torch.cat(list(firsts))
+    for i, scene in enumerate(scene_list):
+        rec = recorders[i // chunk]
+        probe = FlowAttentionRecorder((GRID, GRID), 1, blocks)
+        flow_probe_maps(host, scene, seed=i, recorder=probe)
+        for mode, bl in choices:
+            gen[(mode, bl)].add(caption_ious(host, scene.caption, rec.maps(i % chunk, mode, bl),
+                                             generated_truth(view(first[i]))))
+            real[(mode, bl)].add(caption_ious(host, scene.caption, probe.maps(0, mode, bl), scene_truth(scene)))
+    mean = lambda v: round(float(np.mean(v)), 3) if v else None
+    out = {}
+    for mode, bl in choices:
+        key = f"{mode} / blocks {','.join(map(str, bl))}"
+        out[key] = {src: {"shape IoU": mean(w.shape), "shape chance": mean(w.shape_other_object),
+                          "shape peak": mean(w.shape_points), "colour IoU": mean(w.colour),
+                          "colour chance": mean(w.other_object), "colour peak": mean(w.colour_points)}
+                    for src, w in (("generated", gen[(mode, bl)]), ("real", real[(mode, bl)]))}
+    return out
+
+
 # --- the evaluation ----------------------------------------------------------------------------
 def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: ToyHost | None = None,
              configs: dict[str, AccDiffusionSettings] | None = None, scales: Sequence[int] = SCALES,
-             chunk: int = 25, verbose: bool = True, details: bool = False) -> dict:
+             chunk: int = 25, verbose: bool = True, details: bool = False, kind: ToyKind | None = None,
+             study: bool = False, denoise: float | None = None) -> dict:
     """``details``: also the UNet window evaluations per scene and stage and the seam ratio of
-    each config (``eval --shifted``); off, the report keeps the layout of docs/toy-eval.json."""
-    host = host or load_host()
-    configs = configs or CONFIGS
+    each config (``eval --shifted``); off, the report keeps the layout of docs/toy-eval.json.
+    ``kind``: which toy (default the UNet toy); ``study``: also the flow toy's maps by block and
+    normalisation (:func:`map_study`)."""
+    kind = kind or kind_of("unet")
+    host = host or kind.load()
+    configs = configs or kind.configs
+    view = kind.view
+    denoise = kind.denoise if denoise is None else denoise
     start = time.time()
     scene_list = [make_scene(EVAL_SEED_OFFSET + i) for i in range(scenes)]
     captions = [s.caption for s in scene_list]
     report: dict = {"scenes": scenes, "configs": {}, "first_pass": {}, "iou": {}}
+    if kind.name != "unet":
+        report["model"], report["hires_denoise"] = kind.name, denoise
     firsts, recorders = [], []
     for c0 in range(0, scenes, chunk):
-        latent, recorder = first_pass(host, captions[c0:c0 + chunk], seed=c0)
+        latent, recorder = kind.first_pass(host, captions[c0:c0 + chunk], seed=c0)
         firsts.append(latent)
         recorders.append(recorder)
     first = torch.cat(firsts)
-    first_counts = [counts(l) for l in first]
+    first_counts = [counts(view(l)) for l in first]
     saved: dict[str, list[torch.Tensor]] = {"first": [first]}
-    matched = [matches_caption(l, c) for l, c in zip(first, captions)]
+    matched = [matches_caption(view(l), c) for l, c in zip(first, captions)]
     report["first_pass"] = {"caption_match_share": sum(matched) / scenes,
                             "objects_per_scene": sum(sum(c.values()) for c in first_counts) / scenes,
                             "captioned_objects_per_scene": sum(len(s.objects) for s in scene_list) / scenes}
@@ -251,8 +354,8 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
     for i, (scene, latent) in enumerate(zip(scene_list, first)):
         rec = recorders[i // chunk]
         maps = rec.maps(i % chunk)
-        gen.add(caption_ious(host, scene.caption, maps, generated_truth(latent)))
-        real.add(caption_ious(host, scene.caption, probe_maps(host, scene, seed=i), scene_truth(scene)))
+        gen.add(caption_ious(host, scene.caption, maps, generated_truth(view(latent))))
+        real.add(caption_ious(host, scene.caption, kind.probe_maps(host, scene, seed=i), scene_truth(scene)))
     mean = lambda v: round(float(np.mean(v)), 3) if v else None
     report["iou"] = {name: {"colour word IoU": mean(w.colour), "shape word IoU": mean(w.shape),
                             "colour word IoU with another object (chance)": mean(w.other_object),
@@ -261,6 +364,8 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
                             "shape word peak on its object": mean(w.shape_points),
                             "objects": len(w.colour)}
                      for name, w in (("generated first pass", gen), ("real scenes, probed", real))}
+    if study:
+        report["maps_by_mode_and_block"] = map_study(host, scene_list, firsts, recorders, chunk, view)
     if verbose:
         print(json.dumps(report, indent=1), f"{time.time() - start:.0f} s", flush=True)
 
@@ -270,14 +375,15 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
         for c0, (latent, rec) in enumerate(zip(firsts, recorders)):
             caps = captions[c0 * chunk:(c0 + 1) * chunk]
             with window_capture(SHIFT_ALIGN.get(name)) as last_windows:
-                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0)
+                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0,
+                                                            denoise=denoise)
             for stage, up, stats in zip(result.stages, stage_latents, result.stage_stats):
                 scale = round(stage.scale)
                 if scale not in rows:
                     continue
                 saved.setdefault(f"{name}/{scale}x", []).append(up)  # type: ignore[arg-type]
                 for j, one in enumerate(up):
-                    e, l = duplicates(first[c0 * chunk + j], one)
+                    e, l = duplicates(view(first[c0 * chunk + j]), view(one))
                     rows[scale]["extra"].append(e)
                     rows[scale]["lost"].append(l)
                     tiles = result.tile_prompts[stage.index - 1][j] or [caps[j]]
@@ -321,7 +427,7 @@ def _to_image(latent: torch.Tensor, side: int):
 
 
 def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: int = 3,
-         out: Path | str = "toy-demo.png", host: ToyHost | None = None) -> Path:
+         out: Path | str = "toy-demo.png", host: ToyHost | None = None, kind: ToyKind | None = None) -> Path:
     """First pass | plain tiling | AccDiffusion defaults | the last stage's tile-prompt map."""
     from PIL import Image, ImageDraw
 
@@ -329,18 +435,20 @@ def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: in
     from ...method.tilemap import draw_tile_prompt_map
     from ...method.tiles import Window
 
-    host = host or load_host()
-    latent, recorder = first_pass(host, [caption], seed=seed)
-    plain = upscale(host, latent, [caption], recorder, CONFIGS["plain tiling"], scale, seed)
-    acc = upscale(host, latent, [caption], recorder, CONFIGS["AccDiffusion defaults"], scale, seed)
+    kind = kind or kind_of("unet")
+    host = host or kind.load()
+    latent, recorder = kind.first_pass(host, [caption], seed=seed)
+    plain = upscale(host, latent, [caption], recorder, CONFIGS["plain tiling"], scale, seed, denoise=kind.denoise)
+    acc = upscale(host, latent, [caption], recorder, CONFIGS["AccDiffusion defaults"], scale, seed,
+                  denoise=kind.denoise)
     side = 384
     stage = acc.stages[-1]
     k = side // (8 * stage.size[0])  # draw the map at the panel size: windows scaled by k
     windows = [Window(w.top * k, w.left * k, w.height * k, w.width * k)
-               for w in stage_windows(stage, (LATENT, LATENT), CONFIGS["AccDiffusion defaults"])]
+               for w in stage_windows(stage, tuple(latent.shape[-2:]), CONFIGS["AccDiffusion defaults"])]
     tile_map = draw_tile_prompt_map(_to_image(latent[0], side), windows, acc.tile_prompts[-1][0],
                                     (stage.size[0] * k, stage.size[1] * k)).resize((side, side))
-    first_n, plain_n, acc_n = counts(latent[0]), counts(plain.latent[0]), counts(acc.latent[0])
+    first_n, plain_n, acc_n = (counts(kind.view(x)) for x in (latent[0], plain.latent[0], acc.latent[0]))
     fmt = lambda c: ", ".join(f"{v} {k}" for k, v in c.items() if v) or "nothing"
     panels = [(f"first pass 64 px: {fmt(first_n)}", _to_image(latent[0], side)),
               (f"(a) plain tiling {scale}x: {fmt(plain_n)}", _to_image(plain.latent[0], side)),
@@ -353,8 +461,194 @@ def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: in
         x = i * (side + 10)
         sheet.paste(img, (x, head))
         draw.text((x + 4, 6), label, fill="black")
-    draw.text((4, side + head + 6), f'caption "{caption}", seed {seed}; toy model, '
-              f'python -m accdiffusion.lab.toy demo --caption "..." --seed {seed} --scale {scale}', fill="black")
+    model = " --model flow" if kind.name == "flow" else ""
+    draw.text((4, side + head + 6), f'caption "{caption}", seed {seed}; {kind.name} toy model, '
+              f'python -m accdiffusion.lab.toy demo{model} --caption "..." --seed {seed} --scale {scale}', fill="black")
     out = Path(out)
     sheet.save(out)
     return out
+
+
+# --- prompt units: words against phrases (eval --units) --------------------------------------------
+def tag_caption(scene: Scene) -> str:
+    """The scene as a WebUI-style tag list: "red disk, blue square" (the model was trained on
+    sentences: "a red disk and a blue square")."""
+    return ", ".join(f"{o.colour} {o.shape}" for o in scene.objects)
+
+
+CAPTION_STYLES = {"as trained": lambda scene: scene.caption, "tag list": tag_caption}
+
+
+def unit_configs(style: str) -> dict[str, tuple[str, PhraseRules]]:
+    """name → (prompt_units, phrase rules). Connective words only change sentence captions, so
+    the tag lists run each phrase mask once."""
+    configs: dict[str, tuple[str, PhraseRules]] = {"words": ("words", PhraseRules())}
+    for mask in PHRASE_MASKS:
+        configs[f"phrases, {mask} mask"] = ("phrases", PhraseRules(mask=mask, connectives=CONNECTIVES))
+        if style == "as trained":
+            configs[f"phrases, {mask} mask, punctuation only"] = ("phrases", PhraseRules(mask=mask, connectives=()))
+    return configs
+
+
+def object_words(caption: str) -> list[tuple[int, int, str]]:
+    """(colour word index, shape word index, colour) of each captioned object."""
+    words = [w.text.strip(".,;") for w in split_words(caption)]
+    return [(i, i + 1, w) for i, w in enumerate(words[:-1]) if w in COLOURS and words[i + 1] in SHAPES]
+
+
+def colour_masks(latent: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Colour → where the first pass drew that colour (8×8 bool, every blob)."""
+    seg = segment(latent_rgb(latent[None])[0], min_area=1)
+    out = {}
+    for colour, parts in seg.items():
+        mask = np.zeros((LATENT, LATENT), bool)
+        for part in parts:
+            mask |= part
+        out[colour] = torch.from_numpy(mask)
+    return out
+
+
+@dataclass
+class PlacementCounts:
+    """(window, object word) pairs of one config: kept pairs whose object is not under the
+    window (misplaced), and pairs whose object is under the window but whose word was dropped."""
+    kept: dict[str, int] = field(default_factory=lambda: {"colour": 0, "shape": 0})
+    misplaced: dict[str, int] = field(default_factory=lambda: {"colour": 0, "shape": 0})
+    under: dict[str, int] = field(default_factory=lambda: {"colour": 0, "shape": 0})
+    under_kept: dict[str, int] = field(default_factory=lambda: {"colour": 0, "shape": 0})
+    kept_drawn: int = 0  # the same for objects the first pass drew somewhere
+    misplaced_drawn: int = 0
+
+    def add(self, keep: torch.Tensor, caption: str, first: torch.Tensor, size: tuple[int, int],
+            windows: Sequence) -> None:
+        """``keep``: [windows, words] of the caption's words, as the stage's tile prompts kept them."""
+        from ...method.prompts import resize_masks, window_shares
+
+        truth = colour_masks(first)
+        objects = object_words(caption)
+        if not objects:
+            return
+        masks = torch.stack([truth[c] for _, _, c in objects])
+        under = window_shares(resize_masks(masks, size), windows) > 0  # [windows, objects]
+        drawn = masks.flatten(1).any(1)[None, :]
+        for kind, column in (("colour", 0), ("shape", 1)):
+            index = [o[column] for o in objects]
+            kept = keep[:, index]
+            self.kept_drawn += int((kept & drawn).sum())
+            self.misplaced_drawn += int((kept & drawn & ~under).sum())
+            self.kept[kind] += int(kept.sum())
+            self.misplaced[kind] += int((kept & ~under).sum())
+            self.under[kind] += int(under.sum())
+            self.under_kept[kind] += int((kept & under).sum())
+
+    def report(self) -> dict[str, float | None]:
+        share = lambda a, b: round(a / b, 3) if b else None
+        total = lambda d: sum(d.values())
+        return {"misplaced_share": share(total(self.misplaced), total(self.kept)),
+                "misplaced_share_colour_words": share(self.misplaced["colour"], self.kept["colour"]),
+                "misplaced_share_shape_words": share(self.misplaced["shape"], self.kept["shape"]),
+                "misplaced_share_drawn_objects": share(self.misplaced_drawn, self.kept_drawn),
+                "recall": share(total(self.under_kept), total(self.under))}
+
+
+def run_units_eval(scenes: int = 50, out: Path | None = Path("toy-eval-units.json"),
+                   host: ToyHost | None = None, scales: Sequence[int] = SCALES, chunk: int = 25,
+                   styles: Sequence[str] = tuple(CAPTION_STYLES), verbose: bool = True) -> dict:
+    """Per caption style (as trained, tag list) and prompt-unit config: extra and lost objects per
+    scene at 2× and 3× (AccDiffusion defaults otherwise), and where the tile prompts put the
+    object words (misplaced share: kept (window, object word) pairs whose object the first pass
+    did not draw under that window; recall: pairs whose object is under the window and whose word
+    was kept). The same first passes serve every config of a style."""
+    from ...method.hires import stage_windows
+
+    host = host or load_host()
+    base_settings = CONFIGS["AccDiffusion defaults"]
+    start = time.time()
+    scene_list = [make_scene(EVAL_SEED_OFFSET + i) for i in range(scenes)]
+    report: dict = {"scenes": scenes, "threshold": base_settings.patch_prompt_threshold, "styles": {}}
+    for style in styles:
+        captions = [CAPTION_STYLES[style](s) for s in scene_list]
+        firsts, recorders = [], []
+        for c0 in range(0, scenes, chunk):
+            latent, recorder = first_pass(host, captions[c0:c0 + chunk], seed=c0)
+            firsts.append(latent)
+            recorders.append(recorder)
+        first = torch.cat(firsts)
+        style_report: dict = {"example": captions[0],
+                              "first_pass_caption_match_share":
+                                  round(sum(matches_caption(l, c) for l, c in zip(first, captions)) / scenes, 3),
+                              "configs": {}}
+        per_scene_extra: dict[str, dict[int, list[int]]] = {}
+        for name, (units, rules) in unit_configs(style).items():
+            settings = replace(base_settings, prompt_units=units)
+            rows = {scale: {"extra": [], "lost": [], "words": [], "place": PlacementCounts()} for scale in scales}
+            for c0, (latent, rec) in enumerate(zip(firsts, recorders)):
+                caps = captions[c0 * chunk:(c0 + 1) * chunk]
+                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0,
+                                                            phrase_rules=rules)
+                for stage, up in zip(result.stages, stage_latents):
+                    scale = round(stage.scale)
+                    if scale not in rows:
+                        continue
+                    windows = stage_windows(stage, (LATENT, LATENT), settings)
+                    for j, one in enumerate(up):
+                        index = c0 * chunk + j
+                        e, l = duplicates(first[index], one)
+                        rows[scale]["extra"].append(e)
+                        rows[scale]["lost"].append(l)
+                        tiles = result.tile_prompts[stage.index - 1][j] or [caps[j]]
+                        rows[scale]["words"].append(np.mean([len(split_words(t)) for t in tiles]))
+                        plan = result.plans[j]
+                        if plan is not None:
+                            keep = plan.keep(stage.size, windows, settings.patch_prompt_threshold)
+                            rows[scale]["place"].add(keep, caps[j], first[index], stage.size, windows)
+            per_scale = {}
+            for scale, r in rows.items():
+                extra = np.asarray(r["extra"], float)
+                per_scene_extra.setdefault(name, {})[scale] = r["extra"]
+                entry = {"extra_per_scene": round(float(extra.mean()), 3),
+                         "scenes_with_extra": round(float((extra > 0).mean()), 3),
+                         "lost_per_scene": round(float(np.mean(r["lost"])), 3),
+                         "words_per_tile_prompt": round(float(np.mean(r["words"])), 2)}
+                entry.update({k: v for k, v in r["place"].report().items() if v is not None})
+                baseline = per_scene_extra.get("words", {}).get(scale)
+                if name != "words" and baseline is not None:  # paired over the same scenes
+                    diff = extra - np.asarray(baseline, float)
+                    entry["extra_minus_words"] = round(float(diff.mean()), 3)
+                    entry["extra_minus_words_se"] = round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 3)
+                per_scale[f"{scale}x"] = entry
+            style_report["configs"][name] = per_scale
+            if verbose:
+                print(style, "|", name, json.dumps(per_scale), f"{time.time() - start:.0f} s", flush=True)
+        report["styles"][style] = style_report
+    report["seconds"] = round(time.time() - start)
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def units_table(report: dict) -> str:
+    """The markdown table of docs/phrases.md from a ``run_units_eval`` report."""
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"
+
+    def delta(entry: dict) -> str:
+        if "extra_minus_words" not in entry:
+            return ""
+        return f" ({entry['extra_minus_words']:+.2f} ± {entry['extra_minus_words_se']:.2f})"
+
+    lines = ["| captions | prompt units | extra objects 2× / 3× (paired difference to words ± s.e.) "
+             "| scenes with extra 2× / 3× | lost 2× / 3× | misplaced object words 2× / 3× "
+             "| … of drawn objects 2× / 3× | recall 2× / 3× | words per tile prompt 2× / 3× |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for style, entry in report["styles"].items():
+        for name, scales in entry["configs"].items():
+            a, b = scales["2x"], scales["3x"]
+            lines.append(
+                f"| {style} | {name} | {a['extra_per_scene']:.2f}{delta(a)} / {b['extra_per_scene']:.2f}{delta(b)} "
+                f"| {pct(a['scenes_with_extra'])} / {pct(b['scenes_with_extra'])} "
+                f"| {a['lost_per_scene']:.2f} / {b['lost_per_scene']:.2f} "
+                f"| {pct(a.get('misplaced_share'))} / {pct(b.get('misplaced_share'))} "
+                f"| {pct(a.get('misplaced_share_drawn_objects'))} / {pct(b.get('misplaced_share_drawn_objects'))} "
+                f"| {pct(a.get('recall'))} / {pct(b.get('recall'))} "
+                f"| {a['words_per_tile_prompt']:.1f} / {b['words_per_tile_prompt']:.1f} |")
+    return "\n".join(lines)

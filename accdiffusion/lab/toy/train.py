@@ -19,12 +19,15 @@ from .scenes import make_scene, scene_latent
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes never share a seed with evaluation scenes
 
 
-def build_dataset(count: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def build_dataset(count: int, tokenizer, patch: int | None = None, context_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and context ids of the training scenes (``patch``/``context_ids``: the flow toy's
+    finer latent code and its one-sequence ids)."""
     latents, ids = [], []
     for i in range(count):
         scene = make_scene(TRAIN_SEED_OFFSET + i)
-        latents.append(scene_latent(scene))
-        ids.append(host_context_ids(tokenizer, scene.caption))
+        latents.append(scene_latent(scene) if patch is None else scene_latent(scene, patch))
+        ids.append(host_context_ids(tokenizer, scene.caption) if context_ids is None
+                   else context_ids(_TokenizerOnly(tokenizer), scene.caption))
     return torch.stack(latents), torch.tensor(ids)
 
 
@@ -114,4 +117,89 @@ def _save(out, unet, text_model, step, start, history, batch, scenes, empty_shar
     meta = {"steps": step, "seconds": round(time.time() - start), "batch": batch, "scenes": scenes,
             "empty_caption_share": empty_share, "loss_history": history[-400:]}
     save_weights(Path(out), unet, text_model, meta)
+    return meta
+
+
+# --- the flow toy ------------------------------------------------------------------------------------
+def sample_flow_sigmas(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Training noise levels: logit-normal (SD3's choice: most weight on the middle of the path)."""
+    return torch.sigmoid(torch.randn(batch, generator=generator))
+
+
+def flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+              pooled: torch.Tensor) -> torch.Tensor:
+    """Rectified flow: x_σ = (1 − σ)·x₀ + σ·ε, target velocity ε − x₀."""
+    from .flow import flow_noised
+
+    xt = flow_noised(x0, noise, sigma.view(-1, 1, 1, 1))
+    return torch.nn.functional.mse_loss(model(xt, sigma, context, pooled), noise - x0)
+
+
+def train_flow(minutes: float = 30.0, batch: int = 64, scenes: int = 24000, lr: float = 1e-3,
+               empty_share: float = 0.1, out: Path | None = None, seed: int = 0, log_every: int = 25,
+               save_every: int = 100, config=None, max_steps: int | None = None) -> dict:
+    from ..reference import load_tokenizer
+    from .flow import FLOW_WEIGHTS, SCENE_PATCH, FlowConfig, FlowHost, build_flow, save_flow_weights
+
+    out = Path(out or FLOW_WEIGHTS)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer = load_tokenizer(str(TOKENIZER_DIR))
+    t0 = time.time()
+    latents, ids = build_dataset(scenes, tokenizer, patch=SCENE_PATCH, context_ids=FlowHost.context_ids)
+    empty_ids = ids.new_tensor(FlowHost.context_ids(_TokenizerOnly(tokenizer), ""))  # type: ignore[arg-type]
+    print(f"dataset: {scenes} scenes in {time.time() - t0:.0f} s", flush=True)
+
+    model, text_model = build_flow(config or FlowConfig(), seed)
+    model.train(), text_model.train()
+    params = [p for p in list(model.parameters()) + list(text_model.parameters()) if p.requires_grad]
+    print(f"parameters: {sum(p.numel() for p in params) / 1e6:.2f} M trainable", flush=True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text_model).eval()
+    ema_params = [p for p in list(ema_model.parameters()) + list(ema_text.parameters()) if p.requires_grad]
+    budget = minutes * 60.0
+    start = time.time()
+    step, running, history = 0, [], []
+    while (max_steps is None or step < max_steps) and time.time() - start < budget:
+        frac = (time.time() - start) / budget
+        scale = min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr * scale
+        index = torch.from_numpy(rng.integers(0, scenes, batch))
+        x0 = latents[index]
+        flip = torch.from_numpy(rng.random(batch) < 0.5)
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        cond = ids[index].clone()
+        cond[torch.from_numpy(rng.random(batch) < empty_share)] = empty_ids
+        encoded = text_model(input_ids=cond)
+        loss = flow_loss(model, x0, torch.randn(x0.shape, generator=generator), sample_flow_sigmas(batch, generator),
+                         encoded.last_hidden_state, encoded.pooler_output)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.995, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema_params, params):
+                e.lerp_(p, 1 - decay)
+        running.append(loss.item())
+        step += 1
+        if step % log_every == 0:
+            mean = sum(running) / len(running)
+            history.append((step, round(time.time() - start, 1), round(mean, 4)))
+            print(f"step {step} t {time.time() - start:.0f}s loss {mean:.4f} lr {lr * scale:.2e}", flush=True)
+            running = []
+        if step % save_every == 0:
+            _save_flow(out, ema_model, ema_text, step, start, history, batch, scenes, empty_share, save_flow_weights)
+    meta = _save_flow(out, ema_model, ema_text, step, start, history, batch, scenes, empty_share, save_flow_weights)
+    print(f"done: {step} steps in {time.time() - start:.0f} s → {out}", flush=True)
+    return meta
+
+
+def _save_flow(out, model, text_model, step, start, history, batch, scenes, empty_share, save) -> dict:
+    meta = {"steps": step, "seconds": round(time.time() - start), "batch": batch, "scenes": scenes,
+            "empty_caption_share": empty_share, "loss_history": history[-400:],
+            "objective": "rectified flow, velocity, logit-normal sigma"}
+    save(Path(out), model, text_model, meta)
     return meta
