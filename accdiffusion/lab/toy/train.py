@@ -19,6 +19,18 @@ from .scenes import make_scene, scene_latent
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes never share a seed with evaluation scenes
 
 
+
+def optimise_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, ema_params: list, step: int) -> None:
+    """One clipped AdamW step, then the EMA copy follows with a decay that warms up to 0.995 (both toys)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(0.995, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, 1 - decay)
+
 def build_dataset(count: int, tokenizer, patch: int | None = None, context_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents and context ids of the training scenes (``patch``/``context_ids``: the flow toy's
     finer latent code and its one-sequence ids)."""
@@ -91,14 +103,7 @@ def train(minutes: float = 40.0, batch: int = 64, scenes: int = 24000, lr: float
         context = encode_ids(text_model, cond)
         pred = unet(xt, timesteps=t, context=[context])
         loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                e.lerp_(p, 1 - decay)
+        optimise_step(opt, loss, params, ema_params, step)
         running.append(loss.item())
         step += 1
         if step % log_every == 0:
@@ -175,14 +180,7 @@ def train_flow(minutes: float = 30.0, batch: int = 64, scenes: int = 24000, lr: 
         encoded = text_model(input_ids=cond)
         loss = flow_loss(model, x0, torch.randn(x0.shape, generator=generator), sample_flow_sigmas(batch, generator),
                          encoded.last_hidden_state, encoded.pooler_output)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                e.lerp_(p, 1 - decay)
+        optimise_step(opt, loss, params, ema_params, step)
         running.append(loss.item())
         step += 1
         if step % log_every == 0:
