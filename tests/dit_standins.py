@@ -129,17 +129,23 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
+    """flux.py:267-307: one qkv over the joined [txt; img] sequence, ``norm`` (QKNorm) on the
+    block itself returning (q, k) as [B, H, L, D], RoPE in ``attention``."""
+
     def __init__(self, dim, heads, mlp_ratio=2):
         super().__init__()
         self.num_heads = heads
-        self.modulation, self.attn = nn.Linear(dim, 3 * dim), StreamAttention(dim, heads)
+        self.modulation, self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm = QKNorm(dim // heads)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, x, vec=None, pe=None, mod=None):
         m = (self.modulation(nn.functional.silu(vec)) if mod is None else mod)[:, None].chunk(3, -1)
         h = (1 + m[1]) * nn.functional.layer_norm(x, x.shape[-1:]) + m[0]
-        q, k, v = self.attn.split(h)
-        return x + m[2] * (self.attn.proj(joint_attention(rotate(q, pe), rotate(k, pe), v)) + self.mlp(h))
+        b, n, _ = h.shape
+        q, k, v = self.qkv(h).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = self.norm(q, k, v)
+        return x + m[2] * (self.proj(joint_attention(rotate(q, pe), rotate(k, pe), v)) + self.mlp(h))
 
 
 class FluxStandIn(nn.Module):

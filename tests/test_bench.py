@@ -114,3 +114,17 @@ def test_bench_json_report(tmp_path, capsys):
         assert run["window_evals"] == sum(st["window_evals"] for st in run["stages"])
     printed = capsys.readouterr().out
     assert "2x shifted -> 256x256 px, 2 steps per stage" in printed and "sampler built-in Euler" in printed
+
+
+def test_dit_recording_cost_counts_the_recorded_late_blocks():
+    """--recording-cost-dit counts the blocks the recorder takes (the last quarter: Flux's single
+    blocks, SD 3.5's last joint blocks) with their image × all-keys product: SD 3.5 medium's added
+    FLOPs are 6 recorded blocks × one block's image-query scores against every key (4096 × 4429 ×
+    1536, two FLOPs each)."""
+    flux = bench.dit_recording_cost("flux-dev")
+    assert (flux["recorded_blocks"], flux["blocks"]) == (15, 57)
+    assert "added_flops_per_single_block" in flux and "added_flops_per_first_block" not in flux
+    sd35 = bench.dit_recording_cost("sd3.5-medium")
+    assert (sd35["recorded_blocks"], sd35["blocks"]) == (6, 24)
+    assert sd35["recording_added_flops"] == pytest.approx(6 * 2 * 4096 * (4096 + 333) * 1536, rel=1e-3)
+    assert 0 < sd35["share"] < 1

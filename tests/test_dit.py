@@ -14,7 +14,8 @@ from accdiffusion.flows import txt2img as passes
 from accdiffusion.method.attention import AttentionRecorder
 from accdiffusion.method.flow import FLOW_SAMPLING, flow_noise_scaling
 from accdiffusion.method.hires import Stage, StageDenoiser, stage_windows
-from accdiffusion.method.jointattention import JointAttentionCapture, apply_rope, recorded_blocks
+from accdiffusion.method.jointattention import JointAttentionCapture, all_blocks, apply_rope, late_block_count, \
+    recorded_blocks
 from accdiffusion.method.schedule import cosine_factor
 from accdiffusion.method.settings import AccDiffusionSettings
 from dit_standins import (DiTEngineStandIn, DiTImg2ImgStandIn, DiTTxt2ImgStandIn, DiTWebUIStandIn, rotary,
@@ -74,6 +75,43 @@ def test_text_only_softmax_is_the_joint_softmax_renormalised_over_text():
     assert not torch.allclose(joint, text_only, atol=1e-3)  # the unrenormalised share is another thing
 
 
+def _largest_product(call) -> int:
+    """The most elements a matrix product made while ``call`` ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("bmm", "mm", "matmul"):
+                Products.largest = max(Products.largest, out.numel())
+            return out
+
+    with Products():
+        call()
+    return Products.largest
+
+
+def test_joint_share_is_computed_in_query_chunks_without_changing_it(monkeypatch):
+    """add_joint_qk bounds its scores by PENDING_SCORES (a 1024² Flux block would hold 450 M): the
+    chunked maps equal the whole softmax's text columns, rows go to their images."""
+    import accdiffusion.method.attention as attention_module
+
+    torch.manual_seed(0)
+    heads, d, text, image = 2, 4, 5, 12
+    q, k = torch.randn(2, image, heads * d), torch.randn(2, text + image, heads * d)
+    qh, kh = q.view(2, image, heads, d).transpose(1, 2), k.view(2, -1, heads, d).transpose(1, 2)
+    share = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, -1)[..., :text].mean(1)  # [2, image, text]
+    monkeypatch.setattr(attention_module, "PENDING_SCORES", heads * (text + image) * 2 * 3)  # 3 queries a chunk
+    recorder = AttentionRecorder((6, 8), 3, downsample=2)  # a 3×4 grid: 12 image tokens
+    largest = _largest_product(lambda: recorder.add_joint_qk(q, k, heads, [2, 0], text))
+    assert largest == 2 * heads * 3 * (text + image)  # 3 queries' scores at a time, not all 12
+    assert torch.allclose(recorder.maps(2), share[0].T.reshape(text, 3, 4), atol=1e-6)
+    assert torch.allclose(recorder.maps(0), share[1].T.reshape(text, 3, 4), atol=1e-6)
+    assert recorder.maps(1) is None
+
+
 def test_apply_rope_is_the_models_rotation():
     torch.manual_seed(0)
     ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(3.0), torch.arange(4.0), indexing="ij"), -1)
@@ -85,22 +123,28 @@ def test_apply_rope_is_the_models_rotation():
 
 def _attention_spy(monkeypatch, text_first_len):
     """The stand-ins' joint attention, recording each call's image-query → text-key
-    probabilities renormalised over the text (what the recorder must reproduce)."""
+    probabilities as the block computes them: softmax over all keys, text columns, mean over
+    heads (what the recorder must reproduce)."""
     seen = []
     original = dit_standins.joint_attention
 
     def spy(q, k, v):
         text = text_first_len()
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)[:, :, text:, :text]
-        seen.append((probs / probs.sum(-1, keepdim=True)).mean(1))  # [B, image, text]
+        seen.append(probs.mean(1))  # [B, image, text]
         return original(q, k, v)
 
     monkeypatch.setattr(dit_standins, "joint_attention", spy)
     return seen
 
 
+@pytest.mark.parametrize("which", ["late", "every"])
 @pytest.mark.parametrize("family", ["flux", "chroma", "sd35"])
-def test_recorded_maps_are_the_attention_the_blocks_compute(monkeypatch, engines, family):
+def test_recorded_maps_are_the_attention_the_blocks_compute(monkeypatch, engines, family, which):
+    """The map of a row is the mean over the recorded blocks of the text share of its image
+    queries' joint softmax. ``late``: the product's choice (the last quarter: on the stand-ins the
+    single-stream block, SD 3.5's last joint block); ``every``: all blocks, so the double-stream
+    capture is held too."""
     model = engines[family]
     transformer = model.transformer
     cond = model.encode(PROMPT, distilled_cfg_scale=3.5)
@@ -115,14 +159,30 @@ def test_recorded_maps_are_the_attention_the_blocks_compute(monkeypatch, engines
     plain = transformer(x, t, context=context, **extra)
     seen = _attention_spy(monkeypatch, lambda: context.shape[1])
     recorder = AttentionRecorder((8, 12), 2, downsample=2)
-    with JointAttentionCapture(transformer, recorder, [1, None]):  # row 0 is image 1's; row 1 not recorded
+    every = all_blocks(transformer)
+    blocks = recorded_blocks(transformer) if which == "late" else every
+    with JointAttentionCapture(transformer, recorder, [1, None], blocks=blocks):  # row 0: image 1's; row 1 not
         recorded = transformer(x, t, context=context, **extra)
     assert torch.equal(plain, recorded)  # recording changes nothing
-    blocks = len(recorded_blocks(transformer))
-    expected = torch.stack(seen[:blocks]).mean(0)[0].T.reshape(-1, 4, 6)  # the recorded blocks come first
+    if which == "late":
+        assert len(blocks) == late_block_count(len(every)) == 1
+        assert blocks[0] is every[-1]
+    expected = torch.stack(seen[-len(blocks):]).mean(0)[0].T.reshape(-1, 4, 6)  # the model's last blocks
     assert recorder.maps(0) is None
     assert torch.allclose(recorder.maps(1), expected, atol=1e-5)
-    assert all(not block._forward_hooks and not block._forward_pre_hooks for block in recorded_blocks(transformer))
+    assert all(not block._forward_hooks and not block._forward_pre_hooks for block in every)
+
+
+def test_recorded_blocks_are_the_last_quarter_of_the_model():
+    """Flux dev / Chroma: 19 double + 38 single blocks -> single blocks 23-37; SD 3.5 large (38 joint
+    blocks) -> 28-37, medium (24) -> 18-23; a tiny model records its last block."""
+    assert [late_block_count(n) for n in (57, 38, 24, 5, 3, 1)] == [15, 10, 6, 2, 1, 1]
+    flux = dit_standins.FluxStandIn(depth=3, single=5)
+    assert recorded_blocks(flux) == list(flux.single_blocks)[3:]
+    few_single = dit_standins.FluxStandIn(depth=6, single=1)
+    assert recorded_blocks(few_single) == [few_single.double_blocks[5], few_single.single_blocks[0]]
+    sd35 = dit_standins.MMDiTStandIn(depth=8)
+    assert recorded_blocks(sd35) == list(sd35.joint_blocks)[6:]
 
 
 def test_flow_noise_scaling_and_timestep():

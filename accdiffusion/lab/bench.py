@@ -156,7 +156,8 @@ def recording_cost(host: Host, size: tuple[int, int]) -> dict[str, int]:
 
 
 # Full-size joint-attention transformers at 1024² px (a 128² latent: 4096 image tokens), as Forge
-# builds them: (blocks recorded, blocks not recorded, hidden, heads, text tokens, MLP ratio)
+# builds them: (family, double-stream / joint blocks, single-stream blocks, hidden, heads, text
+# tokens, MLP ratio)
 DIT_SIZES = {"flux-dev": ("flux", 19, 38, 3072, 24, 512, 4), "chroma": ("flux", 19, 38, 3072, 24, 512, 4),
              "sd3.5-large": ("mmdit", 38, 0, 2432, 38, 333, 4), "sd3.5-medium": ("mmdit", 24, 0, 1536, 24, 333, 4)}
 
@@ -165,54 +166,80 @@ def dit_recording_cost(name: str, image_tokens: int = 4096) -> dict[str, float]:
     """FLOPs and dispatched ops of a full-size DiT call without and with recording, counted on the
     meta device (nothing is computed or allocated): one block of each kind at full width with the
     stand-in blocks of tests/dit_standins.py (Forge's block structure), scaled by the model's block
-    counts. Recording adds the image × text product, softmax and sums per recorded block."""
+    counts and by how many of each kind the recorder takes (the last quarter of the blocks).
+    Recording adds per recorded block the image × all-keys product, the softmax's log-sum-exp and
+    the text share's sums."""
     import sys
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..method.attention import AttentionRecorder
-    from ..method.jointattention import JointAttentionCapture
+    from ..method.jointattention import JointAttentionCapture, late_block_count
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
     import dit_standins as ds
 
-    family, recorded, other, dim, heads, text, ratio = DIT_SIZES[name]
+    family, first_kind, single, dim, heads, text, ratio = DIT_SIZES[name]
+    recorded = late_block_count(first_kind + single)
+    recorded_single = min(single, recorded)
+    counts = {"first": first_kind, "single": single}
+    recorded_counts = {"first": recorded - recorded_single, "single": recorded_single}
     meta = torch.device("meta")
     side = int(image_tokens ** 0.5)
     with meta:
+        model = torch.nn.Module()
         if family == "flux":
-            model = torch.nn.Module()
             model.double_blocks = torch.nn.ModuleList([ds.DoubleStreamBlock(dim, heads, ratio)])
-            single = ds.SingleStreamBlock(dim, heads, ratio)
+            model.single_blocks = torch.nn.ModuleList([ds.SingleStreamBlock(dim, heads, ratio)])
             img, txt, vec = torch.empty(1, image_tokens, dim), torch.empty(1, text, dim), torch.empty(1, dim)
             pe = torch.empty(1, 1, text + image_tokens, dim // heads // 2, 2, 2)
-            calls = {"recorded": lambda: model.double_blocks[0](img=img, txt=txt, vec=vec, pe=pe),
-                     "other": lambda: single(torch.cat([txt, img], 1), vec=vec, pe=pe)}
+
+            def call() -> None:  # one double block, then one single block, as the model runs them
+                out_img, out_txt = model.double_blocks[0](img=img, txt=txt, vec=vec, pe=pe)
+                model.single_blocks[0](torch.cat([out_txt, out_img], 1), vec=vec, pe=pe)
+
+            blocks = {"first": model.double_blocks[0], "single": model.single_blocks[0]}
         else:
-            model = torch.nn.Module()
             model.joint_blocks = torch.nn.ModuleList([ds.JointBlock(dim, heads, mlp_ratio=ratio)])
             x, ctx, vec = torch.empty(1, image_tokens, dim), torch.empty(1, text, dim), torch.empty(1, dim)
-            calls = {"recorded": lambda: model.joint_blocks[0](ctx, x, c=vec)}
-    out: dict[str, float] = {}
-    for record in (False, True):
+
+            def call() -> None:
+                model.joint_blocks[0](ctx, x, c=vec)
+
+            blocks = {"first": model.joint_blocks[0]}
+
+    def count(record: str | None) -> tuple[float, float]:
         flops, ops = FlopCounterMode(display=False), _OpCount()
         recorder = AttentionRecorder((side * 2, side * 2), 1, downsample=2)
         with torch.no_grad(), flops, ops:
-            if record:
-                with JointAttentionCapture(model, recorder, [0]):
-                    calls["recorded"]()
-                recorder.flush()
+            if record is None:
+                call()
             else:
-                calls["recorded"]()
-        out[f"{'recording' if record else 'plain'}_block_flops"] = float(flops.get_total_flops())
-        out[f"{'recording' if record else 'plain'}_block_ops"] = float(ops.ops)
-    if other:
-        flops = FlopCounterMode(display=False)
-        with torch.no_grad(), flops:
-            calls["other"]()
-        out["other_block_flops"] = float(flops.get_total_flops())
-    plain = recorded * out["plain_block_flops"] + other * out.get("other_block_flops", 0.0)
-    added = recorded * (out["recording_block_flops"] - out["plain_block_flops"])
-    out["model_flops"], out["recording_added_flops"], out["share"] = plain, added, added / plain
+                with JointAttentionCapture(model, recorder, [0], blocks=[blocks[record]]):
+                    call()
+                recorder.flush()
+        return float(flops.get_total_flops()), float(ops.ops)
+
+    out: dict[str, float] = {}
+    plain_flops, plain_ops = count(None)
+    out["plain_call_flops"], out["plain_call_ops"] = plain_flops, plain_ops
+    if family == "flux":
+        with torch.no_grad():
+            single_flops = FlopCounterMode(display=False)
+            with single_flops:
+                model.single_blocks[0](torch.cat([txt, img], 1), vec=vec, pe=pe)
+        per_block = {"single": float(single_flops.get_total_flops())}
+        per_block["first"] = plain_flops - per_block["single"]
+    else:
+        per_block = {"first": plain_flops}
+    added = 0.0
+    for kind, n in recorded_counts.items():
+        if n:
+            flops, ops = count(kind)
+            out[f"added_flops_per_{kind}_block"], out[f"added_ops_per_{kind}_block"] = flops - plain_flops, ops - plain_ops
+            added += n * (flops - plain_flops)
+    model_flops = sum(counts[k] * per_block.get(k, 0.0) for k in counts)
+    out["recorded_blocks"], out["blocks"] = float(recorded), float(first_kind + single)
+    out["model_flops"], out["recording_added_flops"], out["share"] = model_flops, added, added / model_flops
     return out
 
 
@@ -319,9 +346,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.recording_cost_dit:
         for name in DIT_SIZES:
             cost = dit_recording_cost(name)
-            print(f"  {name} at 1024x1024 px, one row: recording adds {cost['recording_added_flops']:.3e} FLOPs to "
-                  f"{cost['model_flops']:.3e} ({cost['share'] * 100:.2f} %); ops per recorded block "
-                  f"{cost['plain_block_ops']:.0f} -> {cost['recording_block_ops']:.0f}")
+            added_ops = ", ".join(f"{kind} {cost[key]:.0f}" for kind in ("first", "single")
+                                  if (key := f"added_ops_per_{kind}_block") in cost)
+            print(f"  {name} at 1024x1024 px, one row, {cost['recorded_blocks']:.0f} of {cost['blocks']:.0f} blocks "
+                  f"recorded: recording adds {cost['recording_added_flops']:.3e} FLOPs to {cost['model_flops']:.3e} "
+                  f"({cost['share'] * 100:.2f} %); dispatched ops added per recorded block: {added_ops}")
         return
     scales = [int(s) for s in args.scales.split(",")]
     try:

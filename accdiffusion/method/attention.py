@@ -223,6 +223,29 @@ class AttentionRecorder:
         self._pending.append((q, k))
 
     @torch.no_grad()
+    def add_joint_qk(self, q: torch.Tensor, k: torch.Tensor, heads: int, images: Sequence[int],
+                     text_keys: int) -> None:
+        """Record a joint attention's text share: of the image queries q [b, n, heads·d] against
+        all keys k [b, m, heads·d] whose first ``text_keys`` are the text's, the softmax over all m
+        keys (as the block computes it), its text columns kept as they are (not renormalised:
+        how much an image token attends to the text is part of where a word is), averaged over
+        heads. Computed at once in query chunks of at most ``PENDING_SCORES`` scores, so a 1024²
+        Flux block never holds its whole [heads, 4096, 4608] score matrix."""
+        self.flush()
+        b, n, inner = q.shape
+        m = k.shape[1]
+        dim_head = inner // heads
+        qh = q.view(b, n, heads, dim_head).transpose(1, 2)
+        kt = (k.view(b, m, heads, dim_head).transpose(1, 2) * dim_head ** -0.5).to(q.dtype).transpose(-1, -2)
+        chunk = max(1, PENDING_SCORES // max(1, b * heads * m))
+        shares = []
+        for start in range(0, n, chunk):
+            scores = (qh[:, :, start:start + chunk] @ kt).float()  # [b, heads, chunk, m]
+            total = torch.logsumexp(scores, dim=-1, keepdim=True)
+            shares.append((scores[..., :text_keys] - total).exp_().mean(dim=1))  # [b, chunk, text]
+        self._accumulate(list(images), torch.cat(shares, dim=1).transpose(1, 2))
+
+    @torch.no_grad()
     def flush(self) -> None:
         """Compute and add the pending layers: one batched product in the model's own precision
         (as the attention itself computes it), softmax in float32, summed over the layers."""

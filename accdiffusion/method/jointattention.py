@@ -1,38 +1,49 @@
 """Word maps from joint attention (Flux, Chroma, SD 3.5): image queries against text keys.
 
 These transformers have no cross-attention: text and image tokens attend jointly. What the
-recorder needs of a block is what its attention sees: the image tokens' queries and the text
-tokens' keys after qk-norm (and, for Flux/Chroma, RoPE). Forward hooks read them where the block
-computes them anyway, so recording never changes a value and adds no projection:
+recorder needs of a block is what its attention sees: the image tokens' queries and every key,
+the text's first, after qk-norm (and, for Flux/Chroma, RoPE). Forward hooks read them where the
+block computes them anyway, so recording never changes a value and adds no projection:
 
 - Flux / Chroma double-stream block (Forge backend/nn/flux.py:206-264, chroma.py:58-85):
   ``img_attn.norm`` returns the image (q, k), ``txt_attn.norm`` the text (q, k), both [B, H, L, D];
   the block's ``pe`` argument holds the rotary embedding of the sequence [text; image]
   (flux.py:240-247: the text comes first), applied inside ``attention`` (flux.py:15-18), so the
   capture applies it too (:func:`apply_rope`).
-- SD 3.5 (MMDiT-X) joint block (mmditx.py:636-667): the image stream's ``x_block.attn.ln_q`` and
-  the text stream's ``context_block.attn.ln_k`` return q and k as [B, L, H, D] (mmditx.py:323-329,
-  an ``nn.Identity`` when the model has no qk-norm: still called, still hooked); positions are
-  added to the image tokens before the blocks (no RoPE).
+- Flux / Chroma single-stream block (flux.py:267-307, chroma.py:95-120): one ``norm`` returns
+  (q, k) of the joined sequence [text; image] (the model concatenates them text first,
+  flux.py:389-391): the text is as long as the ``txt`` the first double-stream block was called
+  with in the same model call (a pre-hook reads it); same ``pe``.
+- SD 3.5 (MMDiT-X) joint block (mmditx.py:636-667): the image stream's ``x_block.attn.ln_q`` /
+  ``ln_k`` and the text stream's ``context_block.attn.ln_k`` return q and k as [B, L, H, D]
+  (mmditx.py:323-329, an ``nn.Identity`` when the model has no qk-norm: still called, still
+  hooked); positions are added to the image tokens before the blocks (no RoPE).
 
-Which softmax: the recorder takes softmax over the text keys only. That *is* the joint softmax
-renormalised over the text keys (the image keys' terms cancel out of the ratio), so the two
-choices of the issue are one; the third, the joint softmax's text share without renormalising,
-would weight every image token by how much it attends to text at all rather than by which word
-(tests/test_dit.py checks the identity). Which blocks: the double-stream blocks of Flux/Chroma
-(their text keys still come from the text stream alone; the single-stream blocks mix both streams
-into every key) and every joint block of SD 3.5. Per block the map costs one [image × text]
-product per head, next to the block's own [(image + text)²] attention and its projections.
+What a map is (measured on the flow toy, ``python -m accdiffusion.lab.toy maps --model flow``,
+docs/toy-flow.md "Which maps"): the joint softmax's **text share** as the block computes it,
+softmax over all keys, text columns kept without renormalising. The text-only softmax (= the
+joint softmax renormalised over the text keys) throws away how much an image token attends to
+the text at all, and that is where the location is: renormalised maps peaked on their object
+3-4 % of the time on the toy (below the 10 % of a random cell), the text share 42-49 %.
+Which blocks: the **last quarter** of the model's blocks (:func:`recorded_blocks`) — on the toy the
+late (single-stream) blocks localise best and averaging in early blocks dilutes them; for Flux
+and Chroma that is single-stream blocks 23-37 of 57 blocks, for SD 3.5 large joint blocks 28-37,
+medium 18-23. Per block the map costs one [image × all keys] product per head (the image rows of
+the block's own attention), about +2 % of a Flux call, +3 % of SD 3.5
+(``python -m accdiffusion.lab.bench --recording-cost-dit``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .attention import AttentionRecorder
+
+RECORDED_SHARE = 0.25  # the last quarter of a model's blocks: see the module docstring
 
 
 def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
@@ -53,30 +64,48 @@ def joint_family(model: nn.Module) -> str | None:
     return None
 
 
-def recorded_blocks(model: nn.Module) -> list[nn.Module]:
+def all_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's attention blocks in the order it runs them."""
     family = joint_family(model)
     if family == "flux":
-        return list(model.double_blocks)
+        return list(model.double_blocks) + list(getattr(model, "single_blocks", None) or [])
     if family == "mmdit":
         return list(model.joint_blocks)
     raise ValueError(f"{type(model).__name__} is not a joint-attention transformer this recorder knows")
 
 
-def _heads(block: nn.Module, family: str) -> int:
-    return int(block.num_heads if family == "flux" else block.x_block.attn.num_heads)
+def late_block_count(total: int, share: float = RECORDED_SHARE) -> int:
+    """How many of ``total`` blocks, counted from the last, are recorded (at least one)."""
+    return max(1, math.ceil(total * share))
 
 
-def _tokens_last(t: torch.Tensor, family: str) -> torch.Tensor:
-    """[B, H, L, D] (flux) or [B, L, H, D] (mmdit) -> [B, L, H·D], as the recorder takes them."""
-    if family == "flux":
+def recorded_blocks(model: nn.Module) -> list[nn.Module]:
+    blocks = all_blocks(model)
+    return blocks[len(blocks) - late_block_count(len(blocks)):]
+
+
+def _block_kind(block: nn.Module, family: str) -> str:
+    if family == "mmdit":
+        return "mmdit"
+    return "double" if hasattr(block, "img_attn") else "single"
+
+
+def _heads(block: nn.Module, kind: str) -> int:
+    return int(block.x_block.attn.num_heads if kind == "mmdit" else block.num_heads)
+
+
+def _tokens_last(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """[B, H, L, D] (flux blocks) or [B, L, H, D] (mmdit) -> [B, L, H·D], as the recorder takes them."""
+    if kind != "mmdit":
         t = t.transpose(1, 2)
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 
 class JointAttentionCapture:
-    """While entered, the chosen blocks of ``model`` feed ``recorder`` with the image-query →
-    text-key attention of the rows ``row_images`` marks (the image of each batch row, or None for
-    a row that is not a positive prompt). Hooks are removed on exit, also on error."""
+    """While entered, the chosen blocks of ``model`` feed ``recorder`` with the image-query
+    attention's text share (:meth:`AttentionRecorder.add_joint_qk`) of the rows ``row_images``
+    marks (the image of each batch row, or None for a row that is not a positive prompt). Hooks
+    are removed on exit, also on error."""
 
     def __init__(self, model: nn.Module, recorder: AttentionRecorder, row_images: Sequence[int | None],
                  blocks: Sequence[nn.Module] | None = None):
@@ -88,9 +117,19 @@ class JointAttentionCapture:
         self.row_images = list(row_images)
         self.blocks = list(blocks) if blocks is not None else recorded_blocks(model)
         self._handles: list[Any] = []
+        self._model = model
+        self._text: dict[str, int] = {}  # the text length of the current call (single-stream blocks)
 
     def __enter__(self) -> "JointAttentionCapture":
         try:
+            if self.family == "flux" and len(self._model.double_blocks):
+                # a single-stream block sees [text; image] joined: its text length is the one the
+                # first double-stream block was called with (flux.py:388-391)
+                def text_length(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                    self._text["txt"] = int((kwargs["txt"] if "txt" in kwargs else args[1]).shape[1])
+
+                self._handles.append(self._model.double_blocks[0].register_forward_pre_hook(text_length,
+                                                                                           with_kwargs=True))
             for block in self.blocks:
                 self._hook_block(block)
         except Exception:
@@ -105,49 +144,87 @@ class JointAttentionCapture:
     # --- hooks ----------------------------------------------------------------------------------
     def _hook_block(self, block: nn.Module) -> None:
         seen: dict[str, Any] = {}
-        if self.family == "flux":
+        kind = _block_kind(block, self.family)
+        hook = self._handles.append
+        if kind == "double":
             def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
                 seen["pe"] = kwargs["pe"] if "pe" in kwargs else args[3]
                 seen["txt"] = int((kwargs["txt"] if "txt" in kwargs else args[1]).shape[1])
 
-            self._handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
-            self._handles.append(block.img_attn.norm.register_forward_hook(self._keep(seen, "q", 0)))
-            self._handles.append(block.txt_attn.norm.register_forward_hook(self._keep(seen, "k", 1)))
+            hook(block.register_forward_pre_hook(before, with_kwargs=True))
+            hook(block.img_attn.norm.register_forward_hook(self._keep(seen, ("q", "k_img"))))
+            hook(block.txt_attn.norm.register_forward_hook(self._keep(seen, (None, "k_txt"))))
+        elif kind == "single":
+            def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                seen["pe"] = kwargs["pe"] if "pe" in kwargs else args[2]
+                if "txt" in self._text:
+                    seen["txt"] = self._text["txt"]
+
+            hook(block.register_forward_pre_hook(before, with_kwargs=True))
+            hook(block.norm.register_forward_hook(self._keep(seen, ("q_all", "k_all"))))
         else:
-            self._handles.append(block.x_block.attn.ln_q.register_forward_hook(self._keep(seen, "q", None)))
-            self._handles.append(block.context_block.attn.ln_k.register_forward_hook(self._keep(seen, "k", None)))
+            hook(block.x_block.attn.ln_q.register_forward_hook(self._keep(seen, "q")))
+            hook(block.x_block.attn.ln_k.register_forward_hook(self._keep(seen, "k_img")))
+            hook(block.context_block.attn.ln_k.register_forward_hook(self._keep(seen, "k_txt")))
 
         def after(_m: nn.Module, _args: tuple, _out: Any) -> None:
             try:
-                if "q" in seen and "k" in seen:
-                    self._record(block, seen)
+                self._record(block, kind, seen)
             finally:
                 seen.clear()
 
-        self._handles.append(block.register_forward_hook(after))
+        hook(block.register_forward_hook(after))
 
     @staticmethod
-    def _keep(seen: dict, name: str, index: int | None) -> Callable[..., None]:
+    def _keep(seen: dict, names: str | tuple[str | None, ...]) -> Callable[..., None]:
         def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
-            seen[name] = out[index] if index is not None else out
+            if isinstance(names, str):
+                seen.setdefault(names, out)  # the first call: MMDiT-X's attn2 has norms of its own
+            else:
+                for name, value in zip(names, out):
+                    if name is not None:
+                        seen[name] = value
 
         return hook
 
+    @staticmethod
+    def _queries_and_keys(kind: str, seen: dict, index: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(image queries, all keys with the text's first, text length) of the batch rows ``index``,
+        in the block's layout, RoPE applied as the block's attention applies it."""
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index.to(t.device)) if t.shape[0] > 1 else t
+
+        if kind == "single":
+            if "q_all" not in seen or "txt" not in seen:
+                return None
+            q, k, pe = rows(seen["q_all"]), rows(seen["k_all"]), rows(seen["pe"])
+            text = seen["txt"]
+            return apply_rope(q[:, :, text:], pe[:, :, text:]), apply_rope(k, pe), text
+        if not all(name in seen for name in ("q", "k_img", "k_txt")):
+            return None
+        q, k_img, k_txt = rows(seen["q"]), rows(seen["k_img"]), rows(seen["k_txt"])
+        if kind == "double":
+            pe, text = rows(seen["pe"]), seen["txt"]
+            image_pe = pe[:, :, text:]
+            return (apply_rope(q, image_pe),
+                    torch.cat([apply_rope(k_txt, pe[:, :, :text]), apply_rope(k_img, image_pe)], 2), text)
+        return q, torch.cat([k_txt, k_img], 1), int(k_txt.shape[1])
+
     @torch.no_grad()
-    def _record(self, block: nn.Module, seen: dict) -> None:
+    def _record(self, block: nn.Module, kind: str, seen: dict) -> None:
         recorder = self.recorder
-        q, k = seen["q"], seen["k"]
-        tokens = recorder.grid[0] * recorder.grid[1]
-        image_axis = 2 if self.family == "flux" else 1
-        rows = [(r, img) for r, img in enumerate(self.row_images) if img is not None and r < q.shape[0]]
-        if not recorder.active or not rows or q.shape[image_axis] != tokens:
+        batch = next((t.shape[0] for name in ("q", "q_all") if (t := seen.get(name)) is not None), 0)
+        rows = [(r, img) for r, img in enumerate(self.row_images) if img is not None and r < batch]
+        if not recorder.active or not rows:
             return
-        index = torch.tensor([r for r, _ in rows], device=q.device)
-        q, k = q.index_select(0, index), k.index_select(0, index)
-        if self.family == "flux":
-            pe, text = seen["pe"], seen["txt"]
-            pe = pe.index_select(0, index.to(pe.device)) if pe.shape[0] > 1 else pe
-            q = apply_rope(q, pe[:, :, text:])
-            k = apply_rope(k, pe[:, :, :text])
-        recorder.add_qk(_tokens_last(q, self.family), _tokens_last(k, self.family), _heads(block, self.family),
-                        [img for _, img in rows])
+        tokens = recorder.grid[0] * recorder.grid[1]
+        index = torch.tensor([r for r, _ in rows])
+        found = self._queries_and_keys(kind, seen, index)
+        if found is None:
+            return
+        q, keys, text = found
+        if q.shape[1 if kind == "mmdit" else 2] != tokens:
+            return  # a window or sub-latent of another size: not the first pass's grid
+        recorder.add_joint_qk(_tokens_last(q, kind), _tokens_last(keys, kind), _heads(block, kind),
+                              [img for _, img in rows], text)

@@ -12,8 +12,8 @@ tiny checkpoint's sizes and weights, then checks what :class:`JointAttentionCapt
 against the attention the model itself computes: a spy on the attention function Forge's blocks
 call (flux.py:15-18 ``attention`` -> ``attention_function`` with RoPE applied; mmditx.py:17-26
 ``attention``, called from block_mixing :636-667 with [context; x]) takes the image-query -> text-key
-softmax of every joint call, renormalised over the text keys and averaged over heads. The recorded
-map of a row must equal the mean of those over the recorded blocks, the model output must not
+softmax of every joint call (over all keys, the text columns: the text share) averaged over heads. The
+recorded map of a row must equal the mean of those over the recorded blocks (the model's last quarter), the model output must not
 change (bit-identical) and no hook may stay behind. Latents of odd size are included: Flux and
 Chroma pad them to the patch grid (flux.py:405-407), and the recorder's grid must follow.
 """
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from accdiffusion.method.attention import AttentionRecorder  # noqa: E402
-from accdiffusion.method.jointattention import JointAttentionCapture, recorded_blocks  # noqa: E402
+from accdiffusion.method.jointattention import JointAttentionCapture, all_blocks, recorded_blocks  # noqa: E402
 
 # the tiny checkpoints' sizes (shared/tinymodel/forge/tools/make_tiny_{flux,chroma,sd35}.py)
 FLUX = dict(in_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2,
@@ -64,8 +64,8 @@ def spy_flux(module, text_len: int, image_len: int, seen: list) -> None:
 
     def spy(q, k, v, heads, skip_reshape=False, **kw):
         # q, k: [B, H, text + image, D] with RoPE applied (flux.py:15-18)
-        logits = q[:, :, text_len:].float() @ k[:, :, :text_len].float().transpose(-1, -2) * q.shape[-1] ** -0.5
-        seen.append(torch.softmax(logits, -1).mean(1))  # [B, image, text]
+        logits = q[:, :, text_len:].float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+        seen.append(torch.softmax(logits, -1)[..., :text_len].mean(1))  # [B, image, text]: the text share
         return original(q, k, v, heads, skip_reshape=skip_reshape, **kw)
 
     module.attention_function = spy
@@ -79,8 +79,8 @@ def spy_mmdit(module, text_len: int, image_len: int, seen: list) -> None:
             b, length, dim = q.shape
             qh = q.view(b, length, heads, dim // heads).transpose(1, 2).float()
             kh = k.view(b, -1, heads, dim // heads).transpose(1, 2).float()
-            logits = qh[:, :, text_len:] @ kh[:, :, :text_len].transpose(-1, -2) * (dim // heads) ** -0.5
-            seen.append(torch.softmax(logits, -1).mean(1))
+            logits = qh[:, :, text_len:] @ kh.transpose(-1, -2) * (dim // heads) ** -0.5
+            seen.append(torch.softmax(logits, -1)[..., :text_len].mean(1))
         return original(q, k, v, heads, mask)
 
     module.attention = spy
@@ -125,7 +125,7 @@ def check(family: str, latent: tuple[int, int]) -> dict:
                 if name in saved:
                     setattr(module, name, saved[name])
     grid = recorder.grid
-    expected = torch.stack(seen[:len(blocks)]).mean(0)[0].T.reshape(text_len, *grid)
+    expected = torch.stack(seen[-len(blocks):]).mean(0)[0].T.reshape(text_len, *grid)  # the model's last blocks
     got = recorder.maps(1)
     return {
         "family": family, "latent": list(latent), "grid": list(grid),
@@ -134,7 +134,9 @@ def check(family: str, latent: tuple[int, int]) -> dict:
         "map_matches": got is not None and bool(torch.allclose(got, expected, atol=1e-5)),
         "max_error": None if got is None else float((got - expected).abs().max()),
         "other_row_empty": recorder.maps(0) is None,
-        "hooks_left": sum(len(b._forward_hooks) + len(b._forward_pre_hooks) for b in blocks),
+        "recorded_blocks": len(blocks), "blocks": len(all_blocks(model)),
+        "last_block_recorded": blocks[-1] is all_blocks(model)[-1],
+        "hooks_left": sum(len(b._forward_hooks) + len(b._forward_pre_hooks) for b in all_blocks(model)),
     }
 
 

@@ -40,3 +40,4 @@ def test_capture_records_the_attention_forges_blocks_compute(results, family, la
     assert r["image_tokens_seen"] == r["grid"][0] * r["grid"][1]  # odd latents: the patch grid rounds up
     assert r["map_matches"], r["max_error"]
     assert r["other_row_empty"] and r["hooks_left"] == 0
+    assert r["last_block_recorded"] and r["recorded_blocks"] == max(1, -(-r["blocks"] // 4))  # the last quarter

@@ -1,4 +1,4 @@
-"""python -m accdiffusion.lab.toy train|eval|demo — see the README section "Proof on a trained toy model"."""
+"""python -m accdiffusion.lab.toy train|eval|maps|demo — see the README section "Proof on a trained toy model"."""
 
 from __future__ import annotations
 
@@ -30,12 +30,16 @@ def main(argv: list[str] | None = None) -> None:
                              "captions as trained and as tag lists, with tile-prompt placement → toy-eval-units.json")
     p_eval.add_argument("--denoise", type=float, default=None,
                         help="hires denoising strength (default 0.6 for the UNet toy, 0.8 for the flow toy)")
+    p_maps = sub.add_parser("maps", help="flow toy: word-map localisation by normalisation and blocks, "
+                                         "mean ± s.e. (docs/toy-flow.md, 'Which maps')")
+    p_maps.add_argument("--scenes", type=int, default=200)
+    p_maps.add_argument("--out", type=Path, default=Path("toy-flow-maps.json"))
     p_demo = sub.add_parser("demo", help="write the picture: first pass, plain tiling, AccDiffusion, tile map")
     p_demo.add_argument("--caption", default="a red disk and a blue square")
     p_demo.add_argument("--seed", type=int, default=3)
     p_demo.add_argument("--scale", type=int, default=3)
     p_demo.add_argument("--out", type=Path, default=Path("toy-demo.png"))
-    for p in (p_train, p_eval, p_demo):
+    for p in (p_train, p_eval, p_maps, p_demo):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--model", choices=("unet", "flow"), default="unet",
                        help="unet: the ldm UNet toy; flow: the joint-attention flow transformer (docs/toy-flow.md)")
@@ -70,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
                      details=True)
         else:
             run_eval(scenes=args.scenes, out=args.out or Path("toy-eval.json"))
+    elif args.command == "maps":
+        if args.model != "flow":
+            parser.error("maps measures the flow toy's map choices: add --model flow")
+        from .evaluate import flow_map_choices
+
+        flow_map_choices(scenes=args.scenes, out=args.out)
     else:
         from .evaluate import demo, kind_of
 

@@ -164,10 +164,24 @@ class WordIoU:
     shape_other_object: list[float] = field(default_factory=list)
     colour_points: list[float] = field(default_factory=list)  # 1 when the map's peak is on the object
     shape_points: list[float] = field(default_factory=list)
+    # threshold-free: P(map at a random object cell > at a random cell outside it), 0.5 = chance
+    shape_auc: list[float] = field(default_factory=list)
+    shape_auc_other_object: list[float] = field(default_factory=list)
 
     def add(self, other: "WordIoU") -> None:
         for name in self.__dataclass_fields__:
             getattr(self, name).extend(getattr(other, name))
+
+
+def map_auc(word_map: torch.Tensor, mask: np.ndarray) -> float | None:
+    """How well a raw word map ranks the cells of ``mask`` above the others (ROC AUC, ties
+    halved); None when the mask is empty or full."""
+    values = np.asarray(word_map, float).ravel()
+    inside = np.asarray(mask, bool).ravel()
+    if inside.all() or not inside.any():
+        return None
+    diff = values[inside][:, None] - values[~inside][None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
 def caption_ious(host: ToyHost, caption: str, token_maps: torch.Tensor,
@@ -188,11 +202,17 @@ def caption_ious(host: ToyHost, caption: str, token_maps: torch.Tensor,
         if unique_shape:
             out.shape.append(iou(masks[shape][0], truth[colour]))
             out.shape_points.append(float(truth[colour].flat[int(maps[shape][0].argmax())]))
+            auc = map_auc(maps[shape][0], truth[colour])
+            if auc is not None:
+                out.shape_auc.append(auc)
         for other, _ in objects:
             if other != colour and other in truth:
                 out.other_object.append(iou(masks[colour][0], truth[other]))
                 if unique_shape:
                     out.shape_other_object.append(iou(masks[shape][0], truth[other]))
+                    auc = map_auc(maps[shape][0], truth[other])
+                    if auc is not None:
+                        out.shape_auc_other_object.append(auc)
     return out
 
 
@@ -314,6 +334,100 @@ def map_study(host, scene_list: Sequence[Scene], firsts: Sequence[torch.Tensor],
                           "colour chance": mean(w.other_object), "colour peak": mean(w.colour_points)}
                     for src, w in (("generated", gen[(mode, bl)]), ("real", real[(mode, bl)]))}
     return out
+
+
+# the product's map choices for joint-attention models, by what they mean on any depth: the flow
+# toy has 3 double-stream blocks (0-2) and 2 single-stream ones (3-4)
+FLOW_MAP_CHOICES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "text-only softmax, double-stream blocks (shipped before)": ("text", (0, 1, 2)),
+    "text-only softmax, every block": ("text", (0, 1, 2, 3, 4)),
+    "text-only softmax, last block": ("text", (4,)),
+    "joint share, double-stream blocks": ("joint", (0, 1, 2)),
+    "joint share, last double-stream block": ("joint", (2,)),
+    "joint share, single-stream blocks": ("joint", (3, 4)),
+    "joint share, last block": ("joint", (4,)),
+    "joint share, every block": ("joint", (0, 1, 2, 3, 4)),
+}
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    a = np.asarray(values, float)
+    return round(float(a.mean()), 3), round(float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0, 3)
+
+
+def flow_map_choices(scenes: int = 200, chunk: int = 25, host=None, out: Path | None = None,
+                     choices: dict[str, tuple[str, tuple[int, ...]]] | None = None, verbose: bool = True) -> dict:
+    """Which normalisation and blocks give the best-localised word maps on the flow toy: for each
+    choice, the shape and colour words' mask IoU with their object (and with the scene's other
+    objects: chance) and how often the map's peak is on the object, on generated first passes
+    (truth: their own colour segments) and on real scenes probed at σ = 0.2-0.8 (truth: the scene's
+    masks); mean and standard error over objects, and each choice's paired difference in shape IoU
+    lift (IoU - chance, per scene) against the first choice."""
+    from .flow import GRID, FlowAttentionRecorder
+
+    kind = kind_of("flow")
+    host = host or kind.load()
+    choices = choices or FLOW_MAP_CHOICES
+    start = time.time()
+    scene_list = [make_scene(EVAL_SEED_OFFSET + i) for i in range(scenes)]
+    blocks = host.model.config.blocks
+    per: dict[str, dict[str, WordIoU]] = {name: {"generated": WordIoU([], [], []), "real": WordIoU([], [], [])}
+                                          for name in choices}
+    lift: dict[str, dict[str, list[float]]] = {name: {"generated": [], "real": []} for name in choices}
+    for c0 in range(0, scenes, chunk):
+        part = scene_list[c0:c0 + chunk]
+        latent, rec = flow_first_pass(host, [s.caption for s in part], seed=c0, blocks=tuple(range(blocks)))
+        for j, scene in enumerate(part):
+            probe = FlowAttentionRecorder((GRID, GRID), 1, blocks)
+            flow_probe_maps(host, scene, seed=c0 + j, recorder=probe)
+            truths = {"generated": generated_truth(kind.view(latent[j])), "real": scene_truth(scene)}
+            for name, (mode, bl) in choices.items():
+                for src, maps in (("generated", rec.maps(j, mode, bl)), ("real", probe.maps(0, mode, bl))):
+                    w = caption_ious(host, scene.caption, maps, truths[src])
+                    per[name][src].add(w)
+                    if w.shape and w.shape_other_object:
+                        lift[name][src].append(float(np.mean(w.shape) - np.mean(w.shape_other_object)))
+        if verbose:
+            print(f"{min(c0 + chunk, scenes)}/{scenes} scenes, {time.time() - start:.0f} s", flush=True)
+    first = next(iter(choices))
+    report: dict = {"scenes": scenes, "baseline": first, "choices": {}}
+    for name, (mode, bl) in choices.items():
+        entry: dict = {"mode": mode, "blocks": list(bl)}
+        for src in ("generated", "real"):
+            w = per[name][src]
+            diff = np.asarray(lift[name][src]) - np.asarray(lift[first][src])
+            entry[src] = {"shape IoU": _mean_se(w.shape), "shape chance": _mean_se(w.shape_other_object),
+                          "shape peak": _mean_se(w.shape_points), "shape AUC": _mean_se(w.shape_auc),
+                          "shape AUC, other objects": _mean_se(w.shape_auc_other_object),
+                          "colour IoU": _mean_se(w.colour),
+                          "colour chance": _mean_se(w.other_object), "colour peak": _mean_se(w.colour_points),
+                          "shape objects": len(w.shape),
+                          "shape lift vs baseline (paired)": _mean_se(list(diff))}
+        report["choices"][name] = entry
+    report["seconds"] = round(time.time() - start)
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
+    if verbose:
+        print(flow_map_table(report))
+    return report
+
+
+def flow_map_table(report: dict) -> str:
+    """The study as a markdown table (mean ± s.e.)."""
+    def cell(pair) -> str:
+        return "–" if pair[0] is None else f"{pair[0]:.3f} ± {pair[1]:.3f}"
+
+    lines = ["| maps | gen.: shape AUC (other objects) | peak on object | IoU − chance | real: shape AUC "
+             "(other objects) | peak on object | IoU − chance |", "|---|---|---|---|---|---|---|"]
+    for name, e in report["choices"].items():
+        g, r = e["generated"], e["real"]
+        lift = lambda src: f"{src['shape IoU'][0] - src['shape chance'][0]:+.3f}"
+        auc = lambda src: f"{cell(src['shape AUC'])} ({src['shape AUC, other objects'][0]:.2f})"
+        lines.append(f"| {name} | {auc(g)} | {cell(g['shape peak'])} | {lift(g)} "
+                     f"| {auc(r)} | {cell(r['shape peak'])} | {lift(r)} |")
+    return "\n".join(lines)
 
 
 # --- the evaluation ----------------------------------------------------------------------------
