@@ -128,3 +128,16 @@ def test_dit_recording_cost_counts_the_recorded_late_blocks():
     assert (sd35["recorded_blocks"], sd35["blocks"]) == (6, 24)
     assert sd35["recording_added_flops"] == pytest.approx(6 * 2 * 4096 * (4096 + 333) * 1536, rel=1e-3)
     assert 0 < sd35["share"] < 1
+
+
+def test_t5_encoding_cost_scales_one_timed_layer_to_the_depth():
+    """--t5-cost times layers of a T5-shaped encoder and scales them to T5-XXL's 24 (here a narrow
+    stand-in): the FLOPs are those of 24 layers (4 attention projections + 3 gated-FFN matrices per
+    token, two FLOPs a multiply-add, plus the attention products)."""
+    sizes = {"d_model": 64, "d_kv": 8, "num_heads": 8, "d_ff": 160}
+    cost = bench.t5_encoding_cost(tokens=16, layers_timed=2, sizes=sizes)
+    linear = 2 * 16 * (4 * 64 * 64 + 3 * 64 * 160)
+    scores = 2 * 2 * 16 * 16 * 64  # QKᵀ and attention × V
+    assert cost["layers"] == 24
+    assert cost["flops"] == pytest.approx(24 * (linear + scores), rel=1e-6)
+    assert cost["seconds"] == pytest.approx(cost["seconds_per_layer"] * 24)

@@ -243,6 +243,38 @@ def dit_recording_cost(name: str, image_tokens: int = 4096) -> dict[str, float]:
     return out
 
 
+# T5-XXL v1.1's encoder, as Flux, Chroma and SD 3.5 use it (Forge backend/nn/t5.py with the
+# checkpoints' config): model width, head width, heads, gated-GELU width, layers
+T5_XXL = {"d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240, "num_layers": 24}
+
+
+def t5_encoding_cost(tokens: int = 256, layers_timed: int = 1, dtype: torch.dtype = torch.float32,
+                     sizes: dict[str, int] | None = None) -> dict[str, float]:
+    """What one tile prompt's T5 encoding costs where Forge keeps T5 on the CPU: a randomly
+    initialised encoder of T5-XXL's shape with ``layers_timed`` layers (transformers' T5 classes)
+    timed on this machine's CPU for one sequence of ``tokens`` (Flux pads to 256), scaled to the
+    full depth; plus its FLOPs, counted, so the time can be carried to another CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import T5Config, T5EncoderModel
+
+    shape = dict(T5_XXL, **(sizes or {}))
+    depth = shape.pop("num_layers")
+    config = T5Config(**shape, num_layers=layers_timed, feed_forward_proj="gated-gelu", vocab_size=32128)
+    model = T5EncoderModel(config).to(dtype).eval()
+    ids = torch.randint(0, 32000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids)  # warm-up
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(input_ids=ids)
+        start = time.perf_counter()
+        model(input_ids=ids)
+        seconds = time.perf_counter() - start
+    return {"tokens": tokens, "layers": depth, "threads": torch.get_num_threads(),
+            "seconds_per_layer": seconds / layers_timed, "seconds": seconds / layers_timed * depth,
+            "flops": float(counter.get_total_flops()) / layers_timed * depth}
+
+
 def _print_recording_cost(host: Host, size: tuple[int, int], autocast) -> dict[str, int]:  # type: ignore[no-untyped-def]
     with autocast:
         cost = recording_cost(host, size)
@@ -340,9 +372,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recording-cost-dit", action="store_true",
                         help="what recording adds to one call of full-size Flux / Chroma / SD 3.5 (FLOPs, "
                              "counted on the meta device)")
+    parser.add_argument("--t5-cost", action="store_true",
+                        help="what one distinct tile prompt's T5-XXL encoding costs on this CPU (Flux, Chroma, "
+                             "SD 3.5 with T5, where Forge keeps T5 on the CPU): one layer timed, scaled to 24")
     parser.add_argument("--tokenizer", default=os.environ.get(
         "ACCDIFFUSION_TOKENIZER_DIR", str(here.parent / "shared" / "tinymodel" / "clip-text-tiny")))
     args = parser.parse_args(argv)
+    if args.t5_cost:
+        for tokens in (256, 512):
+            cost = t5_encoding_cost(tokens)
+            print(f"  T5-XXL encoder, {tokens} tokens, float32, {cost['threads']} thread(s): "
+                  f"{cost['seconds']:.1f} s per prompt ({cost['seconds_per_layer']:.2f} s a layer x "
+                  f"{cost['layers']}), {cost['flops'] / 1e12:.2f} TFLOP")
+        return
     if args.recording_cost_dit:
         for name in DIT_SIZES:
             cost = dit_recording_cost(name)
