@@ -425,3 +425,48 @@ def test_timestep_samplers_step_aside_on_flow_models_only():
     assert flow_sampler_reason(p, flow, webui, img2img=True) is None  # img2img samples with sampler_name
     p = SimpleNamespace(sampler_name="UniPC", hr_sampler_name="Use same sampler")
     assert "'UniPC'" in flow_sampler_reason(p, flow, webui, img2img=False)
+
+
+def _stage_output_stats(monkeypatch) -> tuple[list, list]:
+    """(mean, std, output) of every restandardise_stage_output call, and the latents the job took
+    per-channel statistics of."""
+    seen, per_channel_of = [], []
+    restandardise_output, stats = job_module.restandardise_stage_output, job_module.latent_stats
+
+    def output_spy(latent, mean, std):
+        out = restandardise_output(latent, mean, std)
+        seen.append((mean, std, out))
+        return out
+
+    def stats_spy(x, per_channel=False):
+        if per_channel:
+            per_channel_of.append(x.clone())
+        return stats(x, per_channel)
+
+    monkeypatch.setattr(job_module, "restandardise_stage_output", output_spy)
+    monkeypatch.setattr(job_module, "latent_stats", stats_spy)
+    return seen, per_channel_of
+
+
+def test_flow_stage_outputs_take_the_first_pass_statistics_per_channel(flux, monkeypatch):
+    """A flow model's stage output gets the first pass's mean and std per channel (measured on the
+    flow toy: `toy stats --model flow`); SD keeps one mean and std per image."""
+    seen, per_channel_of = _stage_output_stats(monkeypatch)
+    run(flux, hr_scale=3.0)
+    assert len(seen) == 2 and len(per_channel_of) == 1
+    first = per_channel_of[0]  # the first pass's latent
+    assert first.shape[:2] == (1, 16)
+    for mean, std, out in seen:
+        assert mean.shape == std.shape == (1, 16, 1, 1)
+        assert torch.allclose(out.float().mean((2, 3)), first.mean((2, 3)), atol=1e-4)
+        assert torch.allclose(out.float().std((2, 3)), first.std((2, 3)), rtol=1e-3)
+
+
+def test_sd_stage_outputs_keep_per_image_statistics(forge_sd1, monkeypatch):
+    from forge_standins import ForgeTxt2ImgStandIn, ForgeWebUIStandIn
+
+    seen, per_channel_of = _stage_output_stats(monkeypatch)
+    webui = ForgeWebUIStandIn()
+    process_images(ForgeTxt2ImgStandIn(forge_sd1, webui, [PROMPT], adapter=facade, hr_scale=2.0), ON, facade)
+    assert seen and not per_channel_of
+    assert all(mean.shape == (1, 1, 1, 1) for mean, _, _ in seen)

@@ -219,13 +219,14 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
 
     Every stage's input and output (the last one included, before decoding) is re-standardised
     to one reference: the source's ``stats_of`` (img2img: the init latent), else its latent (the
-    first pass)."""
+    first pass); per image, and a flow model's stage output per image and channel."""
     webui, settings, state = job.webui, job.settings, job.webui.state
     samples = source.latent
     base = (samples.shape[-2], samples.shape[-1])
     stages = plan_stages(base, target.latent_size, settings.progressive)
     webui.add_progress(len(stages) - 1, (len(stages) - 1) * target.steps)
-    mean, std = latent_stats((source.stats_of if source.stats_of is not None else samples).float())
+    reference_latent = (source.stats_of if source.stats_of is not None else samples).float()
+    mean, std = latent_stats(reference_latent)
     # each distinct tile prompt is encoded once per job, whichever batch, stage or step asks for it
     context = encoding_context(p, target.width, target.height)
     if context not in job.encode_caches:
@@ -238,6 +239,8 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
     skip_scale = job.backend.skip_scale(p)
     sampling = job.backend.model_sampling(p)
     kind = webui.sampler_kind(target.sampler_name)  # k-diffusion or timesteps (hosts step aside for others)
+    # a flow model's stage output drifts per channel: restandardise_stage_output says what was measured
+    out_mean, out_std = latent_stats(reference_latent, per_channel=True) if sampling.flow else (mean, std)
 
     latent = samples
     batch_maps: list[TileMapData] = []
@@ -273,7 +276,7 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
                                             image_conditioning=target.image_conditioning(x_up))
         finally:
             job.undo_hooks()
-        latent = restandardise_stage_output(latent.float(), mean, std).to(latent.dtype)
+        latent = restandardise_stage_output(latent.float(), out_mean, out_std).to(latent.dtype)
         job.stage_stats.append(denoiser.stats)
         _log_stage(stage, denoiser, settings, cache)
         map_windows, map_prompts = _shown_tiles(denoiser, windows, lookups)

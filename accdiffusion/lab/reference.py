@@ -122,6 +122,7 @@ class Host:
     embed_seed: int = 0
     v_prediction: bool = False  # the UNet predicts v (SD 2.x 768-v), wrapped as A1111 does
     builtin_sampler: bool = False  # no k-diffusion: Euler and ε models only
+    channel_stats: bool = False  # stage outputs re-standardised per channel (flow models, as the product does)
     _embedding: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -427,7 +428,8 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
         torch.manual_seed(seed + 1000 + stage.index)  # ancestral samplers draw from the global RNG
         with torch.no_grad():
             latent = host.sample(sampler, model, host.noised(x_up, noise, sigmas[0]), sigmas)
-        latent = restandardise_stage_output(latent, mean, std)
+        latent = restandardise_stage_output(latent, *(latent_stats(first_latent, per_channel=True)
+                                                      if host.channel_stats else (mean, std)))
         result.stage_stats.append(denoiser.stats)
         result.stage_encodes.append(cache.encodes - before)
         if lookups:  # every window's prompt used in the stage, in the order first used

@@ -1,4 +1,4 @@
-"""python -m accdiffusion.lab.toy train|eval|maps|demo — see the README section "Proof on a trained toy model"."""
+"""python -m accdiffusion.lab.toy train|eval|maps|stats|demo — see the README section "Proof on a trained toy model"."""
 
 from __future__ import annotations
 
@@ -34,12 +34,16 @@ def main(argv: list[str] | None = None) -> None:
                                          "mean ± s.e. (docs/toy-flow.md, 'Which maps')")
     p_maps.add_argument("--scenes", type=int, default=200)
     p_maps.add_argument("--out", type=Path, default=Path("toy-flow-maps.json"))
+    p_stats = sub.add_parser("stats", help="flow toy: per-channel statistics of hires stage outputs, raw and "
+                                           "re-standardised (docs/toy-flow.md)")
+    p_stats.add_argument("--scenes", type=int, default=30)
+    p_stats.add_argument("--out", type=Path, default=Path("toy-flow-stats.json"))
     p_demo = sub.add_parser("demo", help="write the picture: first pass, plain tiling, AccDiffusion, tile map")
     p_demo.add_argument("--caption", default="a red disk and a blue square")
     p_demo.add_argument("--seed", type=int, default=3)
     p_demo.add_argument("--scale", type=int, default=3)
     p_demo.add_argument("--out", type=Path, default=Path("toy-demo.png"))
-    for p in (p_train, p_eval, p_maps, p_demo):
+    for p in (p_train, p_eval, p_maps, p_stats, p_demo):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--model", choices=("unet", "flow"), default="unet",
                        help="unet: the ldm UNet toy; flow: the joint-attention flow transformer (docs/toy-flow.md)")
@@ -80,6 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         from .evaluate import flow_map_choices
 
         flow_map_choices(scenes=args.scenes, out=args.out)
+    elif args.command == "stats":
+        if args.model != "flow":
+            parser.error("stats measures the flow toy: add --model flow")
+        from .evaluate import flow_stage_statistics
+
+        flow_stage_statistics(scenes=args.scenes, out=args.out)
     else:
         from .evaluate import demo, kind_of
 

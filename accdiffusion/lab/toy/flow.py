@@ -347,6 +347,7 @@ class FlowHost(Host):
     text_model: nn.Module | None = None
     shift: float = 1.0
     builtin_sampler: bool = True
+    channel_stats: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # no k-diffusion wrapper: σ is the flow's own noise level
