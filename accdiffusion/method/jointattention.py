@@ -188,6 +188,14 @@ class JointAttentionCapture:
         return hook
 
     @staticmethod
+    def _image_tokens(kind: str, seen: dict) -> int | None:
+        if kind == "single":
+            return seen["q_all"].shape[2] - seen["txt"] if "q_all" in seen and "txt" in seen else None
+        if "q" not in seen:
+            return None
+        return int(seen["q"].shape[1 if kind == "mmdit" else 2])
+
+    @staticmethod
     def _queries_and_keys(kind: str, seen: dict, index: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """(image queries, all keys with the text's first, text length) of the batch rows ``index``,
@@ -218,13 +226,11 @@ class JointAttentionCapture:
         rows = [(r, img) for r, img in enumerate(self.row_images) if img is not None and r < batch]
         if not recorder.active or not rows:
             return
-        tokens = recorder.grid[0] * recorder.grid[1]
-        index = torch.tensor([r for r, _ in rows])
-        found = self._queries_and_keys(kind, seen, index)
+        if self._image_tokens(kind, seen) != recorder.grid[0] * recorder.grid[1]:
+            return  # a window or sub-latent of another size (a tiler's tile): not the first pass's grid
+        found = self._queries_and_keys(kind, seen, torch.tensor([r for r, _ in rows]))
         if found is None:
             return
         q, keys, text = found
-        if q.shape[1 if kind == "mmdit" else 2] != tokens:
-            return  # a window or sub-latent of another size: not the first pass's grid
         recorder.add_joint_qk(_tokens_last(q, kind), _tokens_last(keys, kind), _heads(block, kind),
                               [img for _, img in rows], text)
