@@ -678,11 +678,12 @@ class WebUIStandIn:
     def decode(self, model, latent):
         return torch.tanh(torch.nn.functional.interpolate(latent[:, :3].float(), scale_factor=8, mode="nearest"))
 
-    def encode(self, model, pixels):
+    def encode(self, model, pixels, seed=None):
         """A stand-in VAE encoder ([0, 1] pixels → latent), roughly the inverse of decode."""
         if pixels.shape[1] != 3:  # the real VAE's conv_in takes RGB only
             raise RuntimeError(f"VAE encoder: expected 3 channels, got {pixels.shape[1]}")
         self.encodes = getattr(self, "encodes", 0) + 1
+        self.encode_seeds = getattr(self, "encode_seeds", []) + [seed]
         x = torch.nn.functional.avg_pool2d(pixels.float() * 2 - 1, 8).clamp(-0.95, 0.95)
         x = torch.atanh(x)
         return torch.cat([x, x.mean(1, keepdim=True) * 0.5], 1)

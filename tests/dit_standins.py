@@ -585,7 +585,7 @@ class DiTWebUIStandIn(ForgeWebUIStandIn):
     def decode(self, model, latent):
         return torch.tanh(torch.nn.functional.interpolate(latent[:, :3].float(), scale_factor=8, mode="nearest"))
 
-    def encode(self, model, pixels):
+    def encode(self, model, pixels, seed=None):
         x = torch.nn.functional.avg_pool2d(pixels.float() * 2 - 1, 8).clamp(-0.95, 0.95)
         x = torch.atanh(x)
         return torch.cat([x] * 5 + [x[:, :1]], 1)

@@ -311,6 +311,43 @@ def test_batch_count_probes_every_batch(sd1_model):
     assert webui.encodes == 1 + 2  # init() once, the probe image of each batch
 
 
+def test_probe_images_are_encoded_with_the_batch_seed(sd1_model):
+    """The VAE samples its posterior from the global RNG; the probe's encode gets the batch's first
+    seed (WebUI.encode seeds that draw), so the same request probes the same latent whatever ran
+    before it. The WebUI's own init() encode is left as the WebUI does it."""
+    p, webui, _ = img2img(sd1_model, seed=1234, n_iter=2)
+    assert webui.encode_seeds[0] is None  # init(): the WebUI's
+    assert webui.encode_seeds[1:] == [1234, 1235] == [p.seeds[0] - 1, p.seeds[0]]  # each batch's probe
+
+
+def test_webui_encode_with_a_seed_draws_the_seeds_posterior_and_leaves_the_global_rng():
+    """flows.webui.WebUI.encode on a VAE that samples its posterior from torch's global RNG (as
+    ldm's and Forge's DiagonalGaussianDistribution.sample do)."""
+    from accdiffusion.flows.webui import WebUI
+
+    def images_tensor_to_samples(pixels, method, model):
+        mean = torch.nn.functional.avg_pool2d(pixels.float(), 8)
+        return mean + 0.5 * torch.randn(mean.shape)
+
+    webui = object.__new__(WebUI)
+    webui.sd_samplers_common = SimpleNamespace(approximation_indexes={"Full": 0},
+                                               images_tensor_to_samples=images_tensor_to_samples)
+    webui.shared = SimpleNamespace(device=torch.device("cpu"), opts=SimpleNamespace(sd_vae_encode_method="Full"))
+    webui.devices = SimpleNamespace(dtype_vae=torch.float32)
+    pixels = torch.rand(1, 3, 16, 16)
+    torch.manual_seed(1)
+    a = webui.encode(None, pixels, seed=7)
+    after_a = torch.randn(3)
+    torch.manual_seed(2)
+    b = webui.encode(None, pixels, seed=7)
+    torch.manual_seed(1)
+    assert torch.equal(a, b)  # the seed's draw, whatever the global state was
+    assert torch.equal(after_a, torch.randn(3))  # the global RNG continues as if nothing drew from it
+    assert not torch.equal(webui.encode(None, pixels, seed=8), a)
+    torch.manual_seed(2)
+    assert not torch.equal(webui.encode(None, pixels), a)  # without a seed: the global state's draw
+
+
 def test_img2img_prompt_drives_the_tile_prompts(sd1_model):
     p, webui, _ = img2img(sd1_model, prompts=["a green dragon over a castle"])
     words = set(" ".join(webui.encoded).split())

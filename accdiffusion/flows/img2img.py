@@ -159,8 +159,8 @@ def run_img2img(p: Any, job: Job, conditioning: Any, unconditional_conditioning:
     probe = probe_size_for(p, webui, images)
     pixels = torch.stack([webui.probe_image(p, image, probe[1] * 8, probe[0] * 8) for image in images])
     with torch.no_grad():
-        probe_latent = webui.encode(p.sd_model, pixels).to(init_latent)
         seeds = [int(s) for s in p.seeds]
+        probe_latent = webui.encode(p.sd_model, pixels, seed=seeds[0]).to(init_latent)
         maps = probe_maps(p, job, probe_latent, conditioning, seeds) if settings.patch_prompts else None
 
         def first_input(size: tuple[int, int]) -> torch.Tensor:
@@ -200,5 +200,5 @@ def upscale_button_maps(p: Any, job: Job, samples: torch.Tensor) -> list[torch.T
         latents = samples
     else:
         pixels = webui.probe_image(p, image, probe[1] * 8, probe[0] * 8)[None].repeat(samples.shape[0], 1, 1, 1)
-        latents = webui.encode(p.sd_model, pixels).to(samples)
+        latents = webui.encode(p.sd_model, pixels, seed=int(p.seeds[0])).to(samples)
     return probe_maps(p, job, latents, job.conditioning, [int(s) for s in p.seeds])

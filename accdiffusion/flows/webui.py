@@ -142,11 +142,22 @@ class WebUI:
         array = np.moveaxis(np.array(image.convert("RGB")).astype(np.float32) / 255.0, 2, 0)
         return torch.from_numpy(array)
 
-    def encode(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, h, w] in [0, 1] → latent, with the user's VAE encode method."""
+    def encode(self, model: Any, pixels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """[B, 3, h, w] in [0, 1] → latent, with the user's VAE encode method.
+
+        The VAE samples its posterior from torch's global RNG (ldm's and Forge's
+        ``DiagonalGaussianDistribution.sample``), whose state is whatever the last request left
+        where this runs before the WebUI seeds it (img2img's probe). With ``seed`` that draw is
+        the seed's — the same request gives the same latent — and the global RNG is left as it was."""
         method = self.sd_samplers_common.approximation_indexes.get(self.opts.sd_vae_encode_method)
         pixels = pixels.to(self.shared.device, dtype=self.devices.dtype_vae)
-        return self.sd_samplers_common.images_tensor_to_samples(pixels, method, model)
+        if seed is None:
+            return self.sd_samplers_common.images_tensor_to_samples(pixels, method, model)
+        kind = pixels.device.type
+        with torch.random.fork_rng(devices=[] if kind == "cpu" else [pixels.device],
+                                   device_type="cuda" if kind == "cpu" else kind):
+            torch.manual_seed(int(seed))
+            return self.sd_samplers_common.images_tensor_to_samples(pixels, method, model)
 
     def decode(self, model: Any, latent: torch.Tensor) -> torch.Tensor:
         return self.sd_samplers_common.decode_first_stage(model, latent)
