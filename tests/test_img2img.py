@@ -224,7 +224,7 @@ def test_probe_noises_the_latent_at_the_level_the_unet_is_told(sd1_model, forge_
     webui.native = 64  # probe 64 px: an 8×8 latent (the stages are 16×16 and 24×24)
     encoded = []
     encode = webui.encode
-    webui.encode = lambda m, pixels: encoded.append(encode(m, pixels)) or encoded[-1]
+    webui.encode = lambda m, pixels, seed=None: encoded.append(encode(m, pixels, seed)) or encoded[-1]
     cls = ForgeImg2ImgStandIn if forge else Img2ImgStandIn
     extra = {"adapter": facade} if forge else {}
     p = cls(model, webui, [PROMPT, "a green dragon"], [picture(64, 64)], width=192, height=192, steps=2, **extra)
