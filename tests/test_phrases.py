@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from accdiffusion.method.hires import plan_stages, stage_windows
+from planted_maps import plant
 from accdiffusion.method.prompts import PHRASE_MASK, ImagePromptPlan, PhraseRules, build_word_masks, unit_masks
 from accdiffusion.method.settings import AccDiffusionSettings
 from accdiffusion.method.tileprompts import StageTilePrompts
 from accdiffusion.method.tiles import Window
-from accdiffusion.method.words import CONNECTIVES, PromptUnits, align_words, phrase_units, prompt_units, split_words
+from accdiffusion.method.words import CONNECTIVES, PromptUnits, phrase_units, prompt_units, split_words
 
 ALL = slice(0, 16)
 
@@ -23,21 +24,6 @@ def phrases(prompt, connectives=CONNECTIVES):
     units = phrase_units(prompt, words, connectives)
     return ([[words[i].text for i in members] for members in units.members],
             [(words[w].text, u) for w, u in units.joiners])
-
-
-def plant(host, prompt, regions, grid=(16, 16)):
-    """Token maps where each word in ``regions`` attends to its (rows, cols) region."""
-    ids = host.context_ids(prompt)
-    words = split_words(prompt)
-    positions = align_words(words, ids, host.special_ids, host.tokenize)
-    maps = torch.ones(len(ids), *grid)
-    for word, pos in zip(words, positions):
-        if word.text in regions:
-            rows, cols = regions[word.text]
-            for p in pos:
-                maps[p] = 0.1
-                maps[p, rows, cols] = 5.0
-    return words, positions, maps
 
 
 def plan_of(host, prompt, regions, units, hires_prompt=None, rules=PhraseRules(), grid=(16, 16)):

@@ -1,6 +1,7 @@
 import torch
 
 from accdiffusion.method.hires import plan_stages, stage_windows
+from planted_maps import plant
 from accdiffusion.method.prompts import (ImagePromptPlan, WordMasks, build_word_masks, open_masks,
                                          threshold_masks, tile_keep)
 from accdiffusion.method.tiles import Window
@@ -70,24 +71,8 @@ def test_threshold_is_strictly_above_the_mean():
     assert not threshold_masks(torch.ones(1, 4, 4)).any()
 
 
-def plant(host, prompt, grid, regions):
-    """Token maps where each word in ``regions`` attends to its (rows, cols) region and every
-    other token attends uniformly."""
-    ids = host.context_ids(prompt)
-    words = split_words(prompt)
-    positions = align_words(words, ids, host.special_ids, host.tokenize)
-    maps = torch.ones(len(ids), *grid)
-    for word, pos in zip(words, positions):
-        if word.text in regions:
-            rows, cols = regions[word.text]
-            for p in pos:
-                maps[p] = 0.1
-                maps[p, rows, cols] = 5.0
-    return words, positions, maps
-
-
 def tile_words(host, prompt, base, target, regions, grid, threshold=0.3):
-    words, positions, maps = plant(host, prompt, grid, regions)
+    words, positions, maps = plant(host, prompt, regions, grid)
     plan = ImagePromptPlan.build(words, positions, maps, prompt, words)
     stage = plan_stages(base, target)[-1]
     windows = stage_windows(stage, base, AccDiffusionSettings())
@@ -138,7 +123,7 @@ def test_planted_maps_150_token_prompt(sd1_host):
 def test_emphasis_survives_and_unmapped_words_stay_everywhere(sd1_host):
     prompt = "a (cat:1.3) and a dog"
     regions = {"cat": (slice(0, 16), slice(0, 6)), "dog": (slice(0, 16), slice(10, 16))}
-    words, positions, maps = plant(sd1_host, prompt, (16, 16), regions)
+    words, positions, maps = plant(sd1_host, prompt, regions)
     hires_prompt = "a (cat:1.3) and a dog, detailed"
     plan = ImagePromptPlan.build(words, positions, maps, hires_prompt, split_words(hires_prompt))
     stage = plan_stages((64, 64), (128, 128))[0]

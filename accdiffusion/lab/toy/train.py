@@ -60,6 +60,27 @@ class _TokenizerOnly:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
 
+def set_learning_rate(opt: torch.optim.Optimizer, lr: float, step: int, frac: float) -> None:
+    """Both toys' schedule: 50 warm-up steps, then cosine decay to 10 % over the wall-clock budget
+    (``frac``: the share of it spent)."""
+    scale = min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    for g in opt.param_groups:
+        g["lr"] = lr * scale
+
+
+def draw_batch(rng: np.random.Generator, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
+               batch: int, empty_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, caption ids) of ``batch`` random scenes, half flipped left-right, ``empty_share``
+    of the captions emptied (for CFG); the draws in the order both trainers always made them."""
+    index = torch.from_numpy(rng.integers(0, latents.shape[0], batch))
+    x0 = latents[index]
+    flip = torch.from_numpy(rng.random(batch) < 0.5)
+    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    cond = ids[index].clone()
+    cond[torch.from_numpy(rng.random(batch) < empty_share)] = empty_ids
+    return x0, cond
+
+
 def train(minutes: float = 40.0, batch: int = 64, scenes: int = 24000, lr: float = 1.5e-3,
           empty_share: float = 0.1, out: Path = WEIGHTS, seed: int = 0, log_every: int = 25,
           save_every: int = 200) -> dict:
@@ -87,15 +108,8 @@ def train(minutes: float = 40.0, batch: int = 64, scenes: int = 24000, lr: float
         if elapsed >= budget:
             break
         frac = elapsed / budget
-        scale = min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr * scale
-        index = torch.from_numpy(rng.integers(0, scenes, batch))
-        x0 = latents[index]
-        flip = torch.from_numpy(rng.random(batch) < 0.5)
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        cond = ids[index].clone()
-        cond[torch.from_numpy(rng.random(batch) < empty_share)] = empty_ids
+        set_learning_rate(opt, lr, step, frac)
+        x0, cond = draw_batch(rng, latents, ids, empty_ids, batch, empty_share)
         t = torch.from_numpy(rng.integers(0, len(alphas), batch))
         a = alphas[t].view(-1, 1, 1, 1)
         noise = torch.randn_like(x0)
@@ -109,7 +123,7 @@ def train(minutes: float = 40.0, batch: int = 64, scenes: int = 24000, lr: float
         if step % log_every == 0:
             mean = sum(running) / len(running)
             history.append((step, round(time.time() - start, 1), round(mean, 4)))
-            print(f"step {step} t {time.time() - start:.0f}s loss {mean:.4f} lr {lr * scale:.2e}", flush=True)
+            print(f"step {step} t {time.time() - start:.0f}s loss {mean:.4f} lr {opt.param_groups[0]['lr']:.2e}", flush=True)
             running = []
         if step % save_every == 0:
             _save(out, ema_unet, ema_text, step, start, history, batch, scenes, empty_share)
@@ -168,15 +182,8 @@ def train_flow(minutes: float = 30.0, batch: int = 64, scenes: int = 24000, lr: 
     step, running, history = 0, [], []
     while (max_steps is None or step < max_steps) and time.time() - start < budget:
         frac = (time.time() - start) / budget
-        scale = min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr * scale
-        index = torch.from_numpy(rng.integers(0, scenes, batch))
-        x0 = latents[index]
-        flip = torch.from_numpy(rng.random(batch) < 0.5)
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        cond = ids[index].clone()
-        cond[torch.from_numpy(rng.random(batch) < empty_share)] = empty_ids
+        set_learning_rate(opt, lr, step, frac)
+        x0, cond = draw_batch(rng, latents, ids, empty_ids, batch, empty_share)
         encoded = text_model(input_ids=cond)
         loss = flow_loss(model, x0, torch.randn(x0.shape, generator=generator), sample_flow_sigmas(batch, generator),
                          encoded.last_hidden_state, encoded.pooler_output)
@@ -186,7 +193,7 @@ def train_flow(minutes: float = 30.0, batch: int = 64, scenes: int = 24000, lr: 
         if step % log_every == 0:
             mean = sum(running) / len(running)
             history.append((step, round(time.time() - start, 1), round(mean, 4)))
-            print(f"step {step} t {time.time() - start:.0f}s loss {mean:.4f} lr {lr * scale:.2e}", flush=True)
+            print(f"step {step} t {time.time() - start:.0f}s loss {mean:.4f} lr {opt.param_groups[0]['lr']:.2e}", flush=True)
             running = []
         if step % save_every == 0:
             _save_flow(out, ema_model, ema_text, step, start, history, batch, scenes, empty_share, save_flow_weights)
