@@ -81,6 +81,17 @@ def draw_batch(rng: np.random.Generator, latents: torch.Tensor, ids: torch.Tenso
     return x0, cond
 
 
+def log_loss(loss: float, step: int, running: list[float], history: list, every: int, start: float,
+             opt: torch.optim.Optimizer) -> None:
+    """Keep ``loss``; every ``every`` steps, their mean into ``history`` and a progress line."""
+    running.append(loss)
+    if step % every == 0:
+        mean = sum(running) / len(running)
+        history.append((step, round(time.time() - start, 1), round(mean, 4)))
+        print(f"step {step} t {time.time() - start:.0f}s loss {mean:.4f} lr {opt.param_groups[0]['lr']:.2e}", flush=True)
+        running.clear()
+
+
 def train(minutes: float = 40.0, batch: int = 64, scenes: int = 24000, lr: float = 1.5e-3,
           empty_share: float = 0.1, out: Path = WEIGHTS, seed: int = 0, log_every: int = 25,
           save_every: int = 200) -> dict:
@@ -118,13 +129,8 @@ def train(minutes: float = 40.0, batch: int = 64, scenes: int = 24000, lr: float
         pred = unet(xt, timesteps=t, context=[context])
         loss = torch.nn.functional.mse_loss(pred, noise)
         optimise_step(opt, loss, params, ema_params, step)
-        running.append(loss.item())
         step += 1
-        if step % log_every == 0:
-            mean = sum(running) / len(running)
-            history.append((step, round(time.time() - start, 1), round(mean, 4)))
-            print(f"step {step} t {time.time() - start:.0f}s loss {mean:.4f} lr {opt.param_groups[0]['lr']:.2e}", flush=True)
-            running = []
+        log_loss(loss.item(), step, running, history, log_every, start, opt)
         if step % save_every == 0:
             _save(out, ema_unet, ema_text, step, start, history, batch, scenes, empty_share)
     meta = _save(out, ema_unet, ema_text, step, start, history, batch, scenes, empty_share)
@@ -188,13 +194,8 @@ def train_flow(minutes: float = 30.0, batch: int = 64, scenes: int = 24000, lr: 
         loss = flow_loss(model, x0, torch.randn(x0.shape, generator=generator), sample_flow_sigmas(batch, generator),
                          encoded.last_hidden_state, encoded.pooler_output)
         optimise_step(opt, loss, params, ema_params, step)
-        running.append(loss.item())
         step += 1
-        if step % log_every == 0:
-            mean = sum(running) / len(running)
-            history.append((step, round(time.time() - start, 1), round(mean, 4)))
-            print(f"step {step} t {time.time() - start:.0f}s loss {mean:.4f} lr {opt.param_groups[0]['lr']:.2e}", flush=True)
-            running = []
+        log_loss(loss.item(), step, running, history, log_every, start, opt)
         if step % save_every == 0:
             _save_flow(out, ema_model, ema_text, step, start, history, batch, scenes, empty_share, save_flow_weights)
     meta = _save_flow(out, ema_model, ema_text, step, start, history, batch, scenes, empty_share, save_flow_weights)
