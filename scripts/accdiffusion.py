@@ -67,6 +67,9 @@ class AccDiffusionScript(scripts.Script):
         accordion_id = self.elem_id("enabled")
         with InputAccordion(False, label=glue.TITLE, elem_id=accordion_id) as enabled:
             controls["enabled"] = enabled
+            note = _unknown_host_note()
+            if note:  # a WebUI no backend serves: the extension leaves every job as it is
+                gr.HTML(value=f"<p>{note}</p>", elem_id=self.elem_id("host_note"))
             if not is_img2img:  # img2img needs no hires fix
                 gr.HTML(value=glue.hires_note_html(accordion_id), elem_id=self.elem_id("hires_note"))
             _controls(self, glue.everyday_fields(), controls)
@@ -136,6 +139,21 @@ def on_app_started(demo, app):
 
     app.add_api_route(glue.SCHEMA_ROUTE, accdiffusion_settings_schema, methods=["GET"])
 
+
+def _unknown_host_note():
+    try:
+        from accdiffusion.entry import facade
+        return facade.unknown_host_note()
+    except Exception as e:  # never keep the accordion from showing
+        return f"AccDiffusion could not read this WebUI ({e}); it leaves every job as it is."
+
+
+# At load, once: which backend serves this WebUI (the choice is made by what the host has)
+try:
+    from accdiffusion.entry import facade as _facade
+    _facade.announce_host()
+except Exception as e:  # never keep the script from loading
+    print(f"[AccDiffusion] could not read this WebUI: {e}")
 
 # At import (API-only mode builds the UI before on_before_ui) and before the UI; deduplicated.
 try:

@@ -761,7 +761,8 @@ class Txt2ImgStandIn:
         self.truncate_x = self.truncate_y = 0
         self.latent_scale_mode = {"mode": "bilinear", "antialias": False}
         self.denoising_strength, self.cfg_scale = denoising_strength, cfg_scale
-        self.extra_generation_params: dict = {}
+        # init (processing.py:1276-1277, Forge 2 the same): hires jobs write it before sampling
+        self.extra_generation_params: dict = {"Denoising strength": denoising_strength}
         self.scripts = None
         self.comments: dict = {}
         self.disable_extra_networks = False

@@ -69,6 +69,9 @@ def forge_backend():
     from forge_standins import install_backend_module
 
     install_backend_module()
+    from accdiffusion.entry import facade
+
+    facade.host_backends.cache_clear()  # found again, with the stand-in's building blocks
 
 
 @pytest.fixture

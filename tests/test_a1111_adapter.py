@@ -44,7 +44,7 @@ def test_hires_pass_runs_through_the_webui_sampler(request, model_name, size, sc
     assert tile_prompts and all(set(t.split()) <= set(PROMPT.split()) for t in tile_prompts)
     assert webui.state.job_count == 2 + stages - 1
     assert webui.steps_done == p.steps + stages * p.hr_second_pass_steps
-    assert p.extra_generation_params == {"AccDiffusion": True}
+    assert p.extra_generation_params == {"Denoising strength": p.denoising_strength, "AccDiffusion": True}
     assert_clean(p, model, webui)
 
 
@@ -177,6 +177,7 @@ def test_unsupported_hires_sampler_falls_back_to_stock_hires(sd1_model):
     assert any("is not supported" in c for c in p.comments)
     assert out.images[0].shape == (3, 128, 128)
     assert p.extra_generation_params == {
+        "Denoising strength": p.denoising_strength,
         "AccDiffusion stepped aside": "the hires sampler 'Euler' is not supported (k-diffusion samplers and DDIM, "
                                       "DDIM CFG++, PLMS, UniPC are); the WebUI's own hires fix ran"}
     assert_clean(p, sd1_model, webui)

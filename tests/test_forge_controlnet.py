@@ -345,7 +345,8 @@ def test_recording_patches_replace_their_own_and_call_another_extensions(sd1):
     for position in positions:
         unet.set_model_attn2_replace(foreign, *position)
     recorder = AttentionRecorder((8, 8), 1)
-    twice = _recording_unet(_recording_unet(unet, recorder), recorder)
+    attend = lambda q, k, v, heads, extra: attention_function(q, k, v, heads)  # noqa: E731
+    twice = _recording_unet(_recording_unet(unet, recorder, attend), recorder, attend)
     patches = twice.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert positions and all(patches[position].accdiffusion_replaced is foreign for position in positions)
     assert unet.model_options["transformer_options"]["patches_replace"]["attn2"][positions[0]] is foreign  # a clone

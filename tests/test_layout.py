@@ -15,9 +15,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "accdiffusion"
 LAYERS = ("method", "flows", "backends", "entry", "lab")
-HOST_PACKAGES = {"modules", "backend", "ldm", "sgm", "k_diffusion", "gradio", "fastapi", "scripts"}
+HOST_PACKAGES = {"modules", "backend", "ldm", "sgm", "k_diffusion", "gradio", "fastapi", "scripts", "ldm_patched",
+                 "modules_forge"}
 BACKEND_MAY_USE = {"flows.job", "flows.rows"}  # the job's helpers; never the flows that drive a backend
-ONLY_IMPORTER = {"modules": {"flows.webui"}, "backend": {"backends.forge"}}
+ONLY_IMPORTER = {"modules": {"flows.webui"}, "backend": {"backends.forge"}, "ldm_patched": {"backends.forge"},
+                 "modules_forge": {"backends.forge", "flows.webui"}}
 
 
 def module_name(path: Path) -> str:

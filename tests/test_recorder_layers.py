@@ -58,8 +58,8 @@ def recorded(monkeypatch):
 
     recording_unet = forge_backend._recording_unet
 
-    def keyed(unet_patcher, recorder):
-        unet = recording_unet(unet_patcher, recorder)
+    def keyed(unet_patcher, recorder, attention):
+        unet = recording_unet(unet_patcher, recorder, attention)
         patches = unet.model_options["transformer_options"]["patches_replace"]["attn2"]
         for key, patch in list(patches.items()):
             def with_key(q, k, v, extra, _patch=patch, _key=key):

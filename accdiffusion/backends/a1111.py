@@ -58,6 +58,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("accdiffusion")
 
 
+def detect_a1111() -> str | None:
+    """What this backend hooks, if the host has it: A1111's UNets are ldm's (SD1/SD2) and sgm's
+    (SDXL) classes, called through the WebUI's k-diffusion CFG denoiser. Returns a name for the
+    console, or None."""
+    for package, name in (("ldm.modules.diffusionmodules.openaimodel", "ldm"),
+                          ("sgm.modules.diffusionmodules.openaimodel", "sgm")):
+        try:
+            __import__(package)
+        except ImportError:
+            continue
+        return f"AUTOMATIC1111 building blocks ({name} UNets)"
+    return None
+
+
 def unsupported_reason(p: Any) -> str | None:
     """Why the model cannot be served (the stock hires fix runs instead), or None."""
     model = p.sd_model

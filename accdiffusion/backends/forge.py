@@ -1,4 +1,10 @@
-"""Forge 2 backend: how the job hooks Forge (lllyasviel/stable-diffusion-webui-forge main).
+"""The Forge backend: how the job hooks the WebUIs built on Forge's model patcher — Forge 2
+(lllyasviel/stable-diffusion-webui-forge main) and Forge Neo (its continuation), whose building
+blocks live in ``backend.*``, and the old Forge backend of Forge Classic and reForge
+(``ldm_patched.*`` and ``modules_forge.*``, the same lineage under other names). What differs
+between them is found once, by what the host has (:func:`detect_forge_parts`,
+:func:`model_predictor`, :func:`control_takes_options`); file:line references without a host name
+are Forge 2's.
 
 Forge has no ldm/sgm modules and its CFG denoiser never calls a k-diffusion denoiser: it runs
 ``backend.sampling.sampling_function`` on ``p.sd_model.forge_objects.unet`` (a ``UnetPatcher``)
@@ -77,7 +83,125 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("accdiffusion")
 
-TENSOR_KEYS = ("c_crossattn", "y", "c_concat", "guidance")  # guidance: Flux's distilled CFG, one value per row
+TENSOR_KEYS = ("c_crossattn", "y", "c_concat", "guidance")
+
+@dataclasses.dataclass(frozen=True)
+class ForgeParts:
+    """The host functions the backend calls, found by :func:`detect_forge_parts`."""
+    name: str  # which building blocks, for the console
+    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
+    sampling_prepare: Callable[[Any, torch.Tensor], None]
+    sampling_cleanup: Callable[[Any], None]
+    free_memory: Callable[[Any], int]
+
+
+def _forge2_parts() -> ForgeParts:
+    """Forge 2 and Neo: ``backend.nn.unet.attention_function`` is what attn2 calls (Forge 2
+    backend/nn/unet.py:155; Neo imports it there from backend.attention, unet.py:8, :149),
+    sampling_prepare/cleanup in backend/sampling/sampling_function.py (Neo :365, :391),
+    get_free_memory in backend/memory_management.py (Neo :1095)."""
+    from backend import memory_management
+    from backend.nn import unet as forge_unet
+    from backend.sampling import sampling_function
+
+    attention = forge_unet.attention_function
+    return ForgeParts("Forge 2 / Neo building blocks (backend.*)",
+                      lambda q, k, v, heads, extra: attention(q, k, v, heads),
+                      sampling_function.sampling_prepare, sampling_function.sampling_cleanup,
+                      lambda device: int(memory_management.get_free_memory(device)))
+
+
+def _old_forge_parts() -> ForgeParts:
+    """Forge Classic and reForge (old Forge: ldm_patched, a port of ComfyUI's model code):
+    attn2 calls ``ldm_patched.ldm.modules.attention.optimized_attention`` (reForge passes the
+    block's ``attn_precision``, attention.py:755; Classic's takes none, attention.py:124, :393),
+    sampling_prepare/cleanup in modules_forge/forge_sampler.py (reForge :121, :146; Classic :99,
+    :131), get_free_memory in ldm_patched/modules/model_management.py."""
+    import inspect
+
+    from ldm_patched.ldm.modules import attention as patched_attention
+    from ldm_patched.modules import model_management
+    from modules_forge import forge_sampler
+
+    takes_precision = "attn_precision" in inspect.signature(patched_attention.optimized_attention).parameters
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra: dict) -> torch.Tensor:
+        # the module global, read per call: the host may pick the attention kernel after import
+        function = patched_attention.optimized_attention
+        if takes_precision:
+            return function(q, k, v, heads, attn_precision=extra.get("attn_precision"))
+        return function(q, k, v, heads)
+
+    return ForgeParts("old Forge building blocks (ldm_patched, modules_forge)", attention,
+                      forge_sampler.sampling_prepare, forge_sampler.sampling_cleanup,
+                      lambda device: int(model_management.get_free_memory(device)))
+
+
+def detect_forge_parts() -> ForgeParts | None:
+    """The building blocks of the Forge-lineage host this runs in, or None (A1111, or a host we do
+    not know): each candidate is tried by importing what the backend will call."""
+    for candidate in (_forge2_parts, _old_forge_parts):
+        try:
+            return candidate()
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+# ldm_patched's ModelType names (model_base.py) → the prediction types of Forge 2's k_prediction.py
+_MODEL_TYPE_PREDICTION = {"EPS": "epsilon", "V_PREDICTION": "v_prediction", "V_PREDICTION_EDM": "edm",
+                          "EDM": "edm", "FLOW": "const"}
+
+
+@dataclasses.dataclass
+class OldForgePredictor:
+    """Old Forge's ``model.model_sampling`` (ComfyUI's ModelSamplingDiscrete: ``sigmas``,
+    ``timestep(σ)``, ``sigma_data``) and ``model.model_type`` seen as Forge 2's predictor."""
+    sampling: Any
+    prediction_type: str
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.sampling.sigmas
+
+    @property
+    def sigma_data(self) -> float:
+        return float(getattr(self.sampling, "sigma_data", 1.0))
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.sampling.timestep(sigma)
+
+    def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        return self.sampling.noise_scaling(sigma, noise, latent)
+
+
+def model_predictor(unet_patcher: Any) -> Any:
+    """The model's predictor: Forge 2 / Neo ``model.predictor`` (backend/modules/k_prediction.py),
+    old Forge ``model.model_sampling`` with ``model.model_type`` (:class:`OldForgePredictor`), or None."""
+    model = getattr(unet_patcher, "model", None)
+    predictor = getattr(model, "predictor", None)
+    if predictor is not None:
+        return predictor
+    sampling = getattr(model, "model_sampling", None)
+    if sampling is None:
+        return None
+    kind = getattr(getattr(model, "model_type", None), "name", "EPS")
+    return OldForgePredictor(sampling, _MODEL_TYPE_PREDICTION.get(kind, "epsilon"))
+
+
+def control_takes_options(cnet: Any) -> bool:
+    """reForge's ControlNets take the call's transformer_options as a fifth argument
+    (ldm_patched/modules/controlnet.py:217, samplers.py:329); Forge 2's, Neo's and Classic's take
+    four (Forge 2 backend/patcher/controlnet.py:292, Classic controlnet.py:265). Read from the
+    class's method: another extension's instance wrapper may hide the signature."""
+    import inspect
+
+    method = getattr(type(cnet), "get_control", None)
+    try:
+        return "transformer_options" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+  # guidance: Flux's distilled CFG, one value per row
 
 
 def joint_transformer(unet_patcher: Any) -> torch.nn.Module | None:
@@ -178,13 +302,12 @@ def transformer_options_for(options: dict, cond_or_uncond: Sequence[int], blocks
     return out
 
 
-def _recording_unet(unet_patcher: Any, recorder: AttentionRecorder) -> Any:
+def _recording_unet(unet_patcher: Any, recorder: AttentionRecorder, attention: Callable[..., torch.Tensor]) -> Any:
     """A clone of a UnetPatcher whose attn2 replace patches feed the recorder with the cond rows
     and return what attn2 would have computed without them: another extension's attn2 replace
     patch at that position (IP-Adapter's, backend/nn/unet.py:254-265 looks it up by (block,
-    number, index), then (block, number)), else the attention function attn2 itself calls."""
-    from backend.nn import unet as forge_unet  # the attention function attn2 itself calls
-
+    number, index), then (block, number); old Forge's attention.py:887-898 the same), else
+    ``attention``, the function attn2 itself calls (:attr:`ForgeParts.attention`)."""
     unet = unet_patcher.clone()
     tokens = recorder.grid[0] * recorder.grid[1]
     existing = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
@@ -201,7 +324,7 @@ def _recording_unet(unet_patcher: Any, recorder: AttentionRecorder) -> Any:
                                     [images[r] for r in rows])
             if previous is not None:
                 return previous(q, k, v, extra)
-            return forge_unet.attention_function(q, k, v, heads)
+            return attention(q, k, v, heads, extra)
 
         record.accdiffusion_replaced = previous  # type: ignore[attr-defined]
         return record
@@ -245,10 +368,33 @@ def probe_control(chain: Sequence[Any], x: torch.Tensor, sigma: torch.Tensor, co
         return {}
     for cnet in chain:
         cnet.transformer_options = cond["transformer_options"]
-    return {"control": chain[0].get_control(x, sigma, dict(cond), 1), "control_model": chain[0]}
+    return {"control": evaluate_control(chain[0], chain[0].get_control, x, sigma, cond, 1), "control_model": chain[0]}
+
+
+def evaluate_control(head: Any, get_control: Callable[..., Any], x: torch.Tensor, sigma: torch.Tensor, cond: dict,
+                     batched_number: int) -> Any:
+    """The head's ``get_control`` as the host's sampling function calls it (reForge also hands it
+    the call's transformer_options, :func:`control_takes_options`)."""
+    if control_takes_options(head):
+        return get_control(x, sigma, dict(cond), batched_number, cond["transformer_options"])
+    return get_control(x, sigma, dict(cond), batched_number)
+
+
+def is_sdxl_refiner(model: Any) -> bool:
+    """The SDXL refiner (OpenCLIP-G alone: no CLIP-L for the word alignment), told by what the
+    model has: Forge 2 / Neo build ``text_processing_engine_l`` for the base model only
+    (backend/diffusion_engine/sdxl.py); old Forge keeps sgm's conditioner, whose refiner has an
+    aesthetic-score embedder (sd_xl_refiner.yaml) and the base model none."""
+    conditioner = getattr(model, "conditioner", None)
+    if conditioner is not None:
+        return any(getattr(e, "input_key", None) == "aesthetic_score" for e in getattr(conditioner, "embedders", []))
+    return getattr(model, "text_processing_engine_l", None) is None
 
 
 class ForgeBackend:
+    def __init__(self, parts: ForgeParts):
+        self.parts = parts
+
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
         if is_joint_model(p):  # Flux, Chroma, SD 3.5
@@ -256,7 +402,7 @@ class ForgeBackend:
         if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)
                 or getattr(model, "is_sdxl", False)):
             return "only SD 1.x, SD 2.x, SDXL, Flux, Chroma and SD 3.5 models are supported"
-        if getattr(model, "is_sdxl", False) and getattr(model, "text_processing_engine_l", None) is None:
+        if getattr(model, "is_sdxl", False) and is_sdxl_refiner(model):
             return "the SDXL refiner model is not supported"
         if getattr(model, "is_inpaint", False):
             return "inpainting models are not supported"
@@ -274,14 +420,16 @@ class ForgeBackend:
         if p.is_hr_pass or recorder is None:
             return
         objects = p.sd_model.forge_objects
-        patch = _joint_recording_unet if is_joint_model(p) else _recording_unet
-        job.set_attr(objects, "unet", patch(objects.unet, recorder))
+        if is_joint_model(p):
+            job.set_attr(objects, "unet", _joint_recording_unet(objects.unet, recorder))
+        else:
+            job.set_attr(objects, "unet", _recording_unet(objects.unet, recorder, self.parts.attention))
 
     def model_sampling(self, p: Any) -> ModelSampling:
         """From the model's predictor (backend/modules/k_prediction.py): a flow predictor
         (``prediction_type`` 'const': Flux, Chroma, SD 3.5) noises with its own ``noise_scaling``
         ((1 − σ)·x₀ + σ·ε, :94-97); everything else as SD (x₀ + σ·ε)."""
-        predictor = getattr(getattr(p.sd_model.forge_objects.unet, "model", None), "predictor", None)
+        predictor = model_predictor(p.sd_model.forge_objects.unet)
         if getattr(predictor, "prediction_type", None) != "const":
             return SD_SAMPLING
 
@@ -305,8 +453,7 @@ class ForgeBackend:
         drops its size-keyed hint cache). ``latents`` are the probed images' latents, ``images``
         their places in the batch. Afterwards ``forge_objects`` and ``p.modified_noise`` are as
         before, also on error."""
-        from backend.sampling.sampling_function import sampling_cleanup, sampling_prepare
-
+        sampling_prepare, sampling_cleanup = self.parts.sampling_prepare, self.parts.sampling_cleanup
         model = p.sd_model
         objects_before = model.forge_objects
         noise_before = p.__dict__.get("modified_noise", _NO_ATTR)
@@ -315,10 +462,10 @@ class ForgeBackend:
         try:
             patched = self._probe_patched_unet(p, job, latents)
             if is_joint_model(p):
-                call = self._joint_probe_call(p, patched, recorder, conds, loaded)
+                call = self._joint_probe_call(p, patched, recorder, conds, loaded, sampling_prepare)
                 yield call
                 return
-            unet = _recording_unet(patched, recorder)
+            unet = _recording_unet(patched, recorder, self.parts.attention)
             chain = control_chain(unet)
             saved += probe_hint_rows(chain, images)
             if chain:
@@ -356,7 +503,8 @@ class ForgeBackend:
 
     @staticmethod
     def _joint_probe_call(p: Any, unet: Any, recorder: AttentionRecorder, conds: Sequence[Any],
-                          loaded: list[Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                          loaded: list[Any], sampling_prepare: Callable[[Any, torch.Tensor], None]
+                          ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The probe's model call for Flux / Chroma / SD 3.5: the positive rows' conditioning
         (text, pooled vector, distilled guidance as encoded) straight to ``apply_model``, the
         blocks hooked for the call. ControlNet units sit out (Forge's ControlNet serves SD and
@@ -373,8 +521,6 @@ class ForgeBackend:
             cond = {"c_crossattn": stack_cond([{"c_crossattn": c} for c in conds], {"c_crossattn": None})["c_crossattn"]}
 
         def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            from backend.sampling.sampling_function import sampling_prepare
-
             if not loaded:
                 sampling_prepare(unet, x)
                 loaded.append(unet)
@@ -416,16 +562,14 @@ class ForgeBackend:
     def auto_tile_batch(self) -> AutoTileBatch:
         """tile_batch_size 0: free memory as Forge counts it (backend/memory_management.py:1008
         ``get_free_memory``: the device's free memory plus what torch holds reserved but inactive),
-        so the batch sees what Forge's own model loading left."""
-        from backend import memory_management
-
-        return AutoTileBatch(free_bytes=lambda device: int(memory_management.get_free_memory(device)))
+        so the batch sees what Forge's own model loading left (old Forge: model_management.py)."""
+        return AutoTileBatch(free_bytes=self.parts.free_memory)
 
     def skip_scale(self, p: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """c_skip(σ) for the dilated branch from the model's predictor (backend/modules/k_prediction.py:
         ``prediction_type`` 'v_prediction' and 'edm' both denoise as x·σd²/(σ² + σd²) + …, so
         c_skip = σd²/(σ² + σd²)); ε-models need none (c_skip = 1)."""
-        predictor = getattr(getattr(p.sd_model.forge_objects.unet, "model", None), "predictor", None)
+        predictor = model_predictor(p.sd_model.forge_objects.unet)
         if getattr(predictor, "prediction_type", None) in ("v_prediction", "edm"):
             return functools.partial(v_prediction_c_skip, sigma_data=float(predictor.sigma_data))
         return None
@@ -437,7 +581,7 @@ class ForgeBackend:
         ᾱ = 1/(σ² + 1) from the predictor's sigmas (sd_samplers_timesteps.py:28-31), t rounded to
         a whole timestep, x = x_t·√(σ² + 1) (sd_samplers_cfg_denoiser.py:163-169). Only the skip
         residual, which runs before that conversion, needs it."""
-        predictor = p.sd_model.forge_objects.unet.model.predictor
+        predictor = model_predictor(p.sd_model.forge_objects.unet)
         if kind == TIMESTEPS:
             schedule = TimestepSchedule(1.0 / (predictor.sigmas ** 2 + 1.0), quantize=True)
             return SamplerSpace(predictor.timestep, schedule.sigma)
@@ -545,11 +689,18 @@ class ForgeBackend:
             per_call = planned_tile_batch(job.settings.tile_batch_size, job.auto_batch, device)
             return [per_call * int(shape[0]), int(shape[1]), win_h, win_w]
 
-        def per_window(input_shape: Sequence[int]) -> Any:  # Forge passes input_shape= by name
-            return base(window_shape(input_shape))
+        def per_window(input_shape: Sequence[int], **kwargs: Any) -> Any:
+            # Forge passes input_shape= by name; reForge adds cond_shapes= (samplers.py:272)
+            return base(input_shape=window_shape(input_shape), **kwargs)
 
-        unet.set_memory_peak_estimation_modifier(per_window)
-        unet.add_object_patch("memory_required", per_window)
+        # the load before sampling: Forge 2 and old Forge read a peak-estimation modifier (Forge 2
+        # unet.py:121; reForge forge_sampler.py:124); Neo asks the patcher's own memory_required
+        # (sampling_function.py:369), so this clone (ours alone) answers for the windows
+        if hasattr(unet, "set_memory_peak_estimation_modifier"):
+            unet.set_memory_peak_estimation_modifier(per_window)
+        else:
+            unet.memory_required = per_window
+        unet.add_object_patch("memory_required", per_window)  # the cond/uncond batching asks the model
 
 
 
@@ -687,7 +838,7 @@ class ForgeControl:
             if items is not None and log.isEnabledFor(logging.DEBUG):
                 log_call(items, {self.unit_number(i): h for i, h in self.hints.items() if i not in self.skipped})
             assert self.get_control is not None
-            control = self.get_control(xs, sigmas, dict(cond), chunks)
+            control = evaluate_control(self.chain[0], self.get_control, xs, sigmas, cond, chunks)
         finally:
             for obj, name, value in reversed(saved):
                 setattr(obj, name, value)

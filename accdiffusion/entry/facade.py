@@ -8,11 +8,13 @@ the backends are imported only from here.
 
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..backends.a1111 import A1111Backend
-from ..backends.forge import ForgeBackend
+from ..backends.a1111 import A1111Backend, detect_a1111
+from ..backends.forge import ForgeBackend, ForgeParts, detect_forge_parts
 from ..flows.job import JOB_ATTR, Job, comment, step_aside
 from ..flows.txt2img import make_hr_pass, make_sample
 from ..method.settings import AccDiffusionSettings
@@ -21,8 +23,8 @@ from ..flows.img2img import img2img_fallback_reason, make_img2img_sample
 
 log = logging.getLogger("accdiffusion")
 
-__all__ = ["JOB_ATTR", "backend_for", "before_batch", "before_sampling", "fail_job", "finish_job", "is_forge",
-           "start_job"]
+__all__ = ["JOB_ATTR", "HostBackends", "announce_host", "backend_for", "before_batch", "before_sampling", "fail_job",
+           "finish_job", "host_backends", "is_forge", "start_job", "unknown_host_note"]
 
 
 def is_img2img(p: Any) -> bool:
@@ -46,8 +48,78 @@ def flow_sampler_reason(p: Any, backend: Any, webui: Any, img2img: bool) -> str 
     return None
 
 
+@dataclass(frozen=True)
+class HostBackends:
+    """What this WebUI has of what each backend calls (found once, :func:`host_backends`)."""
+    forge: ForgeParts | None  # Forge 2 / Neo (backend.*) or old Forge (ldm_patched, modules_forge)
+    a1111: str | None  # ldm / sgm UNets
+
+    @property
+    def name(self) -> str | None:
+        if self.forge is not None:
+            return f"the Forge backend ({self.forge.name})"
+        if self.a1111 is not None:
+            return f"the A1111 backend ({self.a1111})"
+        return None
+
+
+UNKNOWN_HOST = ("this WebUI is not one AccDiffusion knows (it has none of the building blocks of AUTOMATIC1111, "
+                "Forge 2 / Neo or old Forge)")
+
+
+@functools.lru_cache(maxsize=None)
+def host_backends() -> HostBackends:
+    """Found once per process, at load (:func:`announce_host`): the backend is chosen by what the
+    host has, never by its version."""
+    try:
+        forge = detect_forge_parts()
+    except Exception as error:  # a half-broken host package: not ours to crash on
+        log.warning("AccDiffusion: the Forge building blocks could not be read (%s)", error)
+        forge = None
+    try:
+        a1111 = detect_a1111()
+    except Exception:
+        a1111 = None
+    return HostBackends(forge, a1111)
+
+
+def unknown_host_note() -> str | None:
+    """The accordion's note on a host no backend serves (None elsewhere)."""
+    return None if host_backends().name else f"AccDiffusion: {UNKNOWN_HOST}; it leaves every job as it is."
+
+
+def show_console_lines(logger: logging.Logger = log) -> None:
+    """Our stage lines and notes are INFO and WARNING; a WebUI's root logger may hide them (Forge
+    Neo's is at ERROR unless ``SD_WEBUI_LOG_LEVEL`` is set; A1111's at Python's WARNING). Then our
+    logger prints its own lines to the console (stderr, as the WebUI's log lines) and no longer
+    hands them to the root's handlers (no line twice). A WebUI whose log level already shows INFO
+    is left as it is."""
+    if logger.isEnabledFor(logging.INFO) or any(getattr(h, "accdiffusion", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+    handler.accdiffusion = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def announce_host() -> None:
+    """At load: our console lines made visible, and one line on which backend serves this WebUI,
+    or that none does."""
+    show_console_lines()
+    name = host_backends().name
+    print(f"[AccDiffusion] served by {name}" if name else f"[AccDiffusion] {UNKNOWN_HOST}: jobs run without it")
+
+
 def backend_for(p: Any) -> Any:
-    return ForgeBackend() if is_forge(p) else A1111Backend()
+    """The backend for this job's model, or None when the host has no backend for it (a model
+    with Forge's objects on a host whose Forge building blocks were not found, or a host with
+    neither)."""
+    hosts = host_backends()
+    if is_forge(p):
+        return ForgeBackend(hosts.forge) if hosts.forge is not None else None
+    return A1111Backend() if hosts.a1111 is not None else None
 
 
 # Other extensions that tile the UNet themselves (title → what it is); their first script argument
@@ -134,6 +206,9 @@ def start_job(p: Any, settings: AccDiffusionSettings, webui: Any = None) -> Job 
         return None
     stock = "img2img" if img2img else "hires fix"
     backend = backend_for(p)
+    if backend is None:
+        step_aside(p, UNKNOWN_HOST, stock)
+        return None
     reason = backend.unsupported_reason(p)
     if getattr(p, "refiner_checkpoint", None) not in (None, "", "None"):
         reason = "the refiner swaps the model during sampling, which the tiled pass cannot follow"

@@ -89,6 +89,38 @@ def target_latent_size(p: Any) -> tuple[int, int]:
     return (p.hr_upscale_to_y // 8 - p.truncate_y, p.hr_upscale_to_x // 8 - p.truncate_x)
 
 
+def begin_hires_pass(p: Any) -> None:
+    """What the host's own ``sample_hr_pass`` does before it samples, for the tiled pass that
+    replaces it. Forge Neo sets the model's shift for the pass (processing.py:1433
+    ``set_shift``, which Forge 2's models do not have) and writes the hires fields of the
+    infotext there (:1435-1454), where A1111, Forge 2 and old Forge wrote them in ``init``
+    already — so they are written here only when ``init`` did not ("Denoising strength" is
+    absent), the way Neo writes them."""
+    model = p.sd_model
+    if hasattr(model, "set_shift"):
+        model.set_shift(shift=p.hr_distilled_cfg)
+    params = p.extra_generation_params
+    if "Denoising strength" in params:
+        return
+    if getattr(model, "use_distilled_cfg_scale", False):
+        params["Hires Distilled CFG Scale"] = p.hr_distilled_cfg
+    if getattr(model, "use_shift", False):
+        params["Hires Shift"] = p.hr_distilled_cfg
+    if p.hr_sampler_name is not None and p.hr_sampler_name != p.sampler_name:
+        params["Hires sampler"] = p.hr_sampler_name
+    if getattr(p, "hr_scheduler", None) is not None and p.hr_scheduler != getattr(p, "scheduler", None):
+        params["Hires schedule type"] = p.hr_scheduler
+    if p.hr_upscaler is not None:
+        params["Hires upscaler"] = p.hr_upscaler
+    if p.hr_second_pass_steps:
+        params["Hires steps"] = p.hr_second_pass_steps
+    params["Denoising strength"] = p.denoising_strength
+    params["Hires CFG Scale"] = getattr(p, "hr_cfg", None)
+    for key, reader in (("Hires prompt", "get_hr_prompt"), ("Hires negative prompt", "get_hr_negative_prompt")):
+        if hasattr(p, reader):
+            params[key] = getattr(p, reader)
+
+
 def run_hires(p: Any, job: Job, samples: torch.Tensor | None, decoded_samples: torch.Tensor | None) -> Any:
     """What the WebUI's ``sample_hr_pass`` does (processing.py:1364-1464), with the tiled pass in
     place of its one ``sample_img2img``. The Upscale button (``p.firstpass_image``) comes with
@@ -97,6 +129,7 @@ def run_hires(p: Any, job: Job, samples: torch.Tensor | None, decoded_samples: t
     webui, settings = job.webui, job.settings
     if webui.state.interrupted:
         return samples
+    begin_hires_pass(p)
     p.is_hr_pass = True
     try:
         if samples is None:

@@ -9,6 +9,7 @@ serves both hosts; the few Forge-only branches are marked. file:line references 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,6 +32,20 @@ def refusal_class(http_exception: type) -> type:
 
     AccDiffusionSettingsError.__qualname__ = "AccDiffusionSettingsError"  # as consoles print it
     return AccDiffusionSettingsError
+
+
+def forge_alter_samplers() -> list | None:
+    """The k-diffusion samplers a Forge-lineage host adds (DDPM and others): Forge 2's
+    modules_forge/alter_samplers.py, Neo's and old Forge's modules_forge/forge_alter_samplers.py
+    (``samplers_data_alter`` in each); None elsewhere."""
+    import importlib
+
+    for name in ("modules_forge.alter_samplers", "modules_forge.forge_alter_samplers"):
+        try:
+            return list(importlib.import_module(name).samplers_data_alter)
+        except (ImportError, AttributeError):
+            continue
+    return None
 
 
 class WebUI:
@@ -78,11 +93,8 @@ class WebUI:
             return TIMESTEPS
         if listed(sd_samplers_kdiffusion.samplers_data_k_diffusion):
             return KDIFFUSION
-        try:  # Forge only
-            from modules_forge import alter_samplers
-        except ImportError:
-            return None
-        return KDIFFUSION if listed(alter_samplers.samplers_data_alter) else None
+        alter = forge_alter_samplers()
+        return KDIFFUSION if alter is not None and listed(alter) else None
 
     def refusal(self, message: str) -> Exception:
         """The exception that stops a job for the client's mistake (a bad setting): an
@@ -178,9 +190,13 @@ class WebUI:
         steps = getattr(p, "hr_second_pass_steps", None) or p.steps
         total = sampler_config.total_steps(steps) if sampler_config else steps
         texts = self.prompt_parser.SdConditioning(prompts, width=width, height=height)
+        # Neo dropped the old-scheduling option and the argument (prompt_parser.py:163)
+        old_scheduling = {}
+        if "use_old_scheduling" in inspect.signature(self.prompt_parser.get_learned_conditioning).parameters:
+            old_scheduling["use_old_scheduling"] = bool(getattr(self.opts, "use_old_scheduling", False))
         with self.autocast():
-            return self.prompt_parser.get_learned_conditioning(
-                p.sd_model, texts, p.firstpass_steps, total, self.opts.use_old_scheduling)
+            return self.prompt_parser.get_learned_conditioning(p.sd_model, texts, p.firstpass_steps, total,
+                                                               **old_scheduling)
 
     def final_prompt_variant(self, prompt: str, steps: int) -> str:
         schedules = self.prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)
