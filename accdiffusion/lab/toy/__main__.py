@@ -1,4 +1,4 @@
-"""python -m accdiffusion.lab.toy train|eval|maps|stats|demo — see the README section "Proof on a trained toy model"."""
+"""python -m accdiffusion.lab.toy train|eval|maps|stats|demo — see docs/toy-model.md and docs/toy-flow.md."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m accdiffusion.lab.toy")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train the toy model (weights → accdiffusion/toy/)")
+    p_train = sub.add_parser("train", help="train the toy model (weights → accdiffusion/lab/toy/)")
     p_train.add_argument("--minutes", type=float, default=40.0)
     p_train.add_argument("--batch", type=int, default=64)
     p_train.add_argument("--scenes", type=int, default=24000)
