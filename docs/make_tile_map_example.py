@@ -1,17 +1,21 @@
 """Draws docs/tile-prompt-map.png: the tile-prompt map of a 2x pass for planted attention maps
-(a cat on the left, a dog on the right, grass below), so the README can show what the map says
+(a cat on the left, a dog on the right, grass below), so docs/settings.md can show what the map says
 without shipping model weights. Run: .venv/bin/python docs/make_tile_map_example.py"""
 
+import sys
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
+# run as a script from docs/, Python puts docs/ on the path, not the repository with the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accdiffusion.method.hires import plan_stages, stage_windows
-from accdiffusion.method.prompts import ImagePromptPlan
-from accdiffusion.method.settings import AccDiffusionSettings
-from accdiffusion.method.tilemap import draw_tile_prompt_map
-from accdiffusion.method.words import split_words
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from accdiffusion.method.hires import plan_stages, stage_windows  # noqa: E402
+from accdiffusion.method.prompts import ImagePromptPlan  # noqa: E402
+from accdiffusion.method.settings import AccDiffusionSettings  # noqa: E402
+from accdiffusion.method.tilemap import draw_tile_prompt_map  # noqa: E402
+from accdiffusion.method.words import split_words  # noqa: E402
 
 PROMPT = "a photo of a (cat:1.2) and a dog on the grass, sunny"
 BASE = (64, 64)  # 512x512 first pass

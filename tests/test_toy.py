@@ -79,7 +79,7 @@ def test_shape_word_maps_find_their_objects_on_real_scenes(toy_host):
     """Real scenes, noised to four timesteps and denoised once each with the recorder on: the
     shape word's map (the noun: in a causal text encoder it has seen its colour) peaks on its
     object and its Eq. 5 mask overlaps that object well above its overlap with the scene's other
-    objects. Measured on seeds 0-7: peak on its object 0.90, IoU 0.22 vs 0.07 (see README)."""
+    objects. Measured on seeds 0-7: peak on its object 0.90, IoU 0.22 vs 0.07 (docs/toy-model.md)."""
     from accdiffusion.lab.toy.evaluate import WordIoU, caption_ious, probe_maps, scene_truth
 
     total = WordIoU([], [], [])
@@ -97,7 +97,7 @@ def test_shape_word_maps_find_their_objects_on_real_scenes(toy_host):
 def test_accdiffusion_repeats_fewer_objects_than_plain_tiling(toy_host):
     """2× upscale of the first passes of seeds 0-7: plain tiling (one prompt in every window, no
     dilated branch, no skip residual) draws the captioned objects again in many windows;
-    AccDiffusion's defaults draw far fewer. Measured: 11 vs 3 extra objects (see README)."""
+    AccDiffusion's defaults draw far fewer. Measured: 11 vs 3 extra objects (docs/toy-model.md)."""
     from accdiffusion.lab.toy.evaluate import CONFIGS, duplicates
     from accdiffusion.lab.toy.sample import first_pass, upscale
 

@@ -8,7 +8,7 @@
 #    steps) and 1024² → 4096² (three stages, 20 steps each) in the shifted and the overlap window
 #    modes, automatic tile batch; JSON rewritten after each run, so a cut-short run keeps its figures;
 # 3. bench B, if time is left: 2048² overlap at tile batch 8, like the earlier 30.7 s measurement.
-# Estimated on one H200 (README, Benchmark): about 4-5 minutes in all; each bench has its own timeout.
+# Estimated on one H200 (docs/speed.md, On a GPU): about 4-5 minutes in all; each bench has its own timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

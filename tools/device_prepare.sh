@@ -3,7 +3,7 @@
 # machine lacks for `tools/device_check.sh` into two ignored folders that the call carries.
 #   .whl/        wheels for its Python 3.12 (it has torch, numpy, transformers, opencv; no diffusers)
 #   .devicekit/  the CLIP tokenizer files (../shared does not travel)
-# Then: device run with carry [".whl", ".devicekit"] and command `bash tools/device_check.sh` (README, Benchmark).
+# Then: device run with carry [".whl", ".devicekit"] and command `bash tools/device_check.sh` (docs/development.md, On a lent GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -345,9 +345,14 @@ def write_json(path: str | None, report: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, without running anything (tests/test_docs_commands.py parses the commands
+    the docs show with it)."""
     here = Path(__file__).resolve().parents[2]  # the repository
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: a shortened flag in a doc or script breaks silently once another flag
+    # shares its prefix
+    parser = argparse.ArgumentParser(prog="python -m accdiffusion.lab.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="sd1", choices=["sd1", "sdxl", "sdxl-size", "sdxl-real", "sdxl-real-tiny"])
     parser.add_argument("--base", type=int, default=32, help="first-pass latent side (image px / 8)")
@@ -377,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
                              "SD 3.5 with T5, where Forge keeps T5 on the CPU): one layer timed, scaled to 24")
     parser.add_argument("--tokenizer", default=os.environ.get(
         "ACCDIFFUSION_TOKENIZER_DIR", str(here.parent / "shared" / "tinymodel" / "clip-text-tiny")))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.t5_cost:
         for tokens in (256, 512):

@@ -8,7 +8,7 @@ once per level (no CFG) with the :class:`~accdiffusion.method.attention.Attentio
 recorder averages the maps exactly as during a first pass; words, masks, the opening and the tile
 prompts are then built as for txt2img.
 
-Why these levels (measured on the reference host, ``python -m accdiffusion.lab.bench --probe``): at
+Why these levels (measured on the reference host, ``python -m accdiffusion.lab.bench --probe-agreement``): at
 high noise the UNet hardly sees the image and attends by prior, at low noise it attends to texture;
 the middle of the schedule is where the per-word layout of a first pass forms. See
 :data:`PROBE_TIMESTEPS` for the numbers.

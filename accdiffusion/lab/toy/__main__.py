@@ -1,24 +1,26 @@
-"""python -m accdiffusion.lab.toy train|eval|maps|stats|demo — see the README section "Proof on a trained toy model"."""
+"""python -m accdiffusion.lab.toy train|eval|maps|stats|demo — see docs/toy-model.md and docs/toy-flow.md."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
-    parser = argparse.ArgumentParser(prog="python -m accdiffusion.lab.toy")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, without importing torch or running anything (tests/test_docs_commands.py
+    parses the commands the docs show with it)."""
+    # no abbreviations: a shortened flag in a doc breaks silently once another flag shares its prefix
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train the toy model (weights → accdiffusion/toy/)")
+    add = functools.partial(sub.add_parser, allow_abbrev=False)
+    p_train = add("train", help="train the toy model (weights → accdiffusion/lab/toy/)")
     p_train.add_argument("--minutes", type=float, default=40.0)
     p_train.add_argument("--batch", type=int, default=64)
     p_train.add_argument("--scenes", type=int, default=24000)
     p_train.add_argument("--out", type=Path, default=None)
-    p_eval = sub.add_parser("eval", help="measure duplicates and word-mask IoU on fixed seeds")
+    p_eval = add("eval", help="measure duplicates and word-mask IoU on fixed seeds")
     p_eval.add_argument("--scenes", type=int, default=50)
     p_eval.add_argument("--out", type=Path, default=None,
                         help="toy-eval.json (toy-eval-shifted.json with --shifted, toy-eval-units.json with --units)")
@@ -30,15 +32,15 @@ def main(argv: list[str] | None = None) -> None:
                              "captions as trained and as tag lists, with tile-prompt placement → toy-eval-units.json")
     p_eval.add_argument("--denoise", type=float, default=None,
                         help="hires denoising strength (default 0.6 for the UNet toy, 0.8 for the flow toy)")
-    p_maps = sub.add_parser("maps", help="flow toy: word-map localisation by normalisation and blocks, "
-                                         "mean ± s.e. (docs/toy-flow.md, 'Which maps')")
+    p_maps = add("maps", help="flow toy: word-map localisation by normalisation and blocks, "
+                              "mean ± s.e. (docs/toy-flow.md, 'Which maps')")
     p_maps.add_argument("--scenes", type=int, default=200)
     p_maps.add_argument("--out", type=Path, default=Path("toy-flow-maps.json"))
-    p_stats = sub.add_parser("stats", help="flow toy: per-channel statistics of hires stage outputs, raw and "
-                                           "re-standardised (docs/toy-flow.md)")
+    p_stats = add("stats", help="flow toy: per-channel statistics of hires stage outputs, raw and "
+                                "re-standardised (docs/toy-flow.md)")
     p_stats.add_argument("--scenes", type=int, default=30)
     p_stats.add_argument("--out", type=Path, default=Path("toy-flow-stats.json"))
-    p_demo = sub.add_parser("demo", help="write the picture: first pass, plain tiling, AccDiffusion, tile map")
+    p_demo = add("demo", help="write the picture: first pass, plain tiling, AccDiffusion, tile map")
     p_demo.add_argument("--caption", default="a red disk and a blue square")
     p_demo.add_argument("--seed", type=int, default=3)
     p_demo.add_argument("--scale", type=int, default=3)
@@ -47,6 +49,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--model", choices=("unet", "flow"), default="unet",
                        help="unet: the ldm UNet toy; flow: the joint-attention flow transformer (docs/toy-flow.md)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

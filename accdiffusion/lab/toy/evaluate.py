@@ -607,6 +607,13 @@ def _to_image(latent: torch.Tensor, side: int):
     return Image.fromarray(pixels).resize((side, side), Image.NEAREST)
 
 
+def demo_command(model: str, seed: int, scale: int) -> str:
+    """The command the picture's caption names. The module path comes from the package itself: the
+    first picture named ``accdiffusion.toy`` long after the toy moved to ``accdiffusion.lab.toy``."""
+    flow = " --model flow" if model == "flow" else ""
+    return f'python -m {__package__} demo{flow} --caption "..." --seed {seed} --scale {scale}'
+
+
 def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: int = 3,
          out: Path | str = "toy-demo.png", host: ToyHost | None = None, kind: ToyKind | None = None) -> Path:
     """First pass | plain tiling | AccDiffusion defaults | the last stage's tile-prompt map."""
@@ -642,9 +649,8 @@ def demo(caption: str = "a red disk and a blue square", seed: int = 3, scale: in
         x = i * (side + 10)
         sheet.paste(img, (x, head))
         draw.text((x + 4, 6), label, fill="black")
-    model = " --model flow" if kind.name == "flow" else ""
     draw.text((4, side + head + 6), f'caption "{caption}", seed {seed}; {kind.name} toy model, '
-              f'python -m accdiffusion.lab.toy demo{model} --caption "..." --seed {seed} --scale {scale}', fill="black")
+              f'{demo_command(kind.name, seed, scale)}', fill="black")
     out = Path(out)
     sheet.save(out)
     return out
