@@ -293,7 +293,8 @@ class ForgeScheduleLinkerStandIn(nn.Module):
 
     def __init__(self, kmodel):
         super().__init__()
-        self.predictor = kmodel.predictor
+        # old Forge (tests/oldforge_standins.py): the same schedule from its model_sampling
+        self.predictor = getattr(kmodel, "model_sampling", None) or kmodel.predictor
 
     def sigma_to_t(self, sigma):
         return self.predictor.timestep(sigma)

@@ -397,11 +397,20 @@ class ForgeBackend:
 
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
-        if is_joint_model(p):  # Flux, Chroma, SD 3.5
+        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Chroma and SD 3.5 models are"
+        transformer = joint_transformer(model.forge_objects.unet)
+        if transformer is not None:
+            # Neo's Flux.2 (Klein) runs Flux's class with one shared modulation and a Qwen3 text
+            # encoder (Neo backend/nn/flux.py:436-443, diffusion_engine/flux2.py): not Flux.1's maps
+            # or tile conditioning, so it must not be served on Flux.1's assumptions
+            if getattr(transformer, "global_modulation", False) or not any(
+                    getattr(model, engine, None) is not None
+                    for engine in ("text_processing_engine_t5", "text_processing_engine_l")):
+                return f"{type(model).__name__} models are not supported yet ({served})"
             return None
         if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)
                 or getattr(model, "is_sdxl", False)):
-            return "only SD 1.x, SD 2.x, SDXL, Flux, Chroma and SD 3.5 models are supported"
+            return f"{type(model).__name__} models are not supported ({served})"
         if getattr(model, "is_sdxl", False) and is_sdxl_refiner(model):
             return "the SDXL refiner model is not supported"
         if getattr(model, "is_inpaint", False):

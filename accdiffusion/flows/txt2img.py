@@ -97,7 +97,7 @@ def begin_hires_pass(p: Any) -> None:
     already — so they are written here only when ``init`` did not ("Denoising strength" is
     absent), the way Neo writes them."""
     model = p.sd_model
-    if hasattr(model, "set_shift"):
+    if hasattr(model, "set_shift") and hasattr(p, "hr_distilled_cfg"):
         model.set_shift(shift=p.hr_distilled_cfg)
     params = p.extra_generation_params
     if "Denoising strength" in params:
