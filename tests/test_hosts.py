@@ -252,3 +252,16 @@ def test_flux2_klein_is_never_served_as_flux1(forge_backend):
     transformer.global_modulation = False
     klein.text_processing_engine_t5 = object()  # a Flux.1 with its T5: served
     assert forge.ForgeBackend(None).unsupported_reason(types.SimpleNamespace(sd_model=klein)) is None
+
+
+def test_a_joint_transformer_on_the_old_backend_steps_aside(old_sd1):
+    """reForge loads SD 3 into ldm_patched's MMDiT (model_sampling, no predictor): not served."""
+    transformer = torch.nn.Module()
+    transformer.joint_blocks = torch.nn.ModuleList([torch.nn.Linear(1, 1)])
+    unet = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=transformer,
+                                                             model_sampling=old_sd1.kmodel.model_sampling))
+    sd3 = type("StableDiffusion3", (), {})()
+    sd3.forge_objects = types.SimpleNamespace(unet=unet)
+    sd3.text_processing_engine_t5 = object()
+    reason = forge.ForgeBackend(None).unsupported_reason(types.SimpleNamespace(sd_model=sd3))
+    assert reason == "StableDiffusion3 models are not supported on the old Forge backend (SD 1.x, SD 2.x and SDXL are)"

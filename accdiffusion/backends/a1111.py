@@ -68,7 +68,7 @@ def detect_a1111() -> str | None:
             __import__(package)
         except ImportError:
             continue
-        return f"AUTOMATIC1111 building blocks ({name} UNets)"
+        return f"AUTOMATIC1111 building blocks: {name} UNets"
     return None
 
 

@@ -105,7 +105,7 @@ def _forge2_parts() -> ForgeParts:
     from backend.sampling import sampling_function
 
     attention = forge_unet.attention_function
-    return ForgeParts("Forge 2 / Neo building blocks (backend.*)",
+    return ForgeParts("Forge 2 / Neo building blocks: backend.*",
                       lambda q, k, v, heads, extra: attention(q, k, v, heads),
                       sampling_function.sampling_prepare, sampling_function.sampling_cleanup,
                       lambda device: int(memory_management.get_free_memory(device)))
@@ -132,7 +132,7 @@ def _old_forge_parts() -> ForgeParts:
             return function(q, k, v, heads, attn_precision=extra.get("attn_precision"))
         return function(q, k, v, heads)
 
-    return ForgeParts("old Forge building blocks (ldm_patched, modules_forge)", attention,
+    return ForgeParts("old Forge building blocks: ldm_patched, modules_forge", attention,
                       forge_sampler.sampling_prepare, forge_sampler.sampling_cleanup,
                       lambda device: int(model_management.get_free_memory(device)))
 
@@ -399,6 +399,9 @@ class ForgeBackend:
         model = p.sd_model
         served = "SD 1.x, SD 2.x, SDXL, Flux.1, Chroma and SD 3.5 models are"
         transformer = joint_transformer(model.forge_objects.unet)
+        if transformer is not None and isinstance(model_predictor(model.forge_objects.unet), OldForgePredictor):
+            # reForge loads SD 3 into ldm_patched's MMDiT: its flow sampling there is not what was measured
+            return f"{type(model).__name__} models are not supported on the old Forge backend (SD 1.x, SD 2.x and SDXL are)"
         if transformer is not None:
             # Neo's Flux.2 (Klein) runs Flux's class with one shared modulation and a Qwen3 text
             # encoder (Neo backend/nn/flux.py:436-443, diffusion_engine/flux2.py): not Flux.1's maps
