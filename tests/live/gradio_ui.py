@@ -110,8 +110,13 @@ class GradioUI:
         out = http(self.url + "/run/predict", {"fn_index": event.fn_index, "data": data}, timeout)
         if "data" not in out:
             raise GradioCallError(f"no data in the answer: {str(out)[:2000]}")
-        named: dict[str, Any] = {"_list": out["data"]}
-        for component, value in zip(event.outputs, out["data"]):
+        # an output the handler answered with gr.update(value=..., visible=...) (Forge Neo's txt2img
+        # gallery) comes as {"__type__": "update", "value": ...}: its value is what an input takes
+        values = [v["value"] if isinstance(v, dict) and "value" in v and (v.get("__type__") == "update"
+                                                                         or "visible" in v) else v
+                  for v in out["data"]]
+        named: dict[str, Any] = {"_list": values}
+        for component, value in zip(event.outputs, values):
             elem_id = component.get("props", {}).get("elem_id")
             if elem_id:
                 named[elem_id] = value

@@ -1,10 +1,11 @@
-"""Opt-in tests against a running WebUI with the extension installed (A1111 1.10 or Forge).
+"""Opt-in tests against a running WebUI with the extension installed (A1111 1.10, Forge 2, Forge Neo,
+reForge, Forge Classic).
 
-    SD_WEBUI_URL=http://127.0.0.1:7860 .venv/bin/python -m pytest -q tests/live
+    SD_WEBUI_URL=http://127.0.0.1:7860 [SD_WEBUI_HOST=a1111|forge|neo|reforge|classic] .venv/bin/python -m pytest -q tests/live
 
 Optional: SD_WEBUI_PLAIN_URL, the same WebUI and model started without the extension
 (``--disable-all-extensions``), for the "disabled is bit-identical to not installed" check;
-SD_WEBUI_FORGE=1 adds the request fields Forge needs for a hires job.
+SD_WEBUI_HOST picks the host's request quirks (tests/live/hosts.py; SD_WEBUI_FORGE=1 = forge).
 Use a tiny model (../shared/tinymodel): images are small and every request takes seconds.
 """
 
@@ -16,11 +17,16 @@ import os
 import urllib.error
 import urllib.request
 
+import sys
+
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hosts import HOST  # noqa: E402
 
 URL = os.environ.get("SD_WEBUI_URL")
 PLAIN_URL = os.environ.get("SD_WEBUI_PLAIN_URL")
-FORGE = os.environ.get("SD_WEBUI_FORGE") == "1"
+FORGE = HOST.name == "forge"  # Forge 2 (kept for older callers; use HOST)
 pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
 
 PROMPT = "a red-haired astronaut riding a horse on the moon"
@@ -41,9 +47,9 @@ def txt2img(url=None, acc=None, **overrides):
     body = {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64,
             "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6,
             "seed": 7, "sampler_name": "Euler", "cfg_scale": 5, "hr_sampler_name": "Euler"}
-    if FORGE:
-        body.update(hr_additional_modules=["Use same choices"], hr_cfg=body["cfg_scale"])
     body.update(overrides)
+    body["hr_upscaler"] = HOST.upscaler(body["hr_upscaler"])
+    body = {**HOST.hires(body["cfg_scale"]), **body}
     if acc is not None:
         body["alwayson_scripts"] = {"AccDiffusion": {"args": [acc]}}
     status, out = call("/sdapi/v1/txt2img", body, url)
@@ -73,7 +79,7 @@ def test_hires_pass_runs_and_is_reproducible(sampler, size, scale):
     on = txt2img(acc={"enabled": True}, **kw)
     again = txt2img(acc={"enabled": True}, **kw)
     off = txt2img(acc={"enabled": False}, **kw)
-    assert sizes(on) == [(int(w * scale), int(h * scale))]
+    assert sizes(on) == [HOST.hires_size(w, h, scale)]
     assert digests(on) == digests(again)
     assert digests(on) != digests(off)
     assert "AccDiffusion: True" in infotext(on)
@@ -99,10 +105,8 @@ def test_positional_args_work_like_the_dict():
 
 def test_bad_arguments_are_rejected_with_a_message():
     body = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "enable_hr": True, "hr_scale": 2,
-            "hr_upscaler": "Latent", "hr_sampler_name": "Euler",
+            "hr_upscaler": HOST.upscaler("Latent"), "hr_sampler_name": "Euler", **HOST.hires(7),
             "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True, "patch_prompt_threshold": 1.5}]}}}
-    if FORGE:
-        body.update(hr_additional_modules=["Use same choices"], hr_cfg=7)
     status, out = call("/sdapi/v1/txt2img", body)
     assert status == 422  # a client error (every setting: test_live_refusals.py)
     assert "'patch_prompt_threshold'" in out["detail"]
@@ -114,11 +118,7 @@ def test_infotext_round_trip_reproduces_the_image():
     first = txt2img(acc={"enabled": True, "patch_prompt_threshold": 0.45, "sigma": 1.0})
     text = infotext(first)
     assert "AccDiffusion patch prompt threshold: 0.45" in text and "AccDiffusion sigma: 1.0" in text
-    body = {"infotext": text, "hr_sampler_name": "Euler"}
-    if FORGE:
-        # Forge's apply_infotext calls isinstance(value, list[str]) for the list-typed fields it
-        # fills (styles, hires modules) and fails: the request sets those itself
-        body.update(hr_additional_modules=["Use same choices"], hr_cfg=5, styles=[])
+    body = {"infotext": text, "hr_sampler_name": "Euler", **HOST.infotext_fields(5)}
     status, out = call("/sdapi/v1/txt2img", body)
     assert status == 200, out
     assert digests(out) == digests(first)
@@ -134,17 +134,15 @@ def test_xyz_grid_over_threshold():
     status, scripts = call("/sdapi/v1/script-info")
     assert status == 200
     body = {"prompt": PROMPT, "steps": 3, "width": 128, "height": 128, "enable_hr": True, "hr_scale": 2,
-            "hr_upscaler": "Latent", "hr_sampler_name": "Euler", "seed": 5, "denoising_strength": 0.6,
+            "hr_upscaler": HOST.upscaler("Latent"), "hr_sampler_name": "Euler", "seed": 5,
+            "denoising_strength": 0.6, **HOST.hires(7),
             "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True}]}},
             "script_name": "x/y/z plot"}
-    if FORGE:
-        body.update(hr_additional_modules=["Use same choices"], hr_cfg=7)
     # the axis index is its position in the txt2img X/Y/Z list: find it from the script's own choices
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     choices = xyz["args"][0]["choices"]
     axis = choices.index("AccDiffusion Patch prompt threshold")
-    body["script_args"] = [axis, "0.05,0.95", [], 0, "", [], 0, "", [], True, True, False, False,
-                           False, False, False, 0, False]
+    body["script_args"] = HOST.xyz_args(axis, "0.05,0.95")
     status, out = call("/sdapi/v1/txt2img", body)
     assert status == 200, out
     assert len(out["images"]) == 3  # grid + two cells
@@ -173,9 +171,8 @@ def test_disabled_is_identical_to_not_installed(sampler):
 ])
 def test_hires_variants(extra):
     out = txt2img(acc={"enabled": True, "tiled_decode": "on"}, **extra)
-    w = extra.get("hr_resize_x") or 128
-    h = extra.get("hr_resize_y") or 128
-    assert sizes(out) == [(w, h)]
+    resize = (extra["hr_resize_x"], extra["hr_resize_y"]) if "hr_resize_x" in extra else None
+    assert sizes(out) == [HOST.hires_size(64, 64, 2, resize)]
     assert "AccDiffusion: True" in infotext(out)
 
 
@@ -311,8 +308,7 @@ def test_img2img_infotext_round_trip_reproduces_the_image():
             "width": 128, "height": 128, "cfg_scale": 5,
             "denoising_strength": 0.5, "override_settings": {"sd_model_checkpoint": MODELS["sd15"]},
             "override_settings_restore_afterwards": True}
-    if FORGE:
-        body.update(styles=[])
+    body.update(HOST.infotext_fields(hires=False))
     status, out = call("/sdapi/v1/img2img", body)
     assert status == 200, out
     assert sizes(out) == [(128, 128)] and "AccDiffusion patch prompt threshold: 0.45" in infotext(out)
@@ -336,8 +332,7 @@ def test_img2img_xyz_axis():
     body = {"init_images": [init_image()], "prompt": PROMPT, "steps": 3, "width": 128, "height": 128, "seed": 5,
             "denoising_strength": 0.6, "sampler_name": "Euler",
             "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True}]}}, "script_name": "x/y/z plot",
-            "script_args": [axis, "0.05,0.95", [], 0, "", [], 0, "", [], True, True, False, False, False, False,
-                            False, 0, False]}
+            "script_args": HOST.xyz_args(axis, "0.05,0.95")}
     status, out = call("/sdapi/v1/img2img", body)
     assert status == 200, out
     grid, low, high = digests(out)

@@ -24,7 +24,7 @@ its module is called "None" there):
     cp ../shared/tinymodel/controlnet/tiny-cn-sd15.safetensors /work/live-x/models/ControlNet/
     echo '{"show_progress_type": "Approx cheap"}' > /work/live-x/config.json
     /work/ext-forge/start-forge.sh 7877 --data-dir /work/live-x --loglevel DEBUG
-    SD_WEBUI_URL=http://127.0.0.1:7877 SD_WEBUI_FORGE=1 SD_WEBUI_LOG=/work/ext-forge/logs/forge-7877.log \
+    SD_WEBUI_URL=http://127.0.0.1:7877 SD_WEBUI_HOST=forge SD_WEBUI_LOG=/work/ext-forge/logs/forge-7877.log \
         .venv/bin/python -m pytest -q tests/live/test_live_controlnet.py
 
 With SD_WEBUI_LOG (the host's log, started with ``--loglevel DEBUG``) the per-window hint crops the
@@ -42,10 +42,13 @@ import re
 
 import pytest
 
-from test_live_api import FORGE, URL, call
+from hosts import HOST
+from test_live_api import URL, call
+
+FORGE = HOST.controlnet == "builtin"  # a Forge's built-in ControlNet (Forge 2, Neo, reForge, Classic)
 
 LOG = os.environ.get("SD_WEBUI_LOG")
-pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL (A1111 with sd-webui-controlnet, or Forge)")
+pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL (A1111 with sd-webui-controlnet, or a Forge)")
 
 
 def hint_png(size=256):
@@ -64,7 +67,8 @@ def hint_png(size=256):
 def cn_model():
     status, out = call("/controlnet/model_list")
     if status != 200 or not any(m.startswith("tiny-cn-sd15") for m in out.get("model_list", [])):
-        pytest.skip("sd-webui-controlnet with tiny-cn-sd15 is not installed")
+        what = "sd-webui-controlnet" if HOST.controlnet == "extension" else f"{HOST.label}'s built-in ControlNet"
+        pytest.skip(f"{what} with tiny-cn-sd15 (models/ControlNet) is not installed")
     return next(m for m in out["model_list"] if m.startswith("tiny-cn-sd15"))
 
 
@@ -135,10 +139,9 @@ def test_two_units_in_the_tiled_pass(cn_model, case, modes):
     start = log_size()
     body_units = [unit(cn_model, resize_mode="Crop and Resize", hr_option=modes[0]),
                   unit(cn_model, weight=0.6, hr_option=modes[1], guidance_start=0.2, guidance_end=0.9)]
-    forge = dict(hr_additional_modules=["Use same choices"], hr_cfg=5) if FORGE else {}
-    status, out = call("/sdapi/v1/txt2img", {**forge,
+    status, out = call("/sdapi/v1/txt2img", {**HOST.hires(5),
         "prompt": "a red-haired astronaut riding a horse on the moon", "negative_prompt": "blurry", "steps": 3,
-        "enable_hr": True, "hr_upscaler": "Latent", "denoising_strength": 0.6, "seed": 7, "sampler_name": "Euler",
+        "enable_hr": True, "hr_upscaler": HOST.upscaler("Latent"), "denoising_strength": 0.6, "seed": 7, "sampler_name": "Euler",
         "cfg_scale": 5, **kw,
         "alwayson_scripts": {"AccDiffusion": {"args": [acc]}, "ControlNet": {"args": body_units}}})
     assert status == 200, out

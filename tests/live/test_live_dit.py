@@ -1,8 +1,8 @@
 """Opt-in tests of Flux, Chroma and SD 3.5 (joint-attention flow transformers) against a live Forge 2
-with the extension: every flow (txt2img hires 2x and 3x, img2img, the Upscale button, batch of one
+or Forge Neo (no SD 3.5 there) with the extension: every flow (txt2img hires 2x and 3x, img2img, the Upscale button, batch of one
 prompt, shifted windows, infotext round trip, disabled = not installed) on each family.
 
-    SD_WEBUI_URL=http://127.0.0.1:7920 SD_WEBUI_FORGE=1 SD_WEBUI_LOG=<the host's DEBUG log> \\
+    SD_WEBUI_URL=http://127.0.0.1:7920 SD_WEBUI_HOST=forge|neo SD_WEBUI_LOG=<the host's DEBUG log> \\
         [SD_WEBUI_PLAIN_URL=http://127.0.0.1:7921] .venv/bin/python -m pytest -q tests/live/test_live_dit.py
 
 The module runs only when the host's loaded checkpoint (GET /sdapi/v1/options ``sd_model_checkpoint``)
@@ -29,6 +29,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+from hosts import HOST  # noqa: E402
 from test_live_api import PLAIN_URL, URL, call, digests, init_image, sizes  # noqa: E402
 
 LOG = os.environ.get("SD_WEBUI_LOG")
@@ -80,6 +81,7 @@ def guidance(family):
 def family(request):
     """The family whose checkpoint both hosts run for the tests that take this fixture."""
     family = request.param
+    HOST.need_family(family)
     if family not in CHECKPOINTS:
         pytest.skip(f"no {family} checkpoint on this host")
     urls = [u for u in (URL, PLAIN_URL) if u]
@@ -95,9 +97,10 @@ def family(request):
 def txt2img(family, url=None, acc=None, **overrides):
     body = {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64, "seed": 7,
             "sampler_name": "Euler", "scheduler": "Simple", "enable_hr": True, "hr_scale": 2,
-            "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_sampler_name": "Euler",
+            "hr_upscaler": HOST.upscaler("Latent"), "denoising_strength": 0.6, "hr_sampler_name": "Euler",
             "hr_additional_modules": ["Use same choices"], **guidance(family)}
     body.update(overrides)
+    body["hr_upscaler"] = HOST.upscaler(body["hr_upscaler"])
     if acc is not None:
         body["alwayson_scripts"] = {"AccDiffusion": {"args": [acc]}}
     status, out = call("/sdapi/v1/txt2img", body, url)
@@ -278,6 +281,12 @@ def _pixels(ui, entry):
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_upscale_button(family, upscaler):
     from gradio_ui import GradioUI
+
+    if not HOST.upscale_button:
+        pytest.skip(f"{HOST.label} has no txt2img Upscale button")
+    if upscaler == "Latent":
+        HOST.need_latent_upscaler("the Upscale button's latent path")
+    upscaler = HOST.upscaler(upscaler)
 
     ui = GradioUI(URL)
     event = ui.event("txt2img_generate", js="submit")

@@ -1,7 +1,7 @@
 """The ``prompt_units`` setting on a live WebUI: through the API, the infotext (written, and read
 back by the host's own infotext paste) and as an X/Y/Z axis.
 
-    SD_WEBUI_URL=http://127.0.0.1:7860 [SD_WEBUI_FORGE=1] .venv/bin/python -m pytest -q tests/live/test_live_prompt_units.py
+    SD_WEBUI_URL=http://127.0.0.1:7860 [SD_WEBUI_HOST=...] .venv/bin/python -m pytest -q tests/live/test_live_prompt_units.py
 
 The tile-prompt map (the second image) draws each tile's prompt, so it shows whether phrases or
 words were the units even where the tiny model's image would not.
@@ -14,7 +14,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_live_api import FORGE, URL, call, digests, infotext, txt2img  # noqa: E402
+from hosts import HOST  # noqa: E402
+from test_live_api import URL, call, digests, infotext, txt2img  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
 
@@ -29,7 +30,10 @@ def run(units=None, **kw):
 
 
 def test_words_and_phrases_make_different_tile_prompts_and_say_so():
-    default, words, phrases = run(), run("words"), run("phrases")
+    # 128 px first pass: the map's 128 px tiles show enough of each tile prompt to tell them apart
+    # (Forge Neo's Pillow 12 default font at 64 px tiles draws both maps alike)
+    size = dict(width=128, height=128)
+    default, words, phrases = run(**size), run("words", **size), run("phrases", **size)
     assert len(words["images"]) == 2  # the image and its tile-prompt map
     assert digests(default) == digests(phrases)  # phrases is the default
     assert digests(words)[1] != digests(phrases)[1]  # other tile prompts on the map
@@ -40,9 +44,7 @@ def test_words_and_phrases_make_different_tile_prompts_and_say_so():
 def test_prompt_units_round_trip_through_the_infotext():
     first = run("words")
     text = infotext(first)
-    body = {"infotext": text, "hr_sampler_name": "Euler"}
-    if FORGE:  # see test_live_api.test_infotext_round_trip_reproduces_the_image
-        body.update(hr_additional_modules=["Use same choices"], hr_cfg=5, styles=[])
+    body = {"infotext": text, "hr_sampler_name": "Euler", **HOST.infotext_fields(5)}
     status, out = call("/sdapi/v1/txt2img", body)
     assert status == 200, out
     assert digests(out)[0] == digests(first)[0]
@@ -57,10 +59,8 @@ def test_prompt_units_round_trip_through_the_infotext():
 
 def test_bad_prompt_units_are_rejected_with_a_message():
     body = {"prompt": TAGS, "steps": 2, "width": 64, "height": 64, "enable_hr": True, "hr_scale": 2,
-            "hr_upscaler": "Latent", "hr_sampler_name": "Euler",
+            "hr_upscaler": HOST.upscaler("Latent"), "hr_sampler_name": "Euler", **HOST.hires(7),
             "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True, "prompt_units": "sentences"}]}}}
-    if FORGE:
-        body.update(hr_additional_modules=["Use same choices"], hr_cfg=7)
     status, out = call("/sdapi/v1/txt2img", body)
     assert status >= 400 and "prompt_units" in json.dumps(out) and "phrases" in json.dumps(out)
 
@@ -75,15 +75,12 @@ def test_prompt_units_is_an_xyz_axis(img2img):
     if img2img:
         return  # offered in the img2img list too; the run below is the txt2img one
     body = {"prompt": TAGS, "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 64,
-            "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_sampler_name": "Euler", "seed": 5,
-            "denoising_strength": 0.6, "sampler_name": "Euler", "cfg_scale": 5,
+            "enable_hr": True, "hr_scale": 2, "hr_upscaler": HOST.upscaler("Latent"), "hr_sampler_name": "Euler",
+            "seed": 5, "denoising_strength": 0.6, "sampler_name": "Euler", "cfg_scale": 5, **HOST.hires(5),
             "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": False}]}},
             "script_name": "x/y/z plot"}
-    if FORGE:
-        body.update(hr_additional_modules=["Use same choices"], hr_cfg=5)
     # a choices axis reads its values from the dropdown list (xyz_grid: not csv_mode)
-    body["script_args"] = [axis, "", ["phrases", "words"], 0, "", [], 0, "", [], True, True, False, False,
-                           False, False, False, 0, False]
+    body["script_args"] = HOST.xyz_args(axis, "", ["phrases", "words"])
     status, out = call("/sdapi/v1/txt2img", body)
     assert status == 200, out
     texts = json.loads(out["info"])["infotexts"]

@@ -14,7 +14,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_live_api import FORGE, URL, digests, img2img, infotext, init_image, sizes, txt2img  # noqa: E402
+from hosts import HOST, need_sampler, schedulers  # noqa: E402
+from test_live_api import URL, digests, img2img, infotext, init_image, sizes, txt2img  # noqa: E402
 
 LOG = os.environ.get("SD_WEBUI_LOG")
 pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
@@ -39,8 +40,9 @@ def stage_lines(start: int) -> list[tuple[int, ...]]:
     return [(int(m[1]), int(m[2]), int(m[3]), int(m[5]), int(m[6]), int(m[7])) for m in STAGE.finditer(text)]
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"] + TIMESTEP_SAMPLERS + (["DDPM"] if FORGE else []))
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"] + TIMESTEP_SAMPLERS + list(HOST.extra_samplers))
 def test_each_hires_sampler_runs_the_tiled_pass(sampler):
+    need_sampler(sampler)
     kw = dict(sampler_name=sampler, hr_sampler_name=sampler, hr_scale=3, steps=6, hr_second_pass_steps=4)
     start = log_size()
     on = txt2img(acc={"enabled": True}, **kw)
@@ -59,6 +61,7 @@ def test_each_hires_sampler_runs_the_tiled_pass(sampler):
 
 @pytest.mark.parametrize("sampler", ["DDIM", "UniPC"])
 def test_img2img_with_a_timestep_sampler(sampler):
+    need_sampler(sampler)
     kw = dict(images=[init_image()], width=192, height=192, sampler_name=sampler, steps=8)  # UniPC: order < steps
     # The WebUI encodes the init image before it seeds torch's global RNG in the request, and the VAE
     # samples its posterior from it (Forge backend/nn/vae.py; a tiny random VAE's std is large): the
@@ -77,6 +80,8 @@ def test_img2img_with_a_timestep_sampler(sampler):
 
 @pytest.mark.parametrize("scheduler", ["Karras", "Exponential", "SGM Uniform"])
 def test_hires_scheduler_is_honoured(scheduler):
+    if schedulers() and scheduler not in schedulers():
+        pytest.skip(f"{HOST.label} has no scheduler {scheduler!r}")
     kw = dict(sampler_name="Euler", hr_sampler_name="DPM++ 2M", hr_scheduler=scheduler)
     on = txt2img(acc={"enabled": True}, **kw)
     assert digests(on) == digests(txt2img(acc={"enabled": True}, **kw))
@@ -88,6 +93,10 @@ def test_hires_scheduler_is_honoured(scheduler):
 def test_an_unsupported_sampler_steps_aside_and_says_so():
     """LCM has its own output scaling: the WebUI's own hires fix runs, with a note, and the infotext
     says AccDiffusion stepped aside (not that it ran); the pixels are the stock hires fix's."""
+    need_sampler("LCM")
+    if not HOST.lcm_steps_aside:
+        pytest.skip(f"{HOST.label}'s LCM is k-diffusion's sample_lcm: the tiled pass drives it "
+                    "(test_each_hires_sampler_runs_the_tiled_pass[LCM])")
     from test_live_api import pixels
 
     on = txt2img(acc={"enabled": True, "sigma": 1.0}, hr_sampler_name="LCM")

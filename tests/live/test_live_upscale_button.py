@@ -7,7 +7,7 @@ API, so these tests press it the way the browser does (tests/live/gradio_ui.py):
 Hires. fix off through the Generate button's handler, then the Upscale button's handler with that
 gallery and its generation info.
 
-    SD_WEBUI_URL=http://127.0.0.1:7860 [SD_WEBUI_PLAIN_URL=...] [SD_WEBUI_FORGE=1] \\
+    SD_WEBUI_URL=http://127.0.0.1:7860 [SD_WEBUI_PLAIN_URL=...] [SD_WEBUI_HOST=...] \\
         [SD_WEBUI_LOG=<the host's log, started with --loglevel DEBUG>] \\
         .venv/bin/python -m pytest -q tests/live/test_live_upscale_button.py
 
@@ -25,18 +25,20 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gradio_ui import GradioUI  # noqa: E402
+from hosts import HOST  # noqa: E402
 
 from test_live_api import PLAIN_URL, URL, call  # noqa: E402
 
 LOG = os.environ.get("SD_WEBUI_LOG")
-pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
+pytestmark = [pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI"),
+              pytest.mark.skipif(not HOST.upscale_button, reason=f"{HOST.label} has no txt2img Upscale button")]
 
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 # by elem_id: the same on A1111 1.10.1 and Forge 2 (modules/ui.py, the Sampler and Seed scripts)
 SETTINGS = {
     "txt2img_prompt": PROMPT, "txt2img_neg_prompt": "blurry", "txt2img_width": 64, "txt2img_height": 64,
     "txt2img_steps": 4, "txt2img_sampling": "Euler", "txt2img_cfg_scale": 5, "txt2img_seed": 7,
-    "txt2img_denoising_strength": 0.6, "txt2img_hr_scale": 2, "txt2img_hr_upscaler": "Latent",
+    "txt2img_denoising_strength": 0.6, "txt2img_hr_scale": 2, "txt2img_hr_upscaler": HOST.upscaler("Latent"),
 }
 ENABLED_ID = "script_txt2img_accdiffusion_enabled-checkbox"  # InputAccordion's checkbox (scripts/accdiffusion.py)
 HOST_ONLY = {"txt2img_hr_cfg": 5}  # Forge's Hires CFG Scale (its default 7 would differ from the first pass)
@@ -77,9 +79,18 @@ def the_webui_fails(ui, gallery, upscaler):
     return upscaler == "Latent" and ui.image(gallery[0]).mode == "RGBA"
 
 
+def host_upscaler(upscaler):
+    """The host's name for ``upscaler``; a host without latent upscalers (Neo) skips the "Latent" case,
+    whose point is the first-pass latent (the "Lanczos" case is its pixel one)."""
+    if upscaler.startswith("Latent"):
+        HOST.need_latent_upscaler("the Upscale button's latent path")
+    return HOST.upscaler(upscaler)
+
+
 def press_upscale(ui, gallery, generation_info, enabled, upscaler="Latent", **accdiffusion):
     """What a click on ✨ sends: task id, gallery, selected index, generation info, then the txt2img
     inputs (submit_txt2img_upscale in javascript/ui.js). Hires. fix stays unticked: the button forces it."""
+    upscaler = HOST.upscaler(upscaler)
     event = ui.event("txt2img_upscale", js="submit_txt2img_upscale")
     ours = {ENABLED_ID: enabled, **HOST_ONLY,
             **{f"script_txt2img_accdiffusion_{k}": v for k, v in accdiffusion.items()}}
@@ -98,6 +109,7 @@ def ui():
 
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])  # Lanczos: no first-pass latent (samples None)
 def test_upscale_button_with_accdiffusion_runs_the_probe_and_the_tiled_pass(ui, upscaler):
+    upscaler = host_upscaler(upscaler)
     gallery, info = first_pass(ui)
     assert pixels(ui, gallery[0])[0] == (64, 64)
     start = log_size()
@@ -123,6 +135,7 @@ def test_upscale_button_with_accdiffusion_runs_the_probe_and_the_tiled_pass(ui, 
 @pytest.mark.skipif(not PLAIN_URL, reason="set SD_WEBUI_PLAIN_URL to a WebUI without the extension")
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_upscale_button_disabled_is_identical_to_not_installed(ui, upscaler):
+    upscaler = host_upscaler(upscaler)
     plain = GradioUI(PLAIN_URL)
     gallery, info = first_pass(ui)
     plain_gallery, plain_info = first_pass(plain)
@@ -152,6 +165,7 @@ def sdxl_checkpoint():
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_upscale_button_with_sdxl(ui, sdxl_checkpoint, upscaler):
     """SDXL (vector conditioning, its own native size for the probe rule) through the same button."""
+    upscaler = host_upscaler(upscaler)
     gallery, info = first_pass(ui)
     start = log_size()
     out, text, html = press_upscale(ui, gallery, info, True, upscaler)

@@ -1,7 +1,7 @@
 """Live checks of the window mode, the automatic tile batch and their surfaces (API schema,
 infotext, X/Y/Z axis), txt2img hires and img2img; run like test_live_api.py:
 
-    SD_WEBUI_URL=http://127.0.0.1:7860 [SD_WEBUI_FORGE=1] .venv/bin/python -m pytest -q tests/live
+    SD_WEBUI_URL=http://127.0.0.1:7860 [SD_WEBUI_HOST=...] .venv/bin/python -m pytest -q tests/live
 
 Sizes are chosen so the shifted grid really moves: its offsets are multiples of 8 latent px, so
 the window must be at least 16 latent px (128 px first pass, or window_size 16).
@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from test_live_api import FORGE, URL, call, digests, img2img, infotext, init_image, sizes, txt2img
+from hosts import HOST
+from test_live_api import URL, call, digests, img2img, infotext, init_image, sizes, txt2img
 
 pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
 
@@ -64,14 +65,11 @@ def test_xyz_axis_window_mode():
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     axis = xyz["args"][0]["choices"].index("AccDiffusion Window mode")
     body = {"prompt": "a red-haired astronaut riding a horse on the moon", "steps": 3, "width": 128, "height": 128,
-            "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_sampler_name": "Euler", "seed": 5,
-            "denoising_strength": 0.6, "hr_second_pass_steps": 3,
+            "enable_hr": True, "hr_scale": 2, "hr_upscaler": HOST.upscaler("Latent"), "hr_sampler_name": "Euler",
+            "seed": 5, "denoising_strength": 0.6, "hr_second_pass_steps": 3, **HOST.hires(7),
             "alwayson_scripts": {"AccDiffusion": {"args": [{"enabled": True}]}}, "script_name": "x/y/z plot",
             # an axis with choices takes its values from the dropdown list (the third argument)
-            "script_args": [axis, "", ["overlap", "shifted"], 0, "", [], 0, "", [], True, True, False, False,
-                            False, False, False, 0, False]}
-    if FORGE:
-        body.update(hr_additional_modules=["Use same choices"], hr_cfg=7)
+            "script_args": HOST.xyz_args(axis, "", ["overlap", "shifted"])}
     status, out = call("/sdapi/v1/txt2img", body)
     assert status == 200, out
     assert len(out["images"]) == 3  # grid + two cells
