@@ -38,6 +38,16 @@ class Field:
     choices: tuple[str, ...] | None = None
     everyday: bool = False  # shown outside the "Advanced" group
     xyz: bool = False  # offered as an X/Y/Z plot axis
+    # What an infotext without this field's key stands for, where that is not the default: the
+    # behaviour before the field existed (or before its default changed), so that images made
+    # then replay exactly. None: the default.
+    infotext_absent: Any = None
+
+    def absent_value(self, accdiffusion_ran: bool = True) -> Any:
+        """The value a pasted infotext without this field's key gives. An infotext of an image
+        AccDiffusion did not make (``accdiffusion_ran`` False) has no old behaviour to replay:
+        the default."""
+        return self.default if self.infotext_absent is None or not accdiffusion_ran else self.infotext_absent
 
     def allowed(self) -> str:
         if self.kind is bool:
@@ -131,6 +141,14 @@ FIELDS: tuple[Field, ...] = (
           "periods, 'and', 'with', ...; one mask per phrase, so 'red' stays with 'hair') or "
           "single words (the paper's).",
           choices=("phrases", "words"), xyz=True),
+    # Added after window_mode shipped with its grid on the model's size multiple: an infotext
+    # without this key is an image made with that grain (0), whatever the default is now.
+    Field("window_grain", int, 1, "Window grain",
+          "shifted windows only: the step, in latent pixels, of the grid's offset and cuts. 1 lets a "
+          "seam fall on any latent pixel (windows padded for the model and cropped back); 0 keeps "
+          "them on the model's size multiple (8 on SD, 2 on Flux, Chroma and SD 3.5), as before "
+          "this setting existed.",
+          minimum=1, maximum=8, zero_means="the model's size multiple", xyz=True, infotext_absent=0),
 )
 
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
@@ -199,6 +217,7 @@ class AccDiffusionSettings:
     tile_prompt_map: bool = False
     window_mode: str = "overlap"
     prompt_units: str = "phrases"
+    window_grain: int = 1
 
     def __post_init__(self) -> None:
         for field in FIELDS:
@@ -253,25 +272,26 @@ class AccDiffusionSettings:
 
     # --- infotext -------------------------------------------------------------------------------
     def infotext_params(self) -> dict[str, Any]:
-        """``AccDiffusion <label>`` keys for every setting that differs from its default, plus the
-        switch itself. Empty when disabled, so a disabled job's infotext is untouched."""
+        """``AccDiffusion <label>`` keys for every setting that differs from what its absence means
+        (the default, or for a field added later the old behaviour: :meth:`Field.absent_value`),
+        plus the switch itself. Empty when disabled, so a disabled job's infotext is untouched."""
         if not self.enabled:
             return {}
         params: dict[str, Any] = {INFOTEXT_PREFIX: True}
         for field in FIELDS[1:]:
             value = getattr(self, field.name)
-            if value != field.default:
+            if value != field.absent_value():
                 params[infotext_key(field)] = value
         return params
 
     @classmethod
     def from_infotext(cls, params: Mapping[str, Any]) -> "AccDiffusionSettings":
-        """Inverse of :meth:`infotext_params`; absent keys take defaults."""
+        """Inverse of :meth:`infotext_params`; absent keys take :meth:`Field.absent_value`."""
         values: dict[str, Any] = {"enabled": params.get(INFOTEXT_PREFIX, False)}
+        ran = INFOTEXT_PREFIX in params
         for field in FIELDS[1:]:
             key = infotext_key(field)
-            if key in params:
-                values[field.name] = params[key]
+            values[field.name] = params[key] if key in params else field.absent_value(ran)
         return cls(**values)
 
 

@@ -21,13 +21,19 @@ def main(argv: list[str] | None = None) -> None:
     p_eval = sub.add_parser("eval", help="measure duplicates and word-mask IoU on fixed seeds")
     p_eval.add_argument("--scenes", type=int, default=50)
     p_eval.add_argument("--out", type=Path, default=None,
-                        help="toy-eval.json (toy-eval-shifted.json with --shifted, toy-eval-units.json with --units)")
+                        help="toy-eval.json (toy-eval-shifted.json with --shifted, toy-flow-eval-shifted.json with "
+                             "--shifted --model flow, toy-eval-units.json with --units)")
     p_eval.add_argument("--shifted", action="store_true",
-                        help="instead of the three configs: AccDiffusion defaults with window_mode overlap and "
-                             "shifted, with window evaluations and seam ratios")
+                        help="instead of the three configs: AccDiffusion defaults with window_mode overlap, shifted "
+                             "on the model's size multiple (window_grain 0) and shifted with 1-px offsets and "
+                             "cuts (window_grain 1), with window evaluations, seam ratios, standard errors "
+                             "and paired differences from overlap (both toys)")
     p_eval.add_argument("--units", action="store_true",
                         help="instead: prompt_units words against phrases (each phrase mask and separator set), "
                              "captions as trained and as tag lists, with tile-prompt placement → toy-eval-units.json")
+    p_eval.add_argument("--seed-offset", type=int, default=0,
+                        help="scene and sampling seeds start here (held-out scenes: e.g. 500000; the docs' "
+                             "tables use 0, training from 1000000)")
     p_eval.add_argument("--denoise", type=float, default=None,
                         help="hires denoising strength (default 0.6 for the UNet toy, 0.8 for the flow toy)")
     p_maps = sub.add_parser("maps", help="flow toy: word-map localisation by normalisation and blocks, "
@@ -63,7 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         from .evaluate import kind_of, run_eval
 
         if args.shifted:
-            parser.error("eval --shifted measures the UNet toy only")
+            from .evaluate import SHIFTED_CONFIGS, shifted_table
+
+            print(shifted_table(run_eval(scenes=args.scenes, out=args.out or Path("toy-flow-eval-shifted.json"),
+                                         kind=kind_of("flow"), configs=SHIFTED_CONFIGS, details=True,
+                                         denoise=args.denoise, seed_offset=args.seed_offset)))
+            return
         run_eval(scenes=args.scenes, out=args.out or Path("toy-flow-eval.json"), kind=kind_of("flow"),
                  study=True, denoise=args.denoise)
     elif args.command == "eval":
@@ -74,8 +85,11 @@ def main(argv: list[str] | None = None) -> None:
 
             print(units_table(run_units_eval(scenes=args.scenes, out=args.out or Path("toy-eval-units.json"))))
         elif args.shifted:
-            run_eval(scenes=args.scenes, out=args.out or Path("toy-eval-shifted.json"), configs=SHIFTED_CONFIGS,
-                     details=True)
+            from .evaluate import shifted_table
+
+            print(shifted_table(run_eval(scenes=args.scenes, out=args.out or Path("toy-eval-shifted.json"),
+                                         configs=SHIFTED_CONFIGS, details=True, denoise=args.denoise,
+                                         seed_offset=args.seed_offset)))
         else:
             run_eval(scenes=args.scenes, out=args.out or Path("toy-eval.json"))
     elif args.command == "maps":
