@@ -91,8 +91,9 @@ def test_window_mode_and_automatic_batch_round_trip():
     s = AccDiffusionSettings(enabled=True, window_mode=" Shifted ", tile_batch_size=0)
     assert s.window_mode == "shifted" and s.tile_batch_size == 0
     params = s.infotext_params()
-    # the automatic batch is the default: the infotext only names a batch the user set
-    assert params == {"AccDiffusion": True, "AccDiffusion window mode": "shifted"}
+    # the automatic batch is the default: the infotext only names a batch the user set; the grain
+    # is always named (an infotext without it stands for the grain before the setting existed)
+    assert params == {"AccDiffusion": True, "AccDiffusion window mode": "shifted", "AccDiffusion window grain": 1}
     assert AccDiffusionSettings.from_infotext({k: str(v) for k, v in params.items()}) == s
     explicit = s.replace(tile_batch_size=6)
     assert explicit.infotext_params()["AccDiffusion tile batch size"] == 6
@@ -102,14 +103,15 @@ def test_window_mode_and_automatic_batch_round_trip():
 def test_prompt_units_round_trip_through_dict_positional_and_infotext():
     s = AccDiffusionSettings(enabled=True, prompt_units=" Words ")
     assert s.prompt_units == "words"
-    # the newest setting comes last, so positional API calls of earlier versions keep their meaning
-    assert FIELDS[-1].name == "prompt_units"
+    # newer settings come last, so positional API calls of earlier versions keep their meaning
+    assert [f.name for f in FIELDS[-2:]] == ["prompt_units", "window_grain"]
     assert AccDiffusionSettings.from_positional(s.to_positional()) == s
     assert AccDiffusionSettings.from_dict({"enabled": True, "prompt_units": "words"}) == s
     params = s.infotext_params()
-    assert params == {"AccDiffusion": True, "AccDiffusion prompt units": "words"}
+    assert params == {"AccDiffusion": True, "AccDiffusion prompt units": "words", "AccDiffusion window grain": 1}
     assert AccDiffusionSettings.from_infotext({k: str(v) for k, v in params.items()}) == s
     # the default is not written, and an infotext without the key reads as the default
-    assert AccDiffusionSettings(enabled=True).infotext_params() == {"AccDiffusion": True}
+    assert AccDiffusionSettings(enabled=True).infotext_params() == {"AccDiffusion": True,
+                                                                    "AccDiffusion window grain": 1}
     assert AccDiffusionSettings.from_infotext({"AccDiffusion": "True"}).prompt_units == "phrases"
     assert json_schema()["properties"]["prompt_units"]["enum"] == ["phrases", "words"]
