@@ -14,7 +14,7 @@ def test_defaults_match_the_contract():
         "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0, "sigma": 0.8,
         "window_size": 0, "stride": 0, "tile_batch_size": 0, "progressive": True,
         "tiled_decode": "auto", "tile_prompt_map": False, "window_mode": "overlap",
-        "prompt_units": "phrases"}
+        "prompt_units": "phrases", "window_grain": 1}
 
 
 @pytest.mark.parametrize("name,value,needle", [
@@ -108,10 +108,9 @@ def test_prompt_units_round_trip_through_dict_positional_and_infotext():
     assert AccDiffusionSettings.from_positional(s.to_positional()) == s
     assert AccDiffusionSettings.from_dict({"enabled": True, "prompt_units": "words"}) == s
     params = s.infotext_params()
-    assert params == {"AccDiffusion": True, "AccDiffusion prompt units": "words", "AccDiffusion window grain": 1}
+    assert params == {"AccDiffusion": True, "AccDiffusion prompt units": "words"}
     assert AccDiffusionSettings.from_infotext({k: str(v) for k, v in params.items()}) == s
     # the default is not written, and an infotext without the key reads as the default
-    assert AccDiffusionSettings(enabled=True).infotext_params() == {"AccDiffusion": True,
-                                                                    "AccDiffusion window grain": 1}
+    assert AccDiffusionSettings(enabled=True).infotext_params() == {"AccDiffusion": True}
     assert AccDiffusionSettings.from_infotext({"AccDiffusion": "True"}).prompt_units == "phrases"
     assert json_schema()["properties"]["prompt_units"]["enum"] == ["phrases", "words"]

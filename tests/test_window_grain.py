@@ -186,5 +186,12 @@ def test_a_pasted_infotext_without_the_grain_replays_the_old_windows(size_multip
     assert new.window_grain == 1 and new.infotext_params()["AccDiffusion window grain"] == 1
     pasted = {k: str(v) for k, v in new.infotext_params().items()}
     assert AccDiffusionSettings.from_infotext(pasted) == new == settings_from_pasted(pasted)
-    # an image AccDiffusion did not make has no old behaviour to replay: the controls take the defaults
-    assert settings_from_pasted({"Steps": "20"}).window_grain == FIELD_BY_NAME["window_grain"].default == 1
+    # the grain is written where it matters: overlap images keep their infotext as before
+    assert "AccDiffusion window grain" not in new.replace(window_mode="overlap").infotext_params()
+    # where nothing old is replayed — an overlap image, an image AccDiffusion did not make — a
+    # pasted infotext without the key gives the default
+    default = FIELD_BY_NAME["window_grain"].default
+    for params in ({"AccDiffusion": "True"}, {"AccDiffusion": "True", "AccDiffusion window mode": "overlap"},
+                   {"Steps": "20"}):
+        assert settings_from_pasted(params).window_grain == default == 1
+        assert AccDiffusionSettings.from_infotext(params).window_grain == default

@@ -129,13 +129,13 @@ def paste_reader(field: Field) -> Callable[[Mapping[str, Any]], Any]:
     """The callable of a PasteField: a real typed value from parsed infotext params (the WebUI's own
     conversion would turn "False" into True). Absent key: what absence means (the infotext only
     lists settings that differ from it): the default, or for a field added later the old behaviour
-    (:meth:`Field.absent_value`; the default where AccDiffusion did not make the image). Unreadable
-    value: None, which leaves the control alone."""
+    (:meth:`Field.absent_value`: only where AccDiffusion made the image and the setting mattered).
+    Unreadable value: None, which leaves the control alone."""
     key = infotext_key(field)
 
     def read(params: Mapping[str, Any]) -> Any:
         if key not in params:
-            return field.absent_value(INFOTEXT_PREFIX in params)
+            return field.absent_value(params)
         try:
             return coerce_value(field, params[key])
         except SettingsError:

@@ -39,15 +39,31 @@ class Field:
     everyday: bool = False  # shown outside the "Advanced" group
     xyz: bool = False  # offered as an X/Y/Z plot axis
     # What an infotext without this field's key stands for, where that is not the default: the
-    # behaviour before the field existed (or before its default changed), so that images made
-    # then replay exactly. None: the default.
+    # behaviour before the field existed, so that images made then replay exactly. None: the default.
     infotext_absent: Any = None
+    # (field, value): the setting only matters, and is only written, while that field has that value
+    recorded_with: tuple[str, str] | None = None
 
-    def absent_value(self, accdiffusion_ran: bool = True) -> Any:
-        """The value a pasted infotext without this field's key gives. An infotext of an image
-        AccDiffusion did not make (``accdiffusion_ran`` False) has no old behaviour to replay:
-        the default."""
-        return self.default if self.infotext_absent is None or not accdiffusion_ran else self.infotext_absent
+    def recorded(self, values: Mapping[str, Any]) -> bool:
+        """Whether this setting matters for (and is written into the infotext of) a job with these
+        settings, by field name."""
+        return self.recorded_with is None or values[self.recorded_with[0]] == self.recorded_with[1]
+
+    def absent_value(self, params: Mapping[str, Any]) -> Any:
+        """The value a pasted infotext without this field's key gives: the default, or, for an
+        image AccDiffusion made where the setting mattered, the behaviour before the field
+        existed (:attr:`infotext_absent`). An image of another job has nothing to replay."""
+        if self.infotext_absent is None or INFOTEXT_PREFIX not in params:
+            return self.default
+        if self.recorded_with is not None:
+            other = FIELD_BY_NAME[self.recorded_with[0]]
+            try:
+                value = _coerce(other, params.get(infotext_key(other), other.absent_value(params)))
+            except SettingsError:
+                return self.default
+            if value != self.recorded_with[1]:
+                return self.default
+        return self.infotext_absent
 
     def allowed(self) -> str:
         if self.kind is bool:
@@ -148,7 +164,8 @@ FIELDS: tuple[Field, ...] = (
           "seam fall on any latent pixel (windows padded for the model and cropped back); 0 keeps "
           "them on the model's size multiple (8 on SD, 2 on Flux, Chroma and SD 3.5), as before "
           "this setting existed.",
-          minimum=1, maximum=8, zero_means="the model's size multiple", xyz=True, infotext_absent=0),
+          minimum=1, maximum=8, zero_means="the model's size multiple", xyz=True, infotext_absent=0,
+          recorded_with=("window_mode", "shifted")),
 )
 
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
@@ -272,15 +289,18 @@ class AccDiffusionSettings:
 
     # --- infotext -------------------------------------------------------------------------------
     def infotext_params(self) -> dict[str, Any]:
-        """``AccDiffusion <label>`` keys for every setting that differs from what its absence means
-        (the default, or for a field added later the old behaviour: :meth:`Field.absent_value`),
-        plus the switch itself. Empty when disabled, so a disabled job's infotext is untouched."""
+        """``AccDiffusion <label>`` keys for every setting that differs from its default, plus the
+        switch itself. Empty when disabled, so a disabled job's infotext is untouched. A setting
+        added later (:attr:`Field.infotext_absent`) is always written where it matters, since its
+        absence stands for the old behaviour; one that does not matter for the job (the grain of
+        overlap windows) is not written."""
         if not self.enabled:
             return {}
         params: dict[str, Any] = {INFOTEXT_PREFIX: True}
+        values = self.to_dict()
         for field in FIELDS[1:]:
-            value = getattr(self, field.name)
-            if value != field.absent_value():
+            value = values[field.name]
+            if field.recorded(values) and (value != field.default or field.infotext_absent is not None):
                 params[infotext_key(field)] = value
         return params
 
@@ -288,10 +308,9 @@ class AccDiffusionSettings:
     def from_infotext(cls, params: Mapping[str, Any]) -> "AccDiffusionSettings":
         """Inverse of :meth:`infotext_params`; absent keys take :meth:`Field.absent_value`."""
         values: dict[str, Any] = {"enabled": params.get(INFOTEXT_PREFIX, False)}
-        ran = INFOTEXT_PREFIX in params
         for field in FIELDS[1:]:
             key = infotext_key(field)
-            values[field.name] = params[key] if key in params else field.absent_value(ran)
+            values[field.name] = params[key] if key in params else field.absent_value(params)
         return cls(**values)
 
 

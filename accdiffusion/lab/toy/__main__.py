@@ -1,4 +1,4 @@
-"""python -m accdiffusion.lab.toy train|eval|maps|stats|demo — see the README section "Proof on a trained toy model"."""
+"""python -m accdiffusion.lab.toy train|eval|maps|stats|pool|demo — see the README section "Proof on a trained toy model"."""
 
 from __future__ import annotations
 
@@ -44,18 +44,32 @@ def main(argv: list[str] | None = None) -> None:
                                            "re-standardised (docs/toy-flow.md)")
     p_stats.add_argument("--scenes", type=int, default=30)
     p_stats.add_argument("--out", type=Path, default=Path("toy-flow-stats.json"))
+    p_pool = sub.add_parser("pool", help="pool eval --shifted reports of disjoint seeds (--seed-offset) into one "
+                                         "table, mean ± s.e. and paired differences over all their scenes")
+    p_pool.add_argument("reports", type=Path, nargs="+")
+    p_pool.add_argument("--out", type=Path, default=None)
     p_demo = sub.add_parser("demo", help="write the picture: first pass, plain tiling, AccDiffusion, tile map")
     p_demo.add_argument("--caption", default="a red disk and a blue square")
     p_demo.add_argument("--seed", type=int, default=3)
     p_demo.add_argument("--scale", type=int, default=3)
     p_demo.add_argument("--out", type=Path, default=Path("toy-demo.png"))
-    for p in (p_train, p_eval, p_maps, p_stats, p_demo):
+    for p in (p_train, p_eval, p_maps, p_stats, p_pool, p_demo):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--model", choices=("unet", "flow"), default="unet",
                        help="unet: the ldm UNet toy; flow: the joint-attention flow transformer (docs/toy-flow.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    if args.command == "pool":
+        import json
+
+        from .evaluate import pool_reports, shifted_table
+
+        pooled = pool_reports([json.loads(path.read_text()) for path in args.reports])
+        if args.out:
+            args.out.write_text(json.dumps(pooled, indent=1))
+        print(shifted_table(pooled))
+        return
     if args.command == "train" and args.model == "flow":
         from .train import train_flow
 

@@ -507,6 +507,35 @@ def paired_differences(per_scene: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
+def pool_reports(reports: Sequence[dict]) -> dict:
+    """One ``eval --shifted`` report from several runs on disjoint seeds (their per-scene values
+    pooled): means, standard errors and paired differences over all their scenes; window
+    evaluations per scene are the same in every run."""
+    first = reports[0]
+    names = list(first["per_scene"])
+    scales = list(first["per_scene"][names[0]])
+    per_scene = {name: {int(scale[:-1]): {key: sum((r["per_scene"][name][scale][key] for r in reports), [])
+                                          for key in ("extra", "lost", "seam")} for scale in scales}
+                 for name in names}
+    configs = {}
+    for name in names:
+        configs[name] = {}
+        for scale in scales:
+            v = per_scene[name][int(scale[:-1])]
+            row = dict(first["configs"][name][scale])
+            for measure, key in (("duplicates_per_scene", "extra"), ("lost_per_scene", "lost"),
+                                 ("seam_ratio_last_step_windows", "seam")):
+                row[measure], row[f"{measure}_se"] = _mean_se(v[key])
+            row["scenes_with_duplicates"] = round(float(np.mean(np.asarray(v["extra"]) > 0)), 3)
+            for key in ("words_per_tile_prompt", "unet_calls"):
+                row.pop(key, None)
+            configs[name][scale] = row
+    return {"scenes": sum(r["scenes"] for r in reports), "seed_offsets": [r.get("seed_offset", 0) for r in reports],
+            "model": first.get("model", "unet"), "configs": configs,
+            "paired_vs_first_config": paired_differences(per_scene),
+            "seconds": sum(r.get("seconds", 0) for r in reports)}
+
+
 def shifted_table(report: dict) -> str:
     """``eval --shifted`` as a markdown table: mean ± s.e. per config, then each config's paired
     difference from the first."""
@@ -630,6 +659,9 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
         report["configs"][name] = per_scale
     if details and len(per_scene) > 1:
         report["paired_vs_first_config"] = paired_differences(per_scene)
+    if details:  # per scene, so runs on other seeds can be pooled (:func:`pool_reports`)
+        report["per_scene"] = {name: {f"{scale}x": {key: [float(v) for v in r[key]] for key in ("extra", "lost", "seam")}
+                                      for scale, r in per.items()} for name, per in per_scene.items()}
     report["seconds"] = round(time.time() - start)
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
