@@ -540,7 +540,7 @@ def _quality(host, latent, recorder, args, autocast, steps: int) -> None:
     scale = 2
     target = (args.base * scale, args.base * scale)
     base = AccDiffusionSettings(enabled=True, dilated_sampling=False, patch_prompts=False, skip_residual=False,
-                                tile_batch_size=args.tile_batch_size)
+                                tile_batch_size=args.tile_batch_size, window_mode="overlap")
     runs = {"untiled": (base.replace(window_size=min(512, target[0])), 0),
             "overlap": (base, 0), "overlap + jitter": (base, max(1, args.base // 8)),
             "shifted": (base.replace(window_mode="shifted"), 0)}

@@ -146,12 +146,14 @@ FIELDS: tuple[Field, ...] = (
     Field("tile_prompt_map", bool, False, "Tile prompt map",
           "Also return a picture of the first-pass image with the last stage's tiles and the words "
           "each tile got: it shows why a duplicate did or did not appear."),
-    Field("window_mode", str, "overlap", "Window mode",
+    # The default became shifted (1-px grain) after measuring both toys (docs/speed.md); an
+    # infotext without the key is an image of the overlap days.
+    Field("window_mode", str, "shifted", "Window mode",
+          "shifted: s^2 windows that tile the image without overlap, moved by a random offset every "
+          "step so no seam stays: about half the UNet work, as good as overlap on the toy models. "
           "overlap: windows overlap by half and are averaged, (2s-1)^2 per step at s times the "
-          "first-pass size (the paper's). shifted: s^2 windows that tile the image without "
-          "overlap, moved by a random offset every step so no seam stays: about half the UNet "
-          "work at 3x-4x.",
-          choices=("overlap", "shifted"), xyz=True),
+          "first-pass size (the paper's).",
+          choices=("overlap", "shifted"), xyz=True, infotext_absent="overlap"),
     Field("prompt_units", str, "phrases", "Prompt units",
           "What a tile prompt keeps or drops as one: phrases (the words between commas, BREAK, "
           "periods, 'and', 'with', ...; one mask per phrase, so 'red' stays with 'hair') or "
@@ -232,7 +234,7 @@ class AccDiffusionSettings:
     progressive: bool = True
     tiled_decode: str = "auto"
     tile_prompt_map: bool = False
-    window_mode: str = "overlap"
+    window_mode: str = "shifted"
     prompt_units: str = "phrases"
     window_grain: int = 1
 
