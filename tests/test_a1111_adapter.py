@@ -44,7 +44,8 @@ def test_hires_pass_runs_through_the_webui_sampler(request, model_name, size, sc
     assert tile_prompts and all(set(t.split()) <= set(PROMPT.split()) for t in tile_prompts)
     assert webui.state.job_count == 2 + stages - 1
     assert webui.steps_done == p.steps + stages * p.hr_second_pass_steps
-    assert p.extra_generation_params == {"Denoising strength": p.denoising_strength, "AccDiffusion": True}
+    assert p.extra_generation_params == {"Denoising strength": p.denoising_strength, "AccDiffusion": True,
+                                         "AccDiffusion window mode": "shifted", "AccDiffusion window grain": 1}
     assert_clean(p, model, webui)
 
 

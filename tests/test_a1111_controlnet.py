@@ -93,7 +93,7 @@ def test_hints_are_cut_once_per_stage_and_window(sd1_model, monkeypatch):
     webui = WebUIStandIn()
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT], width=64, height=64, hr_scale=2.0, hr_steps=3)
     attach_controlnet(p, [ControlParamsStandIn(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 128, 128))])
-    process_images(p, AccDiffusionSettings(enabled=True), facade)
+    process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap"), facade)
     assert len(cuts) == len(set(cuts)) == 9  # 3×3 windows of the one stage, each cut once over 3 steps
 
 
@@ -109,7 +109,7 @@ def test_hires_modes_units_and_notes_in_a_whole_job(sd1_model):
               ControlParamsStandIn(low, hr, hr_option=HiResFixOption.LOW_RES_ONLY),
               ControlParamsStandIn(low, hr, module="t2ia_sketch", control_model_type=ControlModelType.T2I_Adapter)]
     network = attach_controlnet(p, params)
-    out = process_images(p, AccDiffusionSettings(enabled=True, window_size=16), facade)
+    out = process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap", window_size=16), facade)
     assert len(out.images) == 2 and out.images[0].shape == (3, 192, 192)
     first = [c for c in network.calls if c[0][-1] == 16 and not c[1]]
     hires = [c for c in network.calls if c[1]]
@@ -157,7 +157,7 @@ def test_another_unet_tiler_in_the_job_makes_us_step_aside(sd1_model, title, ena
     other = SimpleNamespace(title=lambda: title, args_from=2, args_to=4)
     p.scripts = ScriptsStandIn(SimpleNamespace(title=lambda: "AccDiffusion", args_from=0, args_to=2), other)
     p.script_args = (True, {}, enabled, "MultiDiffusion")
-    out = process_images(p, AccDiffusionSettings(enabled=True), facade)
+    out = process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap"), facade)
     assert out.images[0].shape == (3, 128, 128)
     assert (webui.encoded == []) is steps_aside  # no tile prompts: the stock hires pass ran
     assert any("tiles the UNet itself" in c for c in p.comments) is steps_aside
@@ -191,7 +191,7 @@ def test_tiled_diffusion_makes_us_step_aside_only_when_it_tiles(sd1_model, tile,
     other = SimpleNamespace(title=lambda: "Tiled Diffusion", args_from=2, args_to=2 + len(td))
     p.scripts = ScriptsStandIn(SimpleNamespace(title=lambda: "AccDiffusion", args_from=0, args_to=2), other)
     p.script_args = (True, {}, *td)
-    out = process_images(p, AccDiffusionSettings(enabled=True), facade)
+    out = process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap"), facade)
     assert out.images[0].shape == (3, 128, 128)
     assert (webui.encoded == []) is steps_aside  # no tile prompts: the stock hires pass ran
     assert any("Tiled Diffusion is enabled and tiles the UNet itself" in c for c in p.comments) is steps_aside
@@ -237,7 +237,7 @@ def test_img2img_with_controlnet_probe_gets_the_whole_hint_and_windows_their_cro
             seen.append((tuple(x.shape), params[0].used_hint_cond.clone()))
 
     network.control = spying
-    out = process_img2img(p, AccDiffusionSettings(enabled=True), facade)
+    out = process_img2img(p, AccDiffusionSettings(enabled=True, window_mode="overlap"), facade)
     assert out.images[0].shape == (3, 128, 128)
     is_probe = [h.shape[0] == 1 and h.shape[-1] == s[-1] * 8 and torch.allclose(h, a1111.resize_hint(hint, h.shape[-2:]))
                 for s, h in seen]

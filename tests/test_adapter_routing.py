@@ -30,7 +30,7 @@ PROMPT = "a red-haired astronaut riding a horse on the moon"
 NEGATIVE = "blurry photo"
 # exactly one 75-token chunk: a prompt that goes on after it shares its whole first chunk
 CHUNK = " ".join(["castle"] * 75)
-ROUTING = AccDiffusionSettings(enabled=True, dilated_sampling=False, tile_batch_size=1)
+ROUTING = AccDiffusionSettings(enabled=True, window_mode="overlap", dilated_sampling=False, tile_batch_size=1)
 
 
 pytestmark = pytest.mark.usefixtures("forge_backend")
@@ -327,7 +327,7 @@ def hires_run(models, host, settings, **kw):
     return traces, webui
 
 
-METHOD = AccDiffusionSettings(enabled=True, tile_batch_size=4)
+METHOD = AccDiffusionSettings(enabled=True, window_mode="overlap", tile_batch_size=4)
 
 
 @pytest.mark.parametrize("host", ["a1111", "forge"])

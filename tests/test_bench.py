@@ -112,8 +112,11 @@ def test_bench_json_report(tmp_path, capsys):
             assert stage["window_evals"] + stage["skipped_evals"] == (local + s * s) * steps
             assert stage["tile_batch"] >= 1
         assert run["window_evals"] == sum(st["window_evals"] for st in run["stages"])
+        assert run["window_grain"] == 1  # the setting's default, recorded with the figures
+        # padded windows count at their padded size: at least every latent pixel once per evaluated step
+        assert all(st["latent_pixels"] >= st["latent"][0] * st["latent"][1] for st in run["stages"])
     printed = capsys.readouterr().out
-    assert "2x shifted -> 256x256 px, 2 steps per stage" in printed and "sampler built-in Euler" in printed
+    assert "2x shifted, grain 1 -> 256x256 px, 2 steps per stage" in printed and "sampler built-in Euler" in printed
 
 
 def test_dit_recording_cost_counts_the_recorded_late_blocks():

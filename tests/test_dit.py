@@ -21,7 +21,7 @@ from accdiffusion.method.settings import AccDiffusionSettings
 from dit_standins import (DiTEngineStandIn, DiTImg2ImgStandIn, DiTTxt2ImgStandIn, DiTWebUIStandIn, rotary,
                           rotate)
 
-ON = AccDiffusionSettings(enabled=True)
+ON = AccDiffusionSettings(enabled=True, window_mode="overlap")
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 
 pytestmark = pytest.mark.usefixtures("forge_backend")
@@ -193,7 +193,7 @@ def test_flow_noise_scaling_and_timestep():
 
 def _denoiser(noise_scaling=None, skip_scale=None, sigma_to_t=FLOW_SAMPLING.sigma_to_t, **settings):
     stage = Stage(1, 2.0, (8, 8), 2)
-    s = AccDiffusionSettings(enabled=True, **settings)
+    s = AccDiffusionSettings(enabled=True, window_mode="overlap", **settings)
     ref, noise = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
     return StageDenoiser(stage, stage_windows(stage, (4, 4), s, align=2), s, 0, sigma_to_t, size_multiple=2,
                          reference=ref, noise=noise, noise_scaling=noise_scaling, skip_scale=skip_scale)
@@ -221,7 +221,7 @@ def test_dilated_branch_re_adds_detail_with_c_skip_one_for_flow():
 
 
 def test_windows_and_sublatents_follow_the_patch_grid():
-    s = AccDiffusionSettings(enabled=True)
+    s = AccDiffusionSettings(enabled=True, window_mode="overlap")
     for size, base in (((30, 46), (10, 15)), ((27, 40), (9, 13))):
         windows = stage_windows(Stage(1, 3.0, size, 3), base, s, align=2)
         assert all(w.height % 2 == 0 and w.width % 2 == 0 for w in windows)
@@ -249,7 +249,7 @@ def test_flux_no_recorded_maps_is_said_not_silent(flux, monkeypatch):
     """If the capture never reaches the model's attention (live on Forge: recording switched off for
     joint models, the hires pass ran with "0 tile prompts encoded" and no note), the image still comes,
     but the note says its tiles took the full prompt and it has no tile-prompt map."""
-    settings = AccDiffusionSettings(enabled=True, tile_prompt_map=True)
+    settings = AccDiffusionSettings(enabled=True, window_mode="overlap", tile_prompt_map=True)
     p, _, out = run(flux, settings=settings)
     assert len(out.images) == 2 and not any("no attention maps" in c for c in p.comments)  # image + its map
     monkeypatch.setattr(forge, "_joint_recording_unet", lambda unet, recorder: unet.clone())
@@ -328,7 +328,10 @@ def test_flux_skip_residual_and_cosine_factors_follow_the_flow_predictor(flux, d
 @pytest.mark.parametrize("mode", ["overlap", "shifted"])
 def test_flux_windows_run_on_the_patch_grid(flux, denoisers, mode):
     # 80×48 px: a 10×6 latent, so the overlap grid's natural stride (5, 3) is odd
-    _, _, out = run(flux, settings=AccDiffusionSettings(enabled=True, window_mode=mode), width=80, height=48)
+    # (grain 0: shifted windows on the patch grid, as first shipped; at the default grain 1 they
+    # fall on any latent pixel and are padded to even sizes: tests/test_window_grain.py)
+    _, _, out = run(flux, settings=AccDiffusionSettings(enabled=True, window_mode=mode, window_grain=0),
+                    width=80, height=48)
     assert out.images[0].shape == (3, 96, 160)
     d = denoisers[0]
     assert d.stats.steps

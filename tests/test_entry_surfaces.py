@@ -173,7 +173,7 @@ def test_control_specs():
     tb = specs["tile_batch_size"]
     assert (tb.minimum, tb.maximum, tb.step, tb.value) == (0, 64, 1, 0)
     assert specs["window_mode"].component == "radio"
-    assert specs["window_mode"].choices == ("overlap", "shifted") and specs["window_mode"].value == "overlap"
+    assert specs["window_mode"].choices == ("overlap", "shifted") and specs["window_mode"].value == "shifted"
     assert specs["tiled_decode"].component == "radio"
     assert specs["prompt_units"].component == "radio" and specs["prompt_units"].value == "phrases"
     assert specs["prompt_units"].choices == ("phrases", "words")

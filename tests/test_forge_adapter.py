@@ -14,7 +14,7 @@ from a1111_standins import assert_hooks_removed as assert_clean
 from a1111_standins import process_images
 from forge_standins import ForgeTxt2ImgStandIn, ForgeWebUIStandIn
 
-ON = AccDiffusionSettings(enabled=True)
+ON = AccDiffusionSettings(enabled=True, window_mode="overlap")
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 
 

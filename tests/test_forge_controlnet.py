@@ -18,7 +18,7 @@ from forge_standins import (ControlNet, ControlNetScriptsStandIn, ForgeModelStan
 from test_control import block_means, position_hint
 
 PROMPT = "a red-haired astronaut riding a horse on the moon"
-ON = AccDiffusionSettings(enabled=True)
+ON = AccDiffusionSettings(enabled=True, window_mode="overlap")
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,7 @@ def test_whole_job_with_controlnet_and_an_untileable_unit(sd1, caplog):
                             hr_scale=1.5)
     units = [ControlNet(torch.rand(1, 3, 192, 192)), T2IAdapter(torch.rand(1, 3, 192, 192))]
     p.scripts = ControlNetScriptsStandIn(lambda hr: units if hr else [])
-    out = process_images(p, AccDiffusionSettings(enabled=True, window_size=16), facade)
+    out = process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap", window_size=16), facade)
     assert len(out.images) == 2 and out.images[0].shape == (3, 192, 192)
     assert units[0].calls and {shape[-1] for shape in units[0].calls} == {128}  # 16-latent windows and sub-latents
     assert units[1].calls == []
@@ -110,7 +110,7 @@ def test_reference_preprocessor_runs_untiled_with_a_note(sd1):
     p.scripts = ControlNetScriptsStandIn(lambda hr: units if hr else [])
     p.scripts.alwayson_scripts = [SimpleNamespace(title=lambda: "ControlNet", current_params={
         0: SimpleNamespace(preprocessor=SimpleNamespace(name="reference_only"))})]
-    out = process_images(p, AccDiffusionSettings(enabled=True), facade)
+    out = process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap"), facade)
     assert out.images[0].shape == (3, 128, 128)
     assert {shape[-1] for shape in units[0].calls} == {128}  # the whole latent
     assert any("reference_only" in c and "untiled" in c for c in p.comments)
@@ -139,7 +139,7 @@ def test_notes_name_the_users_unit_when_a_low_res_unit_sits_out_the_hires_pass(s
     units = [("Low res only", ControlNet(torch.rand(1, 3, 128, 128))), ("Both", T2IAdapter(torch.rand(1, 3, 128, 128))),
              ("Both", ControlNet(torch.rand(1, 3, 128, 128)))]
     p.scripts = ControlNetScriptWithUnits(p, units)
-    out = process_images(p, AccDiffusionSettings(enabled=True), facade)
+    out = process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap"), facade)
     assert out.images[0].shape == (3, 128, 128)
     notes = [c for c in p.comments if "left out" in c]
     assert len(notes) == 1 and "unit 2 " in notes[0] and "T2IAdapter" in notes[0]

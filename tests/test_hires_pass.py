@@ -16,7 +16,7 @@ def test_two_stage_hires_pass_gives_finite_latents(request, host_name, sampler):
     host = request.getfixturevalue(host_name)
     latent, recorder = first_pass(host, [PROMPT, "a cat"], "blurry", (16, 24), 3, seed=3)
     result = hires_pass(host, latent, [PROMPT, "a cat"], "blurry", recorder,
-                        AccDiffusionSettings(enabled=True), (48, 72), steps=2, denoise=0.6, seed=3,
+                        AccDiffusionSettings(enabled=True, window_mode="overlap"), (48, 72), steps=2, denoise=0.6, seed=3,
                         sampler=sampler)
     assert [s.size for s in result.stages] == [(32, 48), (48, 72)]
     assert result.latent.shape == (2, 4, 48, 72)
@@ -31,14 +31,14 @@ def test_two_stage_hires_pass_gives_finite_latents(request, host_name, sampler):
         plan = ImagePromptPlan.build(words, align_words(words, host.context_ids(prompt), host.special_ids,
                                                         host.tokenize),
                                      recorder.maps(i), prompt, words, units=AccDiffusionSettings().prompt_units)
-        windows = stage_windows(result.stages[0], (16, 24), AccDiffusionSettings(enabled=True))
+        windows = stage_windows(result.stages[0], (16, 24), AccDiffusionSettings(enabled=True, window_mode="overlap"))
         assert result.tile_prompts[0][i] == plan.tile_prompts((32, 48), windows, 0.3)
 
 
 def test_same_seed_same_result_and_seed_matters(sd1_host):
     latent, recorder = first_pass(sd1_host, [PROMPT], "", (16, 16), 3, seed=5)
     run = lambda seed: hires_pass(sd1_host, latent, [PROMPT], "", recorder,
-                                  AccDiffusionSettings(enabled=True), (32, 32), 2, 0.7, seed,
+                                  AccDiffusionSettings(enabled=True, window_mode="overlap"), (32, 32), 2, 0.7, seed,
                                   sampler="Euler a").latent
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b)
@@ -49,7 +49,7 @@ def test_unet_calls_follow_the_formula(sd1_host):
     latent, recorder = first_pass(sd1_host, [PROMPT], "", (16, 16), 2, seed=1)
     steps = 3
     result = hires_pass(sd1_host, latent, [PROMPT], "", recorder,
-                        AccDiffusionSettings(enabled=True, tile_batch_size=1), (48, 48), steps, 0.5, 1)
+                        AccDiffusionSettings(enabled=True, window_mode="overlap", tile_batch_size=1), (48, 48), steps, 0.5, 1)
     for stage, stats in zip(result.stages, result.stage_stats):
         s = stage.dilation
         assert stats.steps == steps
@@ -63,7 +63,7 @@ def test_unet_calls_follow_the_formula(sd1_host):
 def test_method_toggles_change_the_result(sd1_host):
     latent, recorder = first_pass(sd1_host, [PROMPT], "", (16, 16), 3, seed=2)
     run = lambda **kw: hires_pass(sd1_host, latent, [PROMPT], "", recorder,
-                                  AccDiffusionSettings(enabled=True, **kw), (32, 32), 4, 0.5, 2).latent
+                                  AccDiffusionSettings(enabled=True, window_mode="overlap", **kw), (32, 32), 4, 0.5, 2).latent
     base = run()
     for change in ({"patch_prompts": False}, {"dilated_sampling": False},
                    {"window_interaction": False}, {"skip_residual": False}):

@@ -235,7 +235,8 @@ def test_a_job_that_ran_keeps_its_settings_in_the_infotext(sd1_model):
     p = Txt2ImgStandIn(sd1_model, webui, prompts=[PROMPT])
     process_images(p, SETTINGS, facade)
     assert p.extra_generation_params == {"Denoising strength": 0.6, "AccDiffusion": True,
-                                         "AccDiffusion patch prompt threshold": 0.4, "AccDiffusion sigma": 1.0}
+                                         "AccDiffusion patch prompt threshold": 0.4, "AccDiffusion sigma": 1.0,
+                                         "AccDiffusion window mode": "shifted", "AccDiffusion window grain": 1}
     assert surfaces.settings_from_pasted(p.extra_generation_params) == SETTINGS
     # a stepped-aside infotext pastes back as AccDiffusion off: the same (stock) image again
     stepped = {STEP_ASIDE_KEY: "the hires sampler 'LCM' is not supported; the WebUI's own hires fix ran"}

@@ -13,8 +13,8 @@ def test_defaults_match_the_contract():
         "dilated_sampling": True, "window_interaction": True, "skip_residual": True,
         "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0, "sigma": 0.8,
         "window_size": 0, "stride": 0, "tile_batch_size": 0, "progressive": True,
-        "tiled_decode": "auto", "tile_prompt_map": False, "window_mode": "overlap",
-        "prompt_units": "phrases"}
+        "tiled_decode": "auto", "tile_prompt_map": False, "window_mode": "shifted",
+        "prompt_units": "phrases", "window_grain": 1}
 
 
 @pytest.mark.parametrize("name,value,needle", [
@@ -67,7 +67,7 @@ def test_infotext_writes_only_changed_settings_and_round_trips():
     s = AccDiffusionSettings(enabled=True, sigma=1.2, progressive=False)
     params = s.infotext_params()
     assert params == {"AccDiffusion": True, "AccDiffusion sigma": 1.2,
-                      "AccDiffusion progressive upscale": False}
+                      "AccDiffusion progressive upscale": False, "AccDiffusion window mode": "shifted", "AccDiffusion window grain": 1}
     # the WebUI hands pasted values back as strings
     assert AccDiffusionSettings.from_infotext({k: str(v) for k, v in params.items()}) == s
     keys = [infotext_key(f) for f in FIELDS]
@@ -91,8 +91,9 @@ def test_window_mode_and_automatic_batch_round_trip():
     s = AccDiffusionSettings(enabled=True, window_mode=" Shifted ", tile_batch_size=0)
     assert s.window_mode == "shifted" and s.tile_batch_size == 0
     params = s.infotext_params()
-    # the automatic batch is the default: the infotext only names a batch the user set
-    assert params == {"AccDiffusion": True, "AccDiffusion window mode": "shifted"}
+    # the automatic batch is the default: the infotext only names a batch the user set; the grain
+    # is always named (an infotext without it stands for the grain before the setting existed)
+    assert params == {"AccDiffusion": True, "AccDiffusion window mode": "shifted", "AccDiffusion window grain": 1}
     assert AccDiffusionSettings.from_infotext({k: str(v) for k, v in params.items()}) == s
     explicit = s.replace(tile_batch_size=6)
     assert explicit.infotext_params()["AccDiffusion tile batch size"] == 6
@@ -102,14 +103,15 @@ def test_window_mode_and_automatic_batch_round_trip():
 def test_prompt_units_round_trip_through_dict_positional_and_infotext():
     s = AccDiffusionSettings(enabled=True, prompt_units=" Words ")
     assert s.prompt_units == "words"
-    # the newest setting comes last, so positional API calls of earlier versions keep their meaning
-    assert FIELDS[-1].name == "prompt_units"
+    # newer settings come last, so positional API calls of earlier versions keep their meaning
+    assert [f.name for f in FIELDS[-2:]] == ["prompt_units", "window_grain"]
     assert AccDiffusionSettings.from_positional(s.to_positional()) == s
     assert AccDiffusionSettings.from_dict({"enabled": True, "prompt_units": "words"}) == s
     params = s.infotext_params()
-    assert params == {"AccDiffusion": True, "AccDiffusion prompt units": "words"}
+    assert params == {"AccDiffusion": True, "AccDiffusion prompt units": "words", "AccDiffusion window mode": "shifted", "AccDiffusion window grain": 1}
     assert AccDiffusionSettings.from_infotext({k: str(v) for k, v in params.items()}) == s
-    # the default is not written, and an infotext without the key reads as the default
-    assert AccDiffusionSettings(enabled=True).infotext_params() == {"AccDiffusion": True}
+    # the default is not written, and an infotext without the key reads as the default (the window
+    # mode and grain are always named where they matter: their absence stands for the old behaviour)
+    assert AccDiffusionSettings(enabled=True).infotext_params() == {"AccDiffusion": True, "AccDiffusion window mode": "shifted", "AccDiffusion window grain": 1}
     assert AccDiffusionSettings.from_infotext({"AccDiffusion": "True"}).prompt_units == "phrases"
     assert json_schema()["properties"]["prompt_units"]["enum"] == ["phrases", "words"]

@@ -139,7 +139,7 @@ def _pointwise(x, sigma, conds):
 def test_pointwise_model_through_the_full_denoiser_equals_whole_call(size, interaction):
     base = (40, 64)
     stage = plan_stages(base, size)[0]
-    settings = AccDiffusionSettings(sigma=0.0, window_interaction=interaction, tile_batch_size=3)
+    settings = AccDiffusionSettings(sigma=0.0, window_interaction=interaction, tile_batch_size=3, window_mode="overlap")
     windows = stage_windows(stage, base, settings)
     den = StageDenoiser(stage, windows, settings, 7, lambda s: s * 0 + 500)
     x = torch.randn(2, 4, *size)
@@ -151,7 +151,7 @@ def test_pointwise_model_through_the_full_denoiser_equals_whole_call(size, inter
 def test_denoiser_routes_tile_conditioning_to_its_window():
     base = (16, 16)
     stage = plan_stages(base, (32, 32))[0]
-    settings = AccDiffusionSettings(dilated_sampling=False, tile_batch_size=2)
+    settings = AccDiffusionSettings(dilated_sampling=False, tile_batch_size=2, window_mode="overlap")
     windows = stage_windows(stage, base, settings)
     seen = []
 

@@ -23,7 +23,7 @@ from a1111_standins import (CompVisSamplerStandIn, Img2ImgStandIn, KDiffusionSam
 from a1111_standins import assert_hooks_removed as assert_clean
 from forge_standins import ForgeImg2ImgStandIn, ForgeModelStandIn, ForgeTxt2ImgStandIn, ForgeWebUIStandIn
 
-ON = AccDiffusionSettings(enabled=True)
+ON = AccDiffusionSettings(enabled=True, window_mode="overlap")
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 TIMESTEP_SAMPLERS = ["DDIM", "DDIM CFG++", "PLMS", "UniPC"]
 

@@ -127,20 +127,38 @@ def test_seam_ratio_sees_an_edge_on_the_window_border_only():
     assert seam_ratio(stepped, moved) < 1
 
 
-def test_window_capture_records_last_windows_and_swaps_alignment_back():
+def test_window_capture_records_last_windows_and_swaps_back():
     from accdiffusion.method import hires
+    from accdiffusion.method.settings import AccDiffusionSettings
     from accdiffusion.lab.toy.evaluate import window_capture
 
-    originals = hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows
-    with window_capture(shift_align=1):
-        offsets = {hires.shift_offset((8, 8), torch.Generator().manual_seed(s), 8) for s in range(20)}
-        pieces = hires.shifted_windows((16, 16), (8, 8), (3, 3), 8)
-    assert any(dy % 8 for dy, _ in offsets)  # 1-px offsets, though the caller asked for 8
-    assert {(w.left, w.width) for w in pieces} == {(0, 11), (11, 5)}  # cuts at 3 and 11, the 3-px sliver merged
-    assert (hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows) == originals
-    with pytest.raises(RuntimeError), window_capture(shift_align=1):
+    original = hires.StageDenoiser.windows_at
+    settings = AccDiffusionSettings(enabled=True, window_mode="shifted")
+    stage = hires.Stage(1, 2.0, (16, 16), 2)
+    denoiser = hires.StageDenoiser(stage, hires.stage_windows(stage, (8, 8), settings), settings, 0, lambda s: s)
+    with window_capture() as last:
+        first, second = denoiser.windows_at(0), denoiser.windows_at(1)
+    assert last == {1: second} and first != second  # the stage's last step, moved by 1-px offsets
+    assert hires.StageDenoiser.windows_at is original
+    with pytest.raises(RuntimeError), window_capture():
         raise RuntimeError("interrupted")
-    assert (hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows) == originals
+    assert hires.StageDenoiser.windows_at is original
+
+
+def test_pooled_reports_are_the_report_of_all_their_scenes():
+    from accdiffusion.lab.toy.evaluate import pool_reports
+
+    def report(extra_a, extra_b, offset):
+        per = lambda extra: {"2x": {"extra": extra, "lost": [0.0] * len(extra), "seam": [1.0] * len(extra)}}
+        row = {"2x": {"window_evals_per_scene": 120.0}}
+        return {"scenes": len(extra_a), "seed_offset": offset, "configs": {"a": row, "b": row},
+                "per_scene": {"a": per(extra_a), "b": per(extra_b)}}
+
+    pooled = pool_reports([report([0.0, 2.0], [1.0, 1.0], 0), report([1.0], [4.0], 2)])
+    assert pooled["scenes"] == 3 and pooled["seed_offsets"] == [0, 2]
+    assert pooled["configs"]["a"]["2x"]["duplicates_per_scene"] == 1.0
+    assert pooled["configs"]["a"]["2x"]["duplicates_per_scene_se"] == round(1 / 3 ** 0.5, 3)
+    assert pooled["paired_vs_first_config"]["b"]["2x"]["extra"] == (1.0, round(2 / 3 ** 0.5, 3))  # differences 1, -1, 3
 
 
 # --- prompt units (eval --units): where the tile prompts put the object words -----------------------

@@ -254,7 +254,7 @@ def cuda_like(**kwargs):
 def test_automatic_tile_batch_is_resolved_once_per_job_and_logged(models, denoisers, caplog, host):
     p, webui = txt2img(host, models[host], prompts=[PROMPT], hr_scale=3.0, width=64, height=64, hr_steps=2)
     with caplog.at_level(logging.INFO, logger="accdiffusion"):
-        process_images(p, AccDiffusionSettings(enabled=True), facade)  # tile_batch_size 0, progressive: 2 stages
+        process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap"), facade)  # tile_batch_size 0, progressive: 2 stages
     assert len(denoisers) == 2 and denoisers[0].auto_batch is denoisers[1].auto_batch is not None
     assert all(d.stats.tile_batch == CPU_TILE_BATCH for d in denoisers)  # on a CPU: a fixed small batch
     logged = [r.getMessage() for r in caplog.records if "windows per UNet call" in r.getMessage()]
@@ -276,7 +276,7 @@ def test_automatic_tile_batch_from_measured_memory_reaches_the_calls_and_forges_
     if host == "forge":
         model.kmodel.memory_calls.clear()
     with caplog.at_level(logging.INFO, logger="accdiffusion"):
-        process_images(p, AccDiffusionSettings(enabled=True, dilated_sampling=False), facade)
+        process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap", dilated_sampling=False), facade)
     assert fit_tile_batch(BATCH_OF_3, WINDOW_COST) == 3
     den, = denoisers
     assert den.stats.tile_batch == 3 and den.auto_batch.chosen and set(den.auto_batch.chosen.values()) == {3}
@@ -293,7 +293,7 @@ def test_forge_memory_estimate_uses_the_set_batch_and_the_infotext_names_it(mode
     model = models["forge"]
     model.kmodel.memory_calls.clear()
     p, webui = txt2img("forge", model, prompts=[PROMPT, PROMPT], hr_scale=2.0, hr_steps=2)
-    process_images(p, AccDiffusionSettings(enabled=True, tile_batch_size=3), facade)
+    process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap", tile_batch_size=3), facade)
     assert model.kmodel.memory_calls[-1][0] == 3 * 2 * 2  # windows × (cond + uncond) × images
     assert p.extra_generation_params["AccDiffusion tile batch size"] == 3
 
@@ -326,7 +326,7 @@ def test_last_stage_is_restandardised_before_decoding(models, stage_io, host, fl
     """txt2img: to the first pass's mean/std; img2img: to the init latent's (what the stage inputs
     are standardised to)."""
     model = models[host]
-    settings = AccDiffusionSettings(enabled=True)
+    settings = AccDiffusionSettings(enabled=True, window_mode="overlap")
     if flow == "txt2img":
         p, webui = txt2img(host, model, prompts=[PROMPT, "a green dragon"], hr_scale=3.0, hr_steps=2)
         watch_decode(webui, stage_io)
@@ -379,7 +379,7 @@ def test_v_prediction_skip_scale_reaches_the_dilated_branch(sd1_host, denoisers,
                                                             sigma_data):
     model = v_model(host, sd1_host, flag)
     p, webui = txt2img(host, model, prompts=[PROMPT], width=64, height=64, hr_scale=2.0, hr_steps=2)
-    process_images(p, AccDiffusionSettings(enabled=True), facade)
+    process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap"), facade)
     den, = denoisers
     assert den.skip_scale is not None
     # the dilated branch asked for c_skip at every step it ran, with the model's sigma_data
@@ -392,7 +392,7 @@ def test_v_prediction_skip_scale_reaches_the_dilated_branch(sd1_host, denoisers,
 def test_eps_models_get_no_skip_scale(sd1_host, denoisers, c_skip_calls, host):
     model = v_model(host, sd1_host, None)
     p, webui = txt2img(host, model, prompts=[PROMPT], width=64, height=64, hr_scale=2.0, hr_steps=2)
-    process_images(p, AccDiffusionSettings(enabled=True), facade)
+    process_images(p, AccDiffusionSettings(enabled=True, window_mode="overlap"), facade)
     assert denoisers[0].skip_scale is None and not c_skip_calls
 
 

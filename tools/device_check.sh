@@ -6,7 +6,9 @@
 # 1. installs the carried wheels (.whl/) into $DEVICE_SITE (/tmp/site) and prints the versions used;
 # 2. bench A: first pass 1024² with and without recording (20 steps), then 1024² → 2048² (50 hires
 #    steps) and 1024² → 4096² (three stages, 20 steps each) in the shifted and the overlap window
-#    modes, automatic tile batch; JSON rewritten after each run, so a cut-short run keeps its figures;
+#    modes, automatic tile batch, shifted at the default window grain (1 latent px; GRAIN=0 for the
+#    UNet's size multiple, as before the setting); JSON rewritten after each run, so a cut-short run
+#    keeps its figures;
 # 3. bench B, if time is left: 2048² overlap at tile batch 8, like the earlier 30.7 s measurement.
 # Estimated on one H200 (docs/speed.md, On a GPU): about 4-5 minutes in all; each bench has its own timeout.
 set -euo pipefail
@@ -57,9 +59,10 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
 
 start=$SECONDS
-echo "== bench A: ${COMMON[*]} ${A[*]} --modes shifted,overlap"
+GRAIN=${GRAIN:-1}
+echo "== bench A: ${COMMON[*]} ${A[*]} --modes shifted,overlap --window-grain $GRAIN"
 status=0
-timeout "$LIMIT_A" "$PY" -m accdiffusion.lab.bench "${COMMON[@]}" "${A[@]}" --modes shifted,overlap \
+timeout "$LIMIT_A" "$PY" -m accdiffusion.lab.bench "${COMMON[@]}" "${A[@]}" --modes shifted,overlap --window-grain "$GRAIN" \
     --json "$OUT/bench_a.json" 2>&1 | tee "$OUT/bench_a.log" || status=$?
 echo "== bench A exit $status after $((SECONDS - start)) s"
 
@@ -88,8 +91,9 @@ for name in ("bench_a.json", "bench_b.json"):
               f"recording x{first['recording_ratio']:.3f}")
     for run in report["runs"]:
         batches = ",".join(str(s["tile_batch"]) for s in run["stages"])
-        print(f"  {run['target_px'][0]}px {run['mode']:<8} {run['steps']} steps/stage: {run['seconds']:.1f} s, "
+        mode = run["mode"] + (f" g{run['window_grain']}" if run["mode"] == "shifted" else "")
+        print(f"  {run['target_px'][0]}px {mode:<11} {run['steps']} steps/stage: {run['seconds']:.1f} s, "
               f"{run['seconds_per_step']:.3f} s/step, peak {run['peak_mib']:.0f} MiB, "
-              f"evals {run['window_evals']}/{run['formula']}, batch {batches}")
+              f"evals {run['window_evals']}/{run['formula']}, latent px {run['latent_pixels']}, batch {batches}")
 EOF
 exit "$status"

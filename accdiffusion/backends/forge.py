@@ -693,7 +693,10 @@ class ForgeBackend:
         win_h = max(max(w.height for w in windows), -(-denoiser.stage.size[0] // denoiser.stage.dilation))
         win_w = max(max(w.width for w in windows), -(-denoiser.stage.size[1] // denoiser.stage.dilation))
         if denoiser.settings.window_mode == "shifted":
-            win_h, win_w = min(denoiser.stage.size[0], win_h * 3 // 2), min(denoiser.stage.size[1], win_w * 3 // 2)
+            # and reach the model padded up to its size multiple (any window, at a fine grain)
+            up = lambda n: -(-n // denoiser.size_multiple) * denoiser.size_multiple
+            win_h = up(min(denoiser.stage.size[0], win_h * 3 // 2))
+            win_w = up(min(denoiser.stage.size[1], win_w * 3 // 2))
         device = denoiser.reference.device if denoiser.reference is not None else torch.device("cpu")
 
         def window_shape(shape: Sequence[int]) -> list[int]:

@@ -127,13 +127,15 @@ def hires_note_html(accordion_id: str) -> str:
 
 def paste_reader(field: Field) -> Callable[[Mapping[str, Any]], Any]:
     """The callable of a PasteField: a real typed value from parsed infotext params (the WebUI's own
-    conversion would turn "False" into True). Absent key: the field's default (the infotext only
-    lists settings that differ from it). Unreadable value: None, which leaves the control alone."""
+    conversion would turn "False" into True). Absent key: what absence means (the infotext only
+    lists settings that differ from it): the default, or for a field added later the old behaviour
+    (:meth:`Field.absent_value`: only where AccDiffusion made the image and the setting mattered).
+    Unreadable value: None, which leaves the control alone."""
     key = infotext_key(field)
 
     def read(params: Mapping[str, Any]) -> Any:
         if key not in params:
-            return field.default
+            return field.absent_value(params)
         try:
             return coerce_value(field, params[key])
         except SettingsError:

@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..method.probe import PROBE_TIMESTEPS, mask_iou
 from ..method.prompts import build_word_masks
 from .reference import Host, build_unet, first_pass, hires_pass, load_tokenizer, probe_pass, word_positions
-from ..method.settings import AccDiffusionSettings
+from ..method.settings import FIELD_BY_NAME, AccDiffusionSettings
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, high quality"
 AGREEMENT_PROMPTS = (PROMPT, "a red fox sitting in tall grass under a blue sky",
@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", type=int, default=32, help="first-pass latent side (image px / 8)")
     parser.add_argument("--scales", default="2,3,4")
     parser.add_argument("--modes", default="overlap,shifted")
+    parser.add_argument("--window-grain", type=int, default=FIELD_BY_NAME["window_grain"].default,
+                        help="shifted windows' offset and cut grain in latent px (0 = the UNet's size multiple, "
+                             "as before the setting existed); default: the setting's default")
     parser.add_argument("--steps", default="4", help="hires steps per stage: one count, or one per scale")
     parser.add_argument("--first-steps", type=int, default=4)
     parser.add_argument("--denoise", type=float, default=0.6)
@@ -482,7 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     for scale, steps_here in zip(scales, scale_steps):
         target = (args.base * scale, args.base * scale)
         for mode in args.modes.split(","):
-            settings = AccDiffusionSettings(enabled=True, tile_batch_size=args.tile_batch_size, window_mode=mode)
+            settings = AccDiffusionSettings(enabled=True, tile_batch_size=args.tile_batch_size, window_mode=mode,
+                                            window_grain=args.window_grain)
+            grain = f", grain {args.window_grain or 'size multiple'}" if mode == "shifted" else ""
             with autocast, peak_memory(device) as mem:
                 _sync(device)
                 start = time.perf_counter()
@@ -491,11 +496,11 @@ def main(argv: list[str] | None = None) -> None:
                 _sync(device)
                 elapsed = time.perf_counter() - start
             per_step = elapsed / (steps_here * len(result.stages))
-            print(f"\n{scale}x {mode} -> {target[1] * 8}x{target[0] * 8} px, {steps_here} steps per stage: "
+            print(f"\n{scale}x {mode}{grain} -> {target[1] * 8}x{target[0] * 8} px, {steps_here} steps per stage: "
                   f"{elapsed:.2f} s ({per_step:.3f} s per step on average), "
                   f"peak memory {mem['peak'] / 2**20:.1f} MiB")
             total = totals.setdefault(f"{scale}x {mode}", {"local": 0, "all": 0, "formula_local": 0, "formula": 0})
-            run = {"scale": scale, "mode": mode, "steps": steps_here, "target_px": [target[0] * 8, target[1] * 8],
+            run = {"scale": scale, "mode": mode, "window_grain": settings.window_grain, "steps": steps_here, "target_px": [target[0] * 8, target[1] * 8],
                    "seconds": elapsed, "seconds_per_step": per_step, "peak_mib": mem["peak"] / 2**20, "stages": []}
             for stage, stats, encodes in zip(result.stages, result.stage_stats, result.stage_encodes):
                 s = stage.dilation
@@ -517,12 +522,16 @@ def main(argv: list[str] | None = None) -> None:
                     "index": stage.index, "scale": stage.scale, "latent": list(stage.size), "dilation": s,
                     "steps": steps, "window_evals": stats.window_evals // rows, "local_evals": stats.local_evals // rows,
                     "formula": formula, "formula_local": formula_local, "skipped_evals": stats.skipped_evals // rows,
-                    "unet_calls": stats.unet_calls, "tile_batch": stats.tile_batch, "encodes": encodes})
+                    "unet_calls": stats.unet_calls, "tile_batch": stats.tile_batch, "encodes": encodes,
+                    # what the UNet was given, padding included: evaluations × their padded size
+                    "latent_pixels": stats.latent_pixels // rows})
             calls = sum(st.unet_calls for st in result.stage_stats)
             print(f"  probe vs this tiled pass: {probe_stats.unet_calls} / {calls} UNet calls, "
                   f"{probe_time:.3f} / {elapsed:.2f} s = {100 * probe_time / elapsed:.2f} % of the time")
             run["window_evals"] = sum(st["window_evals"] for st in run["stages"])
             run["formula"] = sum(st["formula"] for st in run["stages"])
+            run["latent_pixels"] = sum(st["latent_pixels"] for st in run["stages"])
+            print(f"  latent pixels given to the UNet per CFG row (padding included): {run['latent_pixels']}")
             report["runs"].append(run)
             write_json(args.json, report)
     print("\ntotals per CFG row (window evaluations; ratio to the overlap formula):")
@@ -541,7 +550,7 @@ def _quality(host, latent, recorder, args, autocast, steps: int) -> None:
     scale = 2
     target = (args.base * scale, args.base * scale)
     base = AccDiffusionSettings(enabled=True, dilated_sampling=False, patch_prompts=False, skip_residual=False,
-                                tile_batch_size=args.tile_batch_size)
+                                tile_batch_size=args.tile_batch_size, window_mode="overlap")
     runs = {"untiled": (base.replace(window_size=min(512, target[0])), 0),
             "overlap": (base, 0), "overlap + jitter": (base, max(1, args.base // 8)),
             "shifted": (base.replace(window_mode="shifted"), 0)}

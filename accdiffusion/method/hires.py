@@ -244,7 +244,8 @@ class StageDenoiser(Generic[C]):
     def windows_at(self, step: int) -> list[Window]:
         """The local windows of a step. overlap: always :attr:`windows`. shifted: a non-overlapping
         tiling moved by an offset drawn from (seed, stage, step), so all calls of one step share it
-        and the same seed gives the same offsets."""
+        and the same seed gives the same offsets; offsets and cuts on multiples of
+        :attr:`window_grain`."""
         if self.settings.window_mode != "shifted" and not self.jitter:
             return self.windows
         if step not in self._windows_of_step and self.settings.window_mode != "shifted":
@@ -256,11 +257,18 @@ class StageDenoiser(Generic[C]):
                 self.stage.size[0], self.stage.size[1], (first.height, first.width), stride, self.jitter,
                 seeded_generator(self.seed, self.stage.index, step, SHIFT_KEY))
         if step not in self._windows_of_step:
-            window = self.window_size
-            offset = shift_offset(window, seeded_generator(self.seed, self.stage.index, step, SHIFT_KEY),
-                                  self.size_multiple)
-            self._windows_of_step[step] = shifted_windows(self.stage.size, window, offset, self.size_multiple)
+            window, grain = self.window_size, self.window_grain
+            offset = shift_offset(window, seeded_generator(self.seed, self.stage.index, step, SHIFT_KEY), grain)
+            self._windows_of_step[step] = shifted_windows(self.stage.size, window, offset, grain)
         return self._windows_of_step[step]
+
+    @property
+    def window_grain(self) -> int:
+        """Latent pixels between the shifted grid's possible offsets and cuts: the setting, or the
+        model's size multiple (0, how shifted windows were cut before the setting existed). A grain
+        finer than the size multiple gives windows the model cannot take as they are: ``_local``
+        pads them by edge replication and crops the output back."""
+        return self.settings.window_grain or self.size_multiple
 
     def branches(self, c2: float) -> tuple[bool, bool]:
         """(run local, run dilated) for a dilated weight c2: a branch whose weight (1 − c2 or c2) is

@@ -38,6 +38,32 @@ class Field:
     choices: tuple[str, ...] | None = None
     everyday: bool = False  # shown outside the "Advanced" group
     xyz: bool = False  # offered as an X/Y/Z plot axis
+    # What an infotext without this field's key stands for, where that is not the default: the
+    # behaviour before the field existed, so that images made then replay exactly. None: the default.
+    infotext_absent: Any = None
+    # (field, value): the setting only matters, and is only written, while that field has that value
+    recorded_with: tuple[str, str] | None = None
+
+    def recorded(self, values: Mapping[str, Any]) -> bool:
+        """Whether this setting matters for (and is written into the infotext of) a job with these
+        settings, by field name."""
+        return self.recorded_with is None or values[self.recorded_with[0]] == self.recorded_with[1]
+
+    def absent_value(self, params: Mapping[str, Any]) -> Any:
+        """The value a pasted infotext without this field's key gives: the default, or, for an
+        image AccDiffusion made where the setting mattered, the behaviour before the field
+        existed (:attr:`infotext_absent`). An image of another job has nothing to replay."""
+        if self.infotext_absent is None or INFOTEXT_PREFIX not in params:
+            return self.default
+        if self.recorded_with is not None:
+            other = FIELD_BY_NAME[self.recorded_with[0]]
+            try:
+                value = _coerce(other, params.get(infotext_key(other), other.absent_value(params)))
+            except SettingsError:
+                return self.default
+            if value != self.recorded_with[1]:
+                return self.default
+        return self.infotext_absent
 
     def allowed(self) -> str:
         if self.kind is bool:
@@ -120,17 +146,28 @@ FIELDS: tuple[Field, ...] = (
     Field("tile_prompt_map", bool, False, "Tile prompt map",
           "Also return a picture of the first-pass image with the last stage's tiles and the words "
           "each tile got: it shows why a duplicate did or did not appear."),
-    Field("window_mode", str, "overlap", "Window mode",
+    # The default became shifted (1-px grain) after measuring both toys (docs/speed.md); an
+    # infotext without the key is an image of the overlap days.
+    Field("window_mode", str, "shifted", "Window mode",
+          "shifted: s^2 windows that tile the image without overlap, moved by a random offset every "
+          "step so no seam stays: about half the UNet work, as good as overlap on the toy models. "
           "overlap: windows overlap by half and are averaged, (2s-1)^2 per step at s times the "
-          "first-pass size (the paper's). shifted: s^2 windows that tile the image without "
-          "overlap, moved by a random offset every step so no seam stays: about half the UNet "
-          "work at 3x-4x.",
-          choices=("overlap", "shifted"), xyz=True),
+          "first-pass size (the paper's).",
+          choices=("overlap", "shifted"), xyz=True, infotext_absent="overlap"),
     Field("prompt_units", str, "phrases", "Prompt units",
           "What a tile prompt keeps or drops as one: phrases (the words between commas, BREAK, "
           "periods, 'and', 'with', ...; one mask per phrase, so 'red' stays with 'hair') or "
           "single words (the paper's).",
           choices=("phrases", "words"), xyz=True),
+    # Added after window_mode shipped with its grid on the model's size multiple: an infotext
+    # without this key is an image made with that grain (0), whatever the default is now.
+    Field("window_grain", int, 1, "Window grain",
+          "shifted windows only: the step, in latent pixels, of the grid's offset and cuts. 1 lets a "
+          "seam fall on any latent pixel (windows padded for the model and cropped back); 0 keeps "
+          "them on the model's size multiple (8 on SD, 2 on Flux, Chroma and SD 3.5), as before "
+          "this setting existed.",
+          minimum=1, maximum=8, zero_means="the model's size multiple", xyz=True, infotext_absent=0,
+          recorded_with=("window_mode", "shifted")),
 )
 
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
@@ -197,8 +234,9 @@ class AccDiffusionSettings:
     progressive: bool = True
     tiled_decode: str = "auto"
     tile_prompt_map: bool = False
-    window_mode: str = "overlap"
+    window_mode: str = "shifted"
     prompt_units: str = "phrases"
+    window_grain: int = 1
 
     def __post_init__(self) -> None:
         for field in FIELDS:
@@ -254,24 +292,27 @@ class AccDiffusionSettings:
     # --- infotext -------------------------------------------------------------------------------
     def infotext_params(self) -> dict[str, Any]:
         """``AccDiffusion <label>`` keys for every setting that differs from its default, plus the
-        switch itself. Empty when disabled, so a disabled job's infotext is untouched."""
+        switch itself. Empty when disabled, so a disabled job's infotext is untouched. A setting
+        added later (:attr:`Field.infotext_absent`) is always written where it matters, since its
+        absence stands for the old behaviour; one that does not matter for the job (the grain of
+        overlap windows) is not written."""
         if not self.enabled:
             return {}
         params: dict[str, Any] = {INFOTEXT_PREFIX: True}
+        values = self.to_dict()
         for field in FIELDS[1:]:
-            value = getattr(self, field.name)
-            if value != field.default:
+            value = values[field.name]
+            if field.recorded(values) and (value != field.default or field.infotext_absent is not None):
                 params[infotext_key(field)] = value
         return params
 
     @classmethod
     def from_infotext(cls, params: Mapping[str, Any]) -> "AccDiffusionSettings":
-        """Inverse of :meth:`infotext_params`; absent keys take defaults."""
+        """Inverse of :meth:`infotext_params`; absent keys take :meth:`Field.absent_value`."""
         values: dict[str, Any] = {"enabled": params.get(INFOTEXT_PREFIX, False)}
         for field in FIELDS[1:]:
             key = infotext_key(field)
-            if key in params:
-                values[field.name] = params[key]
+            values[field.name] = params[key] if key in params else field.absent_value(params)
         return cls(**values)
 
 

@@ -1,4 +1,4 @@
-"""python -m accdiffusion.lab.toy train|eval|maps|stats|demo — see docs/toy-model.md and docs/toy-flow.md."""
+"""python -m accdiffusion.lab.toy train|eval|maps|stats|pool|demo — see docs/toy-model.md and docs/toy-flow.md."""
 
 from __future__ import annotations
 
@@ -23,13 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval = add("eval", help="measure duplicates and word-mask IoU on fixed seeds")
     p_eval.add_argument("--scenes", type=int, default=50)
     p_eval.add_argument("--out", type=Path, default=None,
-                        help="toy-eval.json (toy-eval-shifted.json with --shifted, toy-eval-units.json with --units)")
+                        help="toy-eval.json (toy-eval-shifted.json with --shifted, toy-flow-eval-shifted.json with "
+                             "--shifted --model flow, toy-eval-units.json with --units)")
     p_eval.add_argument("--shifted", action="store_true",
-                        help="instead of the three configs: AccDiffusion defaults with window_mode overlap and "
-                             "shifted, with window evaluations and seam ratios")
+                        help="instead of the three configs: AccDiffusion defaults with window_mode overlap, shifted "
+                             "on the model's size multiple (window_grain 0) and shifted with 1-px offsets and "
+                             "cuts (window_grain 1), with window evaluations, seam ratios, standard errors "
+                             "and paired differences from overlap (both toys)")
     p_eval.add_argument("--units", action="store_true",
                         help="instead: prompt_units words against phrases (each phrase mask and separator set), "
                              "captions as trained and as tag lists, with tile-prompt placement → toy-eval-units.json")
+    p_eval.add_argument("--seed-offset", type=int, default=0,
+                        help="scene and sampling seeds start here (held-out scenes: e.g. 500000; the docs' "
+                             "tables use 0, training from 1000000)")
     p_eval.add_argument("--denoise", type=float, default=None,
                         help="hires denoising strength (default 0.6 for the UNet toy, 0.8 for the flow toy)")
     p_maps = add("maps", help="flow toy: word-map localisation by normalisation and blocks, "
@@ -40,12 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 "re-standardised (docs/toy-flow.md)")
     p_stats.add_argument("--scenes", type=int, default=30)
     p_stats.add_argument("--out", type=Path, default=Path("toy-flow-stats.json"))
+    p_pool = add("pool", help="pool eval --shifted reports of disjoint seeds (--seed-offset) into one "
+                               "table, mean ± s.e. and paired differences over all their scenes")
+    p_pool.add_argument("reports", type=Path, nargs="+")
+    p_pool.add_argument("--out", type=Path, default=None)
     p_demo = add("demo", help="write the picture: first pass, plain tiling, AccDiffusion, tile map")
     p_demo.add_argument("--caption", default="a red disk and a blue square")
     p_demo.add_argument("--seed", type=int, default=3)
     p_demo.add_argument("--scale", type=int, default=3)
     p_demo.add_argument("--out", type=Path, default=Path("toy-demo.png"))
-    for p in (p_train, p_eval, p_maps, p_stats, p_demo):
+    for p in (p_train, p_eval, p_maps, p_stats, p_pool, p_demo):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--model", choices=("unet", "flow"), default="unet",
                        help="unet: the ldm UNet toy; flow: the joint-attention flow transformer (docs/toy-flow.md)")
@@ -60,6 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    if args.command == "pool":
+        import json
+
+        from .evaluate import pool_reports, shifted_table
+
+        pooled = pool_reports([json.loads(path.read_text()) for path in args.reports])
+        if args.out:
+            args.out.write_text(json.dumps(pooled, indent=1))
+        print(shifted_table(pooled))
+        return
     if args.command == "train" and args.model == "flow":
         from .train import train_flow
 
@@ -73,7 +93,12 @@ def main(argv: list[str] | None = None) -> None:
         from .evaluate import kind_of, run_eval
 
         if args.shifted:
-            parser.error("eval --shifted measures the UNet toy only")
+            from .evaluate import SHIFTED_CONFIGS, shifted_table
+
+            print(shifted_table(run_eval(scenes=args.scenes, out=args.out or Path("toy-flow-eval-shifted.json"),
+                                         kind=kind_of("flow"), configs=SHIFTED_CONFIGS, details=True,
+                                         denoise=args.denoise, seed_offset=args.seed_offset)))
+            return
         run_eval(scenes=args.scenes, out=args.out or Path("toy-flow-eval.json"), kind=kind_of("flow"),
                  study=True, denoise=args.denoise)
     elif args.command == "eval":
@@ -84,8 +109,11 @@ def main(argv: list[str] | None = None) -> None:
 
             print(units_table(run_units_eval(scenes=args.scenes, out=args.out or Path("toy-eval-units.json"))))
         elif args.shifted:
-            run_eval(scenes=args.scenes, out=args.out or Path("toy-eval-shifted.json"), configs=SHIFTED_CONFIGS,
-                     details=True)
+            from .evaluate import shifted_table
+
+            print(shifted_table(run_eval(scenes=args.scenes, out=args.out or Path("toy-eval-shifted.json"),
+                                         configs=SHIFTED_CONFIGS, details=True, denoise=args.denoise,
+                                         seed_offset=args.seed_offset)))
         else:
             run_eval(scenes=args.scenes, out=args.out or Path("toy-eval.json"))
     elif args.command == "maps":

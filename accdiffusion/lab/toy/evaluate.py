@@ -26,30 +26,34 @@ from .scenes import COLOURS, LATENT, PATCH, SHAPES, Scene, counts, latent_rgb, m
 
 EVAL_SEED_OFFSET = 0  # scenes 0..N-1 give the captions; training uses seeds from 1 000 000
 # Measured with word units (the paper's, and the default when these tables were made); phrase
-# units against words: ``eval --units`` (docs/phrases.md).
+# units against words: ``eval --units`` (docs/phrases.md). And with overlap windows, the default
+# then: the configs pin it so the tables replay; window modes are compared by ``eval --shifted``.
 CONFIGS: dict[str, AccDiffusionSettings] = {
     # (a) plain tiling: one prompt for all windows, no dilated branch, no skip residual
     "plain tiling": AccDiffusionSettings(enabled=True, patch_prompts=False, dilated_sampling=False,
                                          window_interaction=False, skip_residual=False,
-                                         tile_batch_size=64, prompt_units="words"),
+                                         tile_batch_size=64, prompt_units="words", window_mode="overlap"),
     # (a') the method with only its patch prompts off
     "AccDiffusion, patch prompts off": AccDiffusionSettings(enabled=True, patch_prompts=False,
-                                                            tile_batch_size=64, prompt_units="words"),
+                                                            tile_batch_size=64, prompt_units="words",
+                                                            window_mode="overlap"),
     # (b) the defaults, with word units
-    "AccDiffusion defaults": AccDiffusionSettings(enabled=True, tile_batch_size=64, prompt_units="words"),
+    "AccDiffusion defaults": AccDiffusionSettings(enabled=True, tile_batch_size=64, prompt_units="words",
+                                                  window_mode="overlap"),
 }
 # ``eval --shifted``: the defaults with both window modes, stored apart from the table above.
-# The toy's window (8 latent px) equals the UNet's size multiple, so the shipped shifted schedule
-# can only draw offset 0 here: a fixed non-overlapping grid. The third config lets the offsets
-# and cuts fall on any latent pixel (edge windows padded as the shipped code pads them), the
-# toy's stand-in for SD's 16 offset positions per 128-px window.
+# The UNet toy's window (8 latent px) equals its size multiple, so shifted windows on that grain
+# (window_grain 0, how they shipped first) can only draw offset 0 there: a fixed non-overlapping
+# grid. Grain 1 lets offsets and cuts fall on any latent pixel (windows padded for the model and
+# cropped back) — the toy's stand-in for SD's 16 offset positions per 128-px window. On the flow
+# toy grain 0 is its 2-px patch grid (8 offsets per 16-px window) against 16 at grain 1.
 SHIFTED_CONFIGS: dict[str, AccDiffusionSettings] = {
     "AccDiffusion defaults": CONFIGS["AccDiffusion defaults"],
-    "AccDiffusion defaults, shifted windows": replace(CONFIGS["AccDiffusion defaults"], window_mode="shifted"),
+    "AccDiffusion defaults, shifted windows": replace(CONFIGS["AccDiffusion defaults"], window_mode="shifted",
+                                                      window_grain=0),
     "AccDiffusion defaults, shifted windows, 1-px offsets":
-        replace(CONFIGS["AccDiffusion defaults"], window_mode="shifted"),
+        replace(CONFIGS["AccDiffusion defaults"], window_mode="shifted", window_grain=1),
 }
-SHIFT_ALIGN = {"AccDiffusion defaults, shifted windows, 1-px offsets": 1}  # config → offset/cut grid
 SCALES = (2, 3)
 # the flow toy's table: the two configs the UNet toy's table compares head to head
 FLOW_CONFIGS: dict[str, AccDiffusionSettings] = {name: CONFIGS[name] for name in ("plain tiling", "AccDiffusion defaults")}
@@ -115,31 +119,26 @@ def seam_ratio(latent: torch.Tensor, windows: Sequence) -> float:
 
 
 @contextlib.contextmanager
-def window_capture(shift_align: int | None = None):
-    """Record the local windows of each stage's last step ({stage index: windows}); with
-    ``shift_align``, let the shifted schedule place offsets and cuts on that grid instead of the
-    UNet's size multiple (padding is unchanged). Swapped back in ``finally``."""
+def window_capture():
+    """Record the local windows of each stage's last step ({stage index: windows}). Swapped back
+    in ``finally``."""
     from ...method import hires
 
     last: dict[int, list] = {}
-    originals = hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows
+    original = hires.StageDenoiser.windows_at
 
     def windows_at(self, step: int):
-        windows = originals[0](self, step)
+        windows = original(self, step)
         last[self.stage.index] = windows
         return windows
 
     hires.StageDenoiser.windows_at = windows_at  # type: ignore[method-assign]
-    if shift_align is not None:
-        hires.shift_offset = lambda window, generator, align=1: originals[1](window, generator, shift_align)
-        hires.shifted_windows = lambda size, window, offset, align=1: originals[2](size, window, offset, shift_align)
     try:
         yield last
     finally:
-        hires.StageDenoiser.windows_at, hires.shift_offset, hires.shifted_windows = originals  # type: ignore
+        hires.StageDenoiser.windows_at = original  # type: ignore[method-assign]
 
 
-# --- word masks ------------------------------------------------------------------------------
 def word_masks(host: ToyHost, caption: str, token_maps: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """Opened word masks (8×8 bool) of a caption, by word text (a word may occur twice)."""
     words = split_words(caption)
@@ -498,28 +497,94 @@ def flow_stage_statistics(scenes: int = 30, chunk: int = 25, host=None, out: Pat
 
 
 # --- the evaluation ----------------------------------------------------------------------------
+def paired_differences(per_scene: dict[str, dict[int, dict]]) -> dict:
+    """Each config's per-scene difference from the first config (same scenes, same first passes):
+    mean and standard error of extra objects, lost objects and seam ratio, per scale."""
+    first, *others = per_scene
+    out: dict = {}
+    for name in others:
+        out[name] = {f"{scale}x": {measure: _mean_se(list(np.asarray(r[key], float)
+                                                          - np.asarray(per_scene[first][scale][key], float)))
+                                   for measure, key in (("extra", "extra"), ("lost", "lost"), ("seam", "seam"))}
+                     for scale, r in per_scene[name].items()}
+    return out
+
+
+def pool_reports(reports: Sequence[dict]) -> dict:
+    """One ``eval --shifted`` report from several runs on disjoint seeds (their per-scene values
+    pooled): means, standard errors and paired differences over all their scenes; window
+    evaluations per scene are the same in every run."""
+    first = reports[0]
+    names = list(first["per_scene"])
+    scales = list(first["per_scene"][names[0]])
+    per_scene = {name: {int(scale[:-1]): {key: sum((r["per_scene"][name][scale][key] for r in reports), [])
+                                          for key in ("extra", "lost", "seam")} for scale in scales}
+                 for name in names}
+    configs = {}
+    for name in names:
+        configs[name] = {}
+        for scale in scales:
+            v = per_scene[name][int(scale[:-1])]
+            row = dict(first["configs"][name][scale])
+            for measure, key in (("duplicates_per_scene", "extra"), ("lost_per_scene", "lost"),
+                                 ("seam_ratio_last_step_windows", "seam")):
+                row[measure], row[f"{measure}_se"] = _mean_se(v[key])
+            row["scenes_with_duplicates"] = round(float(np.mean(np.asarray(v["extra"]) > 0)), 3)
+            for key in ("words_per_tile_prompt", "unet_calls"):
+                row.pop(key, None)
+            configs[name][scale] = row
+    return {"scenes": sum(r["scenes"] for r in reports), "seed_offsets": [r.get("seed_offset", 0) for r in reports],
+            "model": first.get("model", "unet"), "configs": configs,
+            "paired_vs_first_config": paired_differences(per_scene),
+            "seconds": sum(r.get("seconds", 0) for r in reports)}
+
+
+def shifted_table(report: dict) -> str:
+    """``eval --shifted`` as a markdown table: mean ± s.e. per config, then each config's paired
+    difference from the first."""
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]:.2f} ± {row[key + '_se']:.2f}"
+
+    lines = ["| config | extra 2× | extra 3× | lost 2× | lost 3× | seam 2× | seam 3× | evaluations 2× / 3× |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, per in report["configs"].items():
+        a, b = per["2x"], per["3x"]
+        lines.append(f"| {name} | {cell(a, 'duplicates_per_scene')} | {cell(b, 'duplicates_per_scene')} "
+                     f"| {cell(a, 'lost_per_scene')} | {cell(b, 'lost_per_scene')} "
+                     f"| {cell(a, 'seam_ratio_last_step_windows')} | {cell(b, 'seam_ratio_last_step_windows')} "
+                     f"| {a['window_evals_per_scene']:g} / {b['window_evals_per_scene']:g} |")
+    for name, per in report.get("paired_vs_first_config", {}).items():
+        d = lambda scale, m: f"{per[scale][m][0]:+.2f} ± {per[scale][m][1]:.2f}"
+        lines.append(f"| {name} − first (paired) | {d('2x', 'extra')} | {d('3x', 'extra')} | {d('2x', 'lost')} "
+                     f"| {d('3x', 'lost')} | {d('2x', 'seam')} | {d('3x', 'seam')} | |")
+    return "\n".join(lines)
+
 def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: ToyHost | None = None,
              configs: dict[str, AccDiffusionSettings] | None = None, scales: Sequence[int] = SCALES,
              chunk: int = 25, verbose: bool = True, details: bool = False, kind: ToyKind | None = None,
-             study: bool = False, denoise: float | None = None) -> dict:
-    """``details``: also the UNet window evaluations per scene and stage and the seam ratio of
-    each config (``eval --shifted``); off, the report keeps the layout of docs/toy-eval.json.
+             study: bool = False, denoise: float | None = None, seed_offset: int = EVAL_SEED_OFFSET) -> dict:
+    """``details``: also the UNet window evaluations per scene and stage, the seam ratio of each
+    config, the standard errors and each config's paired difference from the first
+    (``eval --shifted``); off, the report keeps the layout of docs/toy-eval.json.
     ``kind``: which toy (default the UNet toy); ``study``: also the flow toy's maps by block and
-    normalisation (:func:`map_study`)."""
+    normalisation (:func:`map_study`). ``seed_offset``: scenes, first-pass and hires seeds start
+    there (held-out scenes: not the docs' 0…N−1, not training's from 1 000 000)."""
     kind = kind or kind_of("unet")
     host = host or kind.load()
     configs = configs or kind.configs
     view = kind.view
     denoise = kind.denoise if denoise is None else denoise
     start = time.time()
-    scene_list = [make_scene(EVAL_SEED_OFFSET + i) for i in range(scenes)]
+    scene_list = [make_scene(seed_offset + i) for i in range(scenes)]
     captions = [s.caption for s in scene_list]
     report: dict = {"scenes": scenes, "configs": {}, "first_pass": {}, "iou": {}}
+    if seed_offset != EVAL_SEED_OFFSET:
+        report["seed_offset"] = seed_offset
     if kind.name != "unet":
         report["model"], report["hires_denoise"] = kind.name, denoise
     firsts, recorders = [], []
     for c0 in range(0, scenes, chunk):
-        latent, recorder = kind.first_pass(host, captions[c0:c0 + chunk], seed=c0)
+        latent, recorder = kind.first_pass(host, captions[c0:c0 + chunk], seed=seed_offset + c0)
         firsts.append(latent)
         recorders.append(recorder)
     first = torch.cat(firsts)
@@ -536,7 +601,8 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
         rec = recorders[i // chunk]
         maps = rec.maps(i % chunk)
         gen.add(caption_ious(host, scene.caption, maps, generated_truth(view(latent))))
-        real.add(caption_ious(host, scene.caption, kind.probe_maps(host, scene, seed=i), scene_truth(scene)))
+        real.add(caption_ious(host, scene.caption, kind.probe_maps(host, scene, seed=seed_offset + i),
+                              scene_truth(scene)))
     mean = lambda v: round(float(np.mean(v)), 3) if v else None
     report["iou"] = {name: {"colour word IoU": mean(w.colour), "shape word IoU": mean(w.shape),
                             "colour word IoU with another object (chance)": mean(w.other_object),
@@ -550,14 +616,15 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
     if verbose:
         print(json.dumps(report, indent=1), f"{time.time() - start:.0f} s", flush=True)
 
+    per_scene: dict[str, dict[int, dict]] = {}
     for name, settings in configs.items():
         rows = {scale: {"extra": [], "lost": [], "words": [], "seam": [], "evals": 0, "local": 0, "calls": 0}
                 for scale in scales}
         for c0, (latent, rec) in enumerate(zip(firsts, recorders)):
             caps = captions[c0 * chunk:(c0 + 1) * chunk]
-            with window_capture(SHIFT_ALIGN.get(name)) as last_windows:
-                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales), seed=c0,
-                                                            denoise=denoise)
+            with window_capture() as last_windows:
+                result, stage_latents = upscale_progressive(host, latent, caps, rec, settings, max(scales),
+                                                            seed=seed_offset + c0, denoise=denoise)
             for stage, up, stats in zip(result.stages, stage_latents, result.stage_stats):
                 scale = round(stage.scale)
                 if scale not in rows:
@@ -585,10 +652,19 @@ def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: T
                     "seam_ratio_last_step_windows": round(float(np.mean(r["seam"])), 3),
                     "window_evals_per_scene": round(r["evals"] / scenes, 1),
                     "local_window_evals_per_scene": round(r["local"] / scenes, 1),
-                    "unet_calls": r["calls"]})
+                    "unet_calls": r["calls"],
+                    **{f"{measure}_se": _mean_se(r[key])[1]
+                       for measure, key in (("duplicates_per_scene", "extra"), ("lost_per_scene", "lost"),
+                                            ("seam_ratio_last_step_windows", "seam"))}})
+                per_scene.setdefault(name, {})[scale] = r
         if verbose:
             print(name, per_scale, f"{time.time() - start:.0f} s", flush=True)
         report["configs"][name] = per_scale
+    if details and len(per_scene) > 1:
+        report["paired_vs_first_config"] = paired_differences(per_scene)
+    if details:  # per scene, so runs on other seeds can be pooled (:func:`pool_reports`)
+        report["per_scene"] = {name: {f"{scale}x": {key: [float(v) for v in r[key]] for key in ("extra", "lost", "seam")}
+                                      for scale, r in per.items()} for name, per in per_scene.items()}
     report["seconds"] = round(time.time() - start)
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
