@@ -18,7 +18,7 @@ from forge_standins import ForgeTxt2ImgStandIn, ForgeWebUIStandIn
 from oldforge_standins import (FORGE2_MODULES, NeoModelStandIn, OldForgeModelStandIn, old_forge_host,  # noqa: F401
                                old_forge_modules)
 
-ON = AccDiffusionSettings(enabled=True)
+ON = AccDiffusionSettings(enabled=True, window_mode="overlap")  # the window-sized estimates are plain at this size
 PROMPT = "a red-haired astronaut riding a horse on the moon"
 
 

@@ -164,7 +164,7 @@ def tiler_scripts(p):
 
 
 TXT2IMG_REASONS = {
-    "model": ("only SD 1.x", "no UNet cross-attention"),
+    "model": ("models are not supported (SD 1.x, SD 2.x, SDXL", "no UNet cross-attention"),
     "refiner": ("refiner",) * 2,
     "tiler": ("Tiled Diffusion is enabled and tiles the UNet itself",) * 2,
     "hires sampler": ("hires sampler 'Euler' is not supported",) * 2,
