@@ -174,7 +174,7 @@ class UnetPatcherStandIn:
         self.controlnet_linked_list = None
 
     def clone(self):
-        n = UnetPatcherStandIn(self.model)
+        n = type(self)(self.model)  # a subclass (tests/oldforge_standins.py) clones to its own kind
         n.model_options = copy.deepcopy(self.model_options)
         n.object_patches = dict(self.object_patches)
         n.controlnet_linked_list = self.controlnet_linked_list

@@ -112,12 +112,6 @@ class OldKModelStandIn(KModelStandIn):
 class OldUnetPatcherStandIn(UnetPatcherStandIn):
     """reForge samplers.py:272 asks the model with ``cond_shapes=``."""
 
-    def clone(self):
-        n = OldUnetPatcherStandIn(self.model)
-        n.model_options, n.object_patches = UnetPatcherStandIn.clone(self).model_options, dict(self.object_patches)
-        n.controlnet_linked_list = self.controlnet_linked_list
-        return n
-
     def memory_required(self, input_shape):
         return self.object_patches.get("memory_required", self.model.memory_required)(input_shape=input_shape,
                                                                                        cond_shapes={"c_crossattn": []})
@@ -144,12 +138,6 @@ class NeoUnetPatcherStandIn(UnetPatcherStandIn):
     and the cond/uncond batching), and no peak-estimation modifier."""
 
     set_memory_peak_estimation_modifier = property(lambda self: (_ for _ in ()).throw(AttributeError("Neo")))
-
-    def clone(self):
-        n = NeoUnetPatcherStandIn(self.model)
-        n.model_options, n.object_patches = UnetPatcherStandIn.clone(self).model_options, dict(self.object_patches)
-        n.controlnet_linked_list = self.controlnet_linked_list
-        return n
 
     def memory_required(self, input_shape):
         return self.model.memory_required(input_shape=input_shape)

@@ -51,23 +51,27 @@ def run(acc, other, width, tile=16):
     return out
 
 
+def assert_the_other_tiler_ran(both, alone, ours, side, start, name):
+    """``both`` (AccDiffusion and the other tiler enabled) is the other tiler's image alone, and its
+    infotext and the console say AccDiffusion stepped aside (never "AccDiffusion: True")."""
+    assert sizes(both) == [(side, side)]
+    assert (pixels(both, 0) == pixels(alone, 0)).all() and digests(alone) != digests(ours)
+    assert "AccDiffusion: True" not in infotext(both) and "AccDiffusion stepped aside: " in infotext(both)
+    assert "AccDiffusion" not in infotext(alone) and "AccDiffusion: True" in infotext(ours)
+    if LOG:
+        with open(LOG, errors="replace") as f:
+            f.seek(start)
+            assert f"AccDiffusion: {name} is enabled and tiles the UNet itself" in f.read()
+
+
 def test_another_tiler_enabled_makes_accdiffusion_step_aside(txt2img_tiler):
     width = 128 if FORGE else 192  # Tiled Diffusion only tiles a first pass larger than one tile
     start = os.path.getsize(LOG) if LOG else 0
     both = run(True, True, width)
     alone = run(False, True, width)
     ours = run(True, False, width)
-    assert sizes(both) == [(2 * width, 2 * width)]
-    assert (pixels(both, 0) == pixels(alone, 0)).all() and digests(alone) != digests(ours)
-    # the infotext says what ran: the other tiler, with AccDiffusion stepped aside (never "AccDiffusion: True")
-    assert "AccDiffusion: True" not in infotext(both) and "AccDiffusion stepped aside: " in infotext(both)
-    assert "AccDiffusion" not in infotext(alone) and "AccDiffusion: True" in infotext(ours)
-    if LOG:
-        with open(LOG, errors="replace") as f:
-            f.seek(start)
-            text = f.read()
-        name = "Forge's MultiDiffusion" if FORGE else "Tiled Diffusion"
-        assert f"AccDiffusion: {name} is enabled and tiles the UNet itself" in text
+    assert_the_other_tiler_ran(both, alone, ours, 2 * width, start,
+                               "Forge's MultiDiffusion" if FORGE else "Tiled Diffusion")
 
 
 @pytest.mark.skipif(FORGE, reason="Tiled Diffusion (A1111): a Forge's MultiDiffusion has no idle rule")
@@ -106,11 +110,4 @@ def test_multidiffusion_in_img2img_makes_accdiffusion_step_aside():
     run(False, True)
     alone = run(False, True)
     ours = run(True, False)
-    assert sizes(both) == [(256, 256)]
-    assert (pixels(both, 0) == pixels(alone, 0)).all() and digests(alone) != digests(ours)
-    assert "AccDiffusion: True" not in infotext(both) and "AccDiffusion stepped aside: " in infotext(both)
-    assert "AccDiffusion" not in infotext(alone) and "AccDiffusion: True" in infotext(ours)
-    if LOG:
-        with open(LOG, errors="replace") as f:
-            f.seek(start)
-            assert "AccDiffusion: Forge's MultiDiffusion is enabled and tiles the UNet itself" in f.read()
+    assert_the_other_tiler_ran(both, alone, ours, 256, start, "Forge's MultiDiffusion")
