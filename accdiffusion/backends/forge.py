@@ -397,11 +397,19 @@ class ForgeBackend:
 
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
-        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Chroma and SD 3.5 models are"
+        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Chroma, SD 3.5 and Z-Image models are"
         transformer = joint_transformer(model.forge_objects.unet)
         if transformer is not None and isinstance(model_predictor(model.forge_objects.unet), OldForgePredictor):
             # reForge loads SD 3 into ldm_patched's MMDiT: its flow sampling there is not what was measured
             return f"{type(model).__name__} models are not supported on the old Forge backend (SD 1.x, SD 2.x and SDXL are)"
+        if transformer is not None and joint_family(transformer) == "nextdit":
+            # Z-Image: its Qwen3 engine wraps the prompt in a chat template (qwen3_engine.py:31), the
+            # words are found inside it; Lumina 2 / Neta (same class, Gemma engine with system
+            # prompts of its own, gemma_engine.py:75-95) was not measured
+            if not any(getattr(engine, "llama_template", None) for name, engine in vars(model).items()
+                       if name.startswith("text_processing_engine")):
+                return f"{type(model).__name__} models are not supported yet ({served})"
+            return None
         if transformer is not None:
             # Neo's Flux.2 (Klein) runs Flux's class with one shared modulation and a Qwen3 text
             # encoder (Neo backend/nn/flux.py:436-443, diffusion_engine/flux2.py): not Flux.1's maps

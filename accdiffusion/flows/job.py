@@ -41,7 +41,7 @@ from ..method.settings import FIELDS, STEP_ASIDE_KEY, AccDiffusionSettings, info
 from ..method.tileprompts import StageTilePrompts, WindowConditioning
 from ..method.tiles import Window
 from ..method.timesteps import SamplerSpace
-from ..method.words import align_words, split_words
+from ..method.words import Word, align_words, align_words_by_text, split_words, template_spans, token_bytes
 
 if TYPE_CHECKING:
     from .webui import WebUI
@@ -353,9 +353,6 @@ def image_plans(p: Any, job: Job, maps: Sequence[torch.Tensor | None] | None) ->
     if maps is None or not job.settings.patch_prompts:
         return [None] * len(p.prompts)
     embedder = webui.text_embedder(p.sd_model)
-    # CLIP engines have a start token, Forge's T5 engine (t5_engine.py:28-29) only end and pad
-    special = {getattr(embedder, "id_start", None), embedder.id_end, getattr(embedder, "id_pad", embedder.id_end)}
-    tokenize = lambda text: embedder.tokenize([text])[0]
     plans: list[ImagePromptPlan | None] = []
     for i, prompt in enumerate(p.prompts):
         hires_prompt = p.hr_prompts[i] if getattr(p, "hr_prompts", None) else prompt
@@ -371,14 +368,55 @@ def image_plans(p: Any, job: Job, maps: Sequence[torch.Tensor | None] | None) ->
                        "was not reached); its tiles took the full prompt and it has no tile-prompt map.")
             plans.append(None)
             continue
-        variant = webui.final_prompt_variant(prompt, p.steps)
-        chunks, _ = embedder.tokenize_line(variant)
-        context_ids = [t for chunk in chunks for t in chunk.tokens]
         words = split_words(prompt)
-        positions = align_words(words, context_ids, special, tokenize)
+        positions = word_positions(embedder, words, webui.final_prompt_variant(prompt, p.steps))
         plans.append(ImagePromptPlan.build(words, positions, image_maps, hires_prompt, split_words(hires_prompt),
                                            units=job.settings.prompt_units))
     return plans
+
+
+def word_positions(embedder: Any, words: Sequence[Word], variant: str) -> list[list[int]]:
+    """Each word's positions in the context the model sees for the prompt ``variant``, found with
+    the host's own text engine. CLIP and T5 engines: by each word's ids (:func:`align_words`). LLM
+    engines (Neo's Qwen3 / Qwen2.5-VL / Gemma engines: a chat template around every parsed piece,
+    byte-level BPE): by text, the template's own text stepped over (:func:`align_words_by_text`),
+    and through the engine's ``strip_template`` where it cuts the template off the output
+    (Qwen-Image, qwen_engine.py:101)."""
+    lined = embedder.tokenize_line(variant)
+    chunks = lined[0] if isinstance(lined, tuple) else lined  # Neo's LLM engines return the chunks alone
+    context_ids = [t for chunk in chunks for t in chunk.tokens]
+    template = getattr(embedder, "llama_template", None)
+    if template is None:
+        # CLIP engines have a start token, Forge's T5 engine (t5_engine.py:28-29) only end and pad
+        special = {getattr(embedder, "id_start", None), embedder.id_end, getattr(embedder, "id_pad", embedder.id_end)}
+        return align_words(words, context_ids, special, lambda text: embedder.tokenize([text])[0])
+    ids = [_as_int(t) for t in context_ids]
+    names = embedder.tokenizer.convert_ids_to_tokens([t for t in ids if t is not None])
+    spelled = iter(names)
+    pieces = [token_bytes(next(spelled)) if t is not None else b"" for t in ids]
+    positions = align_words_by_text(words, pieces, template_spans(b"".join(pieces), template))
+    kept = kept_positions(embedder, context_ids)
+    return [[kept[i] for i in found if i in kept] for found in positions]
+
+
+def _as_int(token: Any) -> int | None:
+    try:
+        return int(token)
+    except (TypeError, ValueError):
+        return None  # an image placeholder (Qwen-Image's edit tokens are dicts)
+
+
+def kept_positions(embedder: Any, context_ids: Sequence[Any]) -> dict[int, int]:
+    """Token position -> position in the conditioning, through the engine's ``strip_template`` when
+    it has one (called on position numbers, so the host's own rule decides what is cut)."""
+    count = len(context_ids)
+    strip = getattr(embedder, "strip_template", None)
+    if strip is None:
+        return {i: i for i in range(count)}
+    # the width stands for the encoder's: Neo's rule compares it with the template's end
+    numbers = torch.arange(count).unsqueeze(-1).expand(count, count + 4)
+    kept = strip(numbers, list(context_ids))
+    return {int(old): new for new, old in enumerate(kept[:, 0].tolist())}
 
 
 def decode_latent(p: Any, job: Job, latent: torch.Tensor) -> Any:

@@ -212,6 +212,12 @@ class WebUI:
         for forge_engine in ("text_processing_engine_l", "text_processing_engine"):  # Forge
             if getattr(model, forge_engine, None) is not None:
                 return getattr(model, forge_engine)
+        # Neo's one-encoder families name their engine after it (zimage.py: ``text_processing_engine_gemma``
+        # holds Qwen3; qwen.py ``_qwen``, anima.py ``_anima``)
+        engines = [value for name, value in sorted(vars(model).items())
+                   if name.startswith("text_processing_engine_") and hasattr(value, "tokenize_line")]
+        if len(engines) == 1:
+            return engines[0]
         conditioner = getattr(model, "conditioner", None)
         if conditioner is not None:
             return next(e for e in conditioner.embedders if hasattr(e, "tokenize_line"))

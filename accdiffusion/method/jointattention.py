@@ -14,6 +14,14 @@ block computes them anyway, so recording never changes a value and adds no proje
   (q, k) of the joined sequence [text; image] (the model concatenates them text first,
   flux.py:389-391): the text is as long as the ``txt`` the first double-stream block was called
   with in the same model call (a pre-hook reads it); same ``pe``.
+- Z-Image / Lumina 2 (Neo's ``NextDiT``, backend/nn/lumina.py:118-189, :345-386): its main
+  ``layers`` see one sequence [caption; image], the caption padded with ``cap_pad_token`` up to a
+  multiple of ``pad_tokens_multiple`` and the image after it (its own pad tokens last,
+  lumina.py:351-370). ``attention.q_norm`` / ``k_norm`` return q and k as [B, L, H, D] (k with
+  the key heads of grouped attention, repeated per query head as the block does, :91-94); the
+  block's ``freqs_cis`` argument is the rotary embedding of the whole sequence, applied as Flux's
+  (lumina.py:89). The caption length is the caption embedder's output, padded as the model pads it.
+  The refiner blocks (caption-only, image-only) are not recorded: they have no text share.
 - SD 3.5 (MMDiT-X) joint block (mmditx.py:636-667): the image stream's ``x_block.attn.ln_q`` /
   ``ln_k`` and the text stream's ``context_block.attn.ln_k`` return q and k as [B, L, H, D]
   (mmditx.py:323-329, an ``nn.Identity`` when the model has no qk-norm: still called, still
@@ -56,11 +64,15 @@ def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
 
 
 def joint_family(model: nn.Module) -> str | None:
-    """'flux' (double_blocks: Flux and Chroma), 'mmdit' (joint_blocks: SD 3 / 3.5), or None."""
+    """'flux' (double_blocks: Flux and Chroma), 'mmdit' (joint_blocks: SD 3 / 3.5), 'nextdit'
+    (single-stream ``layers`` after caption and noise refiners: Z-Image, Lumina 2), or None."""
     if isinstance(getattr(model, "double_blocks", None), nn.ModuleList):
         return "flux"
     if isinstance(getattr(model, "joint_blocks", None), nn.ModuleList):
         return "mmdit"
+    if (isinstance(getattr(model, "layers", None), nn.ModuleList) and hasattr(model, "cap_embedder")
+            and hasattr(model, "noise_refiner")):
+        return "nextdit"
     return None
 
 
@@ -71,6 +83,8 @@ def all_blocks(model: nn.Module) -> list[nn.Module]:
         return list(model.double_blocks) + list(getattr(model, "single_blocks", None) or [])
     if family == "mmdit":
         return list(model.joint_blocks)
+    if family == "nextdit":
+        return list(model.layers)
     raise ValueError(f"{type(model).__name__} is not a joint-attention transformer this recorder knows")
 
 
@@ -85,18 +99,27 @@ def recorded_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _block_kind(block: nn.Module, family: str) -> str:
-    if family == "mmdit":
-        return "mmdit"
+    if family in ("mmdit", "nextdit"):
+        return family
     return "double" if hasattr(block, "img_attn") else "single"
 
 
 def _heads(block: nn.Module, kind: str) -> int:
+    if kind == "nextdit":
+        return int(block.attention.n_local_heads)
     return int(block.x_block.attn.num_heads if kind == "mmdit" else block.num_heads)
 
 
+def padded_caption_length(model: nn.Module, length: int) -> int:
+    """The caption's length in a NextDiT sequence: padded up to ``pad_tokens_multiple`` (lumina.py:351)."""
+    multiple = getattr(model, "pad_tokens_multiple", None)
+    return length + (-length % multiple if multiple else 0)
+
+
 def _tokens_last(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """[B, H, L, D] (flux blocks) or [B, L, H, D] (mmdit) -> [B, L, H·D], as the recorder takes them."""
-    if kind != "mmdit":
+    """[B, H, L, D] (flux blocks) or [B, L, H, D] (mmdit, nextdit) -> [B, L, H·D], as the recorder
+    takes them."""
+    if kind not in ("mmdit", "nextdit"):
         t = t.transpose(1, 2)
     return t.reshape(t.shape[0], t.shape[1], -1)
 
@@ -130,6 +153,11 @@ class JointAttentionCapture:
 
                 self._handles.append(self._model.double_blocks[0].register_forward_pre_hook(text_length,
                                                                                            with_kwargs=True))
+            if self.family == "nextdit":
+                def caption_length(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+                    self._text["txt"] = padded_caption_length(self._model, int(out.shape[1]))
+
+                self._handles.append(self._model.cap_embedder.register_forward_hook(caption_length))
             for block in self.blocks:
                 self._hook_block(block)
         except Exception:
@@ -162,6 +190,15 @@ class JointAttentionCapture:
 
             hook(block.register_forward_pre_hook(before, with_kwargs=True))
             hook(block.norm.register_forward_hook(self._keep(seen, ("q_all", "k_all"))))
+        elif kind == "nextdit":
+            def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                seen["pe"] = kwargs["freqs_cis"] if "freqs_cis" in kwargs else args[2]
+                if "txt" in self._text:
+                    seen["txt"] = self._text["txt"]
+
+            hook(block.register_forward_pre_hook(before, with_kwargs=True))
+            hook(block.attention.q_norm.register_forward_hook(self._keep(seen, "q_all")))
+            hook(block.attention.k_norm.register_forward_hook(self._keep(seen, "k_all")))
         else:
             hook(block.x_block.attn.ln_q.register_forward_hook(self._keep(seen, "q")))
             hook(block.x_block.attn.ln_k.register_forward_hook(self._keep(seen, "k_img")))
@@ -187,10 +224,17 @@ class JointAttentionCapture:
 
         return hook
 
-    @staticmethod
-    def _image_tokens(kind: str, seen: dict) -> int | None:
+    def _image_tokens(self, kind: str, seen: dict) -> int | None:
         if kind == "single":
             return seen["q_all"].shape[2] - seen["txt"] if "q_all" in seen and "txt" in seen else None
+        if kind == "nextdit":
+            # the image's own pad tokens follow it (lumina.py:367-370): the grid must fit before them
+            if "q_all" not in seen or "txt" not in seen:
+                return None
+            grid = self.recorder.grid[0] * self.recorder.grid[1]
+            room = seen["q_all"].shape[1] - seen["txt"]
+            pad_limit = getattr(self._model, "pad_tokens_multiple", None) or 1
+            return grid if grid <= room < grid + pad_limit else room
         if "q" not in seen:
             return None
         return int(seen["q"].shape[1 if kind == "mmdit" else 2])
@@ -209,6 +253,15 @@ class JointAttentionCapture:
             q, k, pe = rows(seen["q_all"]), rows(seen["k_all"]), rows(seen["pe"])
             text = seen["txt"]
             return apply_rope(q[:, :, text:], pe[:, :, text:]), apply_rope(k, pe), text
+        if kind == "nextdit":
+            if not all(name in seen for name in ("q_all", "k_all", "pe", "txt")):
+                return None
+            q, k, pe = rows(seen["q_all"]), rows(seen["k_all"]), rows(seen["pe"])
+            text, image = seen["txt"], seen["image"]
+            k = apply_rope(k, pe)
+            if k.shape[2] != q.shape[2]:  # grouped keys: each key head serves consecutive query heads
+                k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+            return apply_rope(q[:, text:text + image], pe[:, text:text + image]), k, text
         if not all(name in seen for name in ("q", "k_img", "k_txt")):
             return None
         q, k_img, k_txt = rows(seen["q"]), rows(seen["k_img"]), rows(seen["k_txt"])
@@ -228,6 +281,7 @@ class JointAttentionCapture:
             return
         if self._image_tokens(kind, seen) != recorder.grid[0] * recorder.grid[1]:
             return  # a window or sub-latent of another size (a tiler's tile): not the first pass's grid
+        seen["image"] = recorder.grid[0] * recorder.grid[1]
         found = self._queries_and_keys(kind, seen, torch.tensor([r for r, _ in rows]))
         if found is None:
             return

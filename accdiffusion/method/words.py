@@ -74,6 +74,95 @@ def _find(haystack: Sequence[int], needle: Sequence[int], start: int) -> int:
     return -1
 
 
+# --- LLM text encoders (Neo's Qwen3 / Qwen2.5-VL / Gemma / Mistral engines) ------------------------
+# Their byte-level BPE gives a word a different id after a space ("Ġcat") than alone ("cat"), and
+# each piece of the prompt reaches the model wrapped in a chat template whose own words ("user",
+# "system: Describe the image ...") must never be taken for the prompt's. So words are found by
+# their text: every token is turned back into its bytes, the template's fixed text is stepped over
+# and each word's bytes are looked up, in order, inside the prompt's part of the stream.
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The printable character byte-level BPE vocabularies spell each byte with (GPT-2's scheme:
+    printable Latin-1 bytes stand for themselves, the other bytes are shifted past 255)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    alphabet = {chr(b): b for b in kept}
+    shifted = 0
+    for b in range(256):
+        if b not in kept:
+            alphabet[chr(256 + shifted)] = b
+            shifted += 1
+    return alphabet
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def token_bytes(token: str) -> bytes:
+    """The bytes a vocabulary entry stands for: byte-level BPE spellings decoded; SentencePiece's
+    '▁' is a space; anything else (a special token such as ``<|im_start|>``) is its own text."""
+    if token and all(ch in _BYTE_OF for ch in token):
+        return bytes(_BYTE_OF[ch] for ch in token)
+    return token.replace("\u2581", " ").encode("utf-8")
+
+
+def template_spans(text: bytes, template: str | None) -> list[tuple[int, int]]:
+    """Byte ranges of ``text`` that came from the prompt, when each piece of the prompt was
+    formatted into ``template`` (a ``str.format`` pattern with one ``{}``) and the results joined;
+    the whole text when there is no template."""
+    if not template or "{}" not in template:
+        return [(0, len(text))]
+    prefix, suffix = (part.encode("utf-8") for part in template.split("{}", 1))
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    while True:
+        found = text.find(prefix, cursor)
+        if found < 0:
+            return spans
+        start = found + len(prefix)
+        end = text.find(suffix, start) if suffix else len(text)
+        end = len(text) if end < 0 else end
+        spans.append((start, end))
+        cursor = end + len(suffix)
+
+
+def align_words_by_text(words: Sequence[Word], pieces: Sequence[bytes],
+                        spans: Sequence[tuple[int, int]] | None = None) -> list[list[int]]:
+    """Context positions of each word's tokens, found by text: ``pieces`` are the bytes of each
+    context token in order, ``spans`` the byte ranges of their joined text that hold the prompt
+    (:func:`template_spans`). A word's positions are the tokens its bytes overlap; [] when the
+    word is not in the prompt's part (e.g. dropped by the host's parser)."""
+    text = b"".join(pieces)
+    starts = []
+    offset = 0
+    for piece in pieces:
+        starts.append(offset)
+        offset += len(piece)
+    spans = list(spans) if spans is not None else [(0, len(text))]
+    positions: list[list[int]] = []
+    cursor = 0
+    for word in words:
+        needle = word.text.encode("utf-8")
+        hit = _find_in_spans(text, needle, spans, cursor)
+        if hit is None:
+            positions.append([])
+            continue
+        end = hit + len(needle)
+        positions.append([i for i, s in enumerate(starts) if s < end and s + len(pieces[i]) > hit])
+        cursor = end
+    return positions
+
+
+def _find_in_spans(text: bytes, needle: bytes, spans: Sequence[tuple[int, int]], cursor: int) -> int | None:
+    for start, end in spans:
+        if end <= cursor:
+            continue
+        found = text.find(needle, max(start, cursor), end)
+        if found >= 0:
+            return found
+    return None
+
+
 def normalise(text: str) -> str:
     return text.lower().strip(".!?;'\"")
 

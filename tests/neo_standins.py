@@ -1,0 +1,230 @@
+"""Stand-ins of Forge Neo's new model families (Neo 2.26, the bundle ../shared/hosts/setup-forge-neo.sh
+builds), written here, small and random, with the structure the backend relies on:
+
+- Z-Image / Lumina 2 (backend/nn/lumina.py): ``NextDiT`` (:215-419) — ``cap_embedder`` (RMSNorm +
+  Linear, :317), ``context_refiner`` (caption-only blocks without modulation) and ``noise_refiner``
+  (image-only blocks), then ``layers`` over the joined [caption; image] sequence (:378-384); the
+  caption padded with ``cap_pad_token`` to a multiple of ``pad_tokens_multiple`` and the image with
+  ``x_pad_token`` (:351-370); position ids: caption (i + 1, 0, 0), image (L_cap + 1, row, col)
+  (:362-366); ``freqs_cis`` = EmbedND of the ids moved to [B, L, 1, D/2, 2, 2] (:372).
+  ``JointTransformerBlock`` (:118-189) with ``attention`` = ``JointAttention`` (:51-97: one qkv,
+  grouped key heads, ``q_norm`` / ``k_norm`` RMSNorm on [B, L, H, D], RoPE, keys repeated per
+  query head); forward(x, timesteps, context, num_tokens, attention_mask, ...) with t = 1 − timesteps
+  and output −x (:388-419).
+- the engine (backend/diffusion_engine/zimage.py): ``text_processing_engine_gemma`` is a
+  ``Qwen3TextProcessingEngine`` (backend/text_processing/qwen3_engine.py): the chat template
+  "<|im_start|>user\\n{}<|im_end|>\\n<|im_start|>assistant\\n" around every piece the emphasis
+  parser splits the prompt into (:31-57), one chunk of every piece's tokens, no padding;
+  ``get_learned_conditioning`` gives one [L, D] tensor per prompt (its length the prompt's own).
+
+The tokenizer is a byte-level BPE trained here on a few sentences (``byte_level_tokenizer``) with
+Qwen's special tokens: Neo's real Qwen tokenizers are not in CI (tests/test_neo_families.py runs
+the word spans on them too when ``ACCDIFFUSION_NEO_DIR`` names a Neo checkout).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+import dit_standins
+from dit_standins import (Chunk, DiTEngineStandIn, FlowKModelStandIn, PredictionDiscreteFlowStandIn, rotary,
+                          rotate)
+from forge_standins import ForgeObjects, UnetPatcherStandIn
+
+ZIMAGE_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "a red-haired astronaut riding a horse on the moon", "a user at a desk, photo of a café",
+    "the quick brown fox jumps over the lazy dog", "a cat on a sofa next to a window at night",
+    "portrait of a woman in a garden, soft light, detailed", "a castle on a hill under a blue sky",
+    "user assistant system describe the image", "Kätzchen auf dem Sofa, Übergrößen 猫",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_tokenizer():
+    """A byte-level BPE with Qwen's chat specials (a fast tokenizer, as Neo's Qwen2TokenizerFast)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+
+
+def parse_emphasis(line: str) -> list[tuple[str, float]]:
+    """backend/text_processing/parsing.py for the prompts the tests use: "(text:w)" pieces and plain text."""
+    import re
+
+    out, pos = [], 0
+    for m in re.finditer(r"\(([^():]+):([\d.]+)\)", line):
+        if m.start() > pos:
+            out.append((line[pos:m.start()], 1.0))
+        out.append((m.group(1), float(m.group(2))))
+        pos = m.end()
+    if pos < len(line) or not out:
+        out.append((line[pos:], 1.0))
+    return out
+
+
+class Qwen3EngineStandIn:
+    """qwen3_engine.py:22-125: the template around every parsed piece, the pieces' tokens in one
+    chunk, the embedding (a table here) times the piece's weight; one [L, width] tensor per line."""
+
+    id_pad = 151643  # Neo's value; the stand-in's pad is its own <|endoftext|>
+    llama_template = ZIMAGE_TEMPLATE
+
+    def __init__(self, tokenizer, width=24, seed=11):
+        self.tokenizer = tokenizer
+        self.id_pad = tokenizer.pad_token_id
+        torch.manual_seed(seed)
+        self.table = nn.Embedding(len(tokenizer), width).requires_grad_(False)
+        nn.init.normal_(self.table.weight)
+
+    def tokenize(self, texts):
+        return self.tokenizer([self.llama_template.format(t) for t in texts])["input_ids"]
+
+    def tokenize_line(self, line):
+        parsed = parse_emphasis(line)
+        chunk = Chunk([])
+        chunk.multipliers = []
+        for tokens, (_, weight) in zip(self.tokenize([t for t, _ in parsed]), parsed):
+            chunk.tokens += tokens
+            chunk.multipliers += [weight] * len(tokens)
+        return [chunk]  # Neo's LLM engines return the chunks alone, not (chunks, count)
+
+    def __call__(self, texts):
+        out = []
+        for line in texts:
+            chunk = self.tokenize_line(line)[0]
+            out.append(self.table(torch.tensor(chunk.tokens)) * torch.tensor(chunk.multipliers)[:, None])
+        return out
+
+
+# --- NextDiT ----------------------------------------------------------------------------------------
+class JointAttention(nn.Module):
+    def __init__(self, dim, heads, kv_heads):
+        super().__init__()
+        self.n_local_heads, self.n_local_kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
+
+    def forward(self, x, x_mask, freqs_cis, transformer_options={}):
+        b, n, _ = x.shape
+        d = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_local_heads * d, self.n_local_kv_heads * d, self.n_local_kv_heads * d], -1)
+        q = self.q_norm(q.view(b, n, self.n_local_heads, d))
+        k = self.k_norm(k.view(b, n, self.n_local_kv_heads, d))
+        v = v.view(b, n, self.n_local_kv_heads, d)
+        q, k = rotate(q, freqs_cis), rotate(k, freqs_cis)  # freqs_cis [B, L, 1, D/2, 2, 2]
+        rep = self.n_local_heads // self.n_local_kv_heads
+        k = k.unsqueeze(3).repeat(1, 1, 1, rep, 1).flatten(2, 3)
+        v = v.unsqueeze(3).repeat(1, 1, 1, rep, 1).flatten(2, 3)
+        return self.out(dit_standins.joint_attention(q.movedim(1, 2), k.movedim(1, 2), v.movedim(1, 2)))
+
+
+class JointTransformerBlock(nn.Module):
+    def __init__(self, dim, heads, kv_heads, modulation=True):
+        super().__init__()
+        self.attention = JointAttention(dim, heads, kv_heads)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+        self.attention_norm1, self.attention_norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.ffn_norm1, self.ffn_norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 4 * dim))
+
+    def forward(self, x, x_mask, freqs_cis, adaln_input=None, transformer_options={}):
+        if self.modulation:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln_input).chunk(4, dim=1)
+            h = self.attention(self.attention_norm1(x) * (1 + scale_msa[:, None]), x_mask, freqs_cis)
+            x = x + gate_msa[:, None].tanh() * self.attention_norm2(h)
+            h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp[:, None]))
+            return x + gate_mlp[:, None].tanh() * self.ffn_norm2(h)
+        x = x + self.attention_norm2(self.attention(self.attention_norm1(x), x_mask, freqs_cis))
+        return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+
+
+class NextDiTStandIn(nn.Module):
+    """NextDiT with Z-Image's options (pad tokens, t = 1 − timesteps, output −x), tiny; grouped
+    attention (4 query heads on 2 key heads) so the capture's head repeat is exercised."""
+
+    def __init__(self, channels=16, cap_dim=24, dim=32, heads=4, kv_heads=2, layers=4, pad_tokens_multiple=8,
+                 axes=(2, 2, 4), seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.patch_size, self.axes, self.pad_tokens_multiple = 2, axes, pad_tokens_multiple
+        self.x_embedder = nn.Linear(channels * 4, dim)
+        self.cap_embedder = nn.Sequential(nn.RMSNorm(cap_dim), nn.Linear(cap_dim, dim))
+        self.t_embedder = nn.Linear(32, dim)
+        self.noise_refiner = nn.ModuleList([JointTransformerBlock(dim, heads, kv_heads)])
+        self.context_refiner = nn.ModuleList([JointTransformerBlock(dim, heads, kv_heads, modulation=False)])
+        self.layers = nn.ModuleList([JointTransformerBlock(dim, heads, kv_heads) for _ in range(layers)])
+        self.x_pad_token = nn.Parameter(torch.randn(1, dim))
+        self.cap_pad_token = nn.Parameter(torch.randn(1, dim))
+        self.final_layer = nn.Linear(dim, channels * 4)
+        self.calls: list[dict] = []
+        self.tap = None
+
+    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, transformer_options={}, **kwargs):
+        b, c, h, w = x.shape
+        x = nn.functional.pad(x, (0, w % 2, 0, h % 2), mode="circular")  # pad_to_patch_size
+        self.calls.append({"shape": tuple(x.shape), "context": context.detach().clone(),
+                           "t": timesteps.detach().clone()})
+        if self.tap is not None:
+            return self.tap(x[..., :h, :w], timesteps, context)
+        t = self.t_embedder(dit_standins.sinusoid(1.0 - timesteps, 32, factor=1.0))
+        cap = self.cap_embedder(context)
+        m = self.pad_tokens_multiple
+        cap = torch.cat([cap, self.cap_pad_token[None].repeat(b, -cap.shape[1] % m, 1)], 1)
+        gh, gw = x.shape[-2] // 2, x.shape[-1] // 2
+        img = self.x_embedder(x.reshape(b, c, gh, 2, gw, 2).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, 4 * c))
+        cap_ids = torch.zeros(b, cap.shape[1], 3)
+        cap_ids[..., 0] = torch.arange(cap.shape[1], dtype=torch.float32) + 1.0
+        img_ids = torch.zeros(b, gh * gw, 3)
+        img_ids[..., 0] = cap.shape[1] + 1
+        img_ids[..., 1] = torch.arange(gh, dtype=torch.float32)[:, None].repeat(1, gw).flatten()
+        img_ids[..., 2] = torch.arange(gw, dtype=torch.float32)[None, :].repeat(gh, 1).flatten()
+        extra = -img.shape[1] % m
+        img = torch.cat([img, self.x_pad_token[None].repeat(b, extra, 1)], 1)
+        img_ids = nn.functional.pad(img_ids, (0, 0, 0, extra))
+        freqs = rotary(torch.cat([cap_ids, img_ids], 1), self.axes).movedim(1, 2)
+        for layer in self.context_refiner:
+            cap = layer(cap, attention_mask, freqs[:, :cap.shape[1]])
+        for layer in self.noise_refiner:
+            img = layer(img, None, freqs[:, cap.shape[1]:], t)
+        joined = torch.cat([cap, img], 1)
+        for layer in self.layers:
+            joined = layer(joined, None, freqs, t)
+        out = self.final_layer(joined[:, cap.shape[1]:cap.shape[1] + gh * gw])
+        out = out.reshape(b, gh, gw, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, gh * 2, gw * 2)
+        return -out[..., :h, :w]
+
+
+class ZImageEngineStandIn(DiTEngineStandIn):
+    """backend/diffusion_engine/zimage.py: NextDiT on a discrete-flow predictor (shift 3), the Qwen3
+    engine as ``text_processing_engine_gemma``; conditioning = the engine's [L, D] tensor."""
+
+    def __init__(self, tokenizer=None):
+        self.family, self.is_sd3 = "zimage", False
+        self.text_processing_engine_gemma = Qwen3EngineStandIn(tokenizer or byte_level_tokenizer())
+        self.transformer = NextDiTStandIn().requires_grad_(False)
+        self.kmodel = FlowKModelStandIn(self.transformer, PredictionDiscreteFlowStandIn(shift=3.0))
+        self.forge_objects_after_applying_lora = ForgeObjects(UnetPatcherStandIn(self.kmodel))
+        self.forge_objects = self.forge_objects_after_applying_lora.shallow_copy()
+        self.encoded: list[str] = []
+
+    def encode(self, prompt, is_negative=False, distilled_cfg_scale=None):
+        self.encoded.append(prompt)
+        with torch.no_grad():
+            return self.text_processing_engine_gemma([prompt])[0]

@@ -1,0 +1,203 @@
+"""Forge Neo's new families (issue 24), through stand-ins of Neo's classes (tests/neo_standins.py):
+Z-Image's NextDiT maps from its single-stream joint attention, words found inside the Qwen3 chat
+template, each window's prompt routed to its own rows, and the job end to end. With
+``ACCDIFFUSION_NEO_DIR`` naming a Neo checkout, the word spans are checked on Neo's real tokenizers."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import dit_standins
+import neo_standins
+from a1111_standins import process_images
+from accdiffusion.entry import facade
+from accdiffusion.flows import job as job_module
+from accdiffusion.flows.job import word_positions
+from accdiffusion.method.attention import AttentionRecorder
+from accdiffusion.method.jointattention import JointAttentionCapture, joint_family, recorded_blocks
+from accdiffusion.method.settings import AccDiffusionSettings
+from accdiffusion.method.words import split_words
+from dit_standins import DiTTxt2ImgStandIn, DiTWebUIStandIn
+from neo_standins import Qwen3EngineStandIn, ZImageEngineStandIn, byte_level_tokenizer
+
+ON = AccDiffusionSettings(enabled=True, window_mode="overlap")
+PROMPT = "a red-haired astronaut riding a horse on the moon"
+
+pytestmark = pytest.mark.usefixtures("forge_backend")
+
+
+@pytest.fixture(scope="module")
+def zimage():
+    return ZImageEngineStandIn()
+
+
+@pytest.fixture
+def stage_prompts(monkeypatch):
+    seen = []
+    original = job_module._tile_schedules
+
+    def spy(plans, stage, windows, settings, cache):
+        schedules, prompts = original(plans, stage, windows, settings, cache)
+        seen.append((stage, windows, prompts))
+        return schedules, prompts
+
+    monkeypatch.setattr(job_module, "_tile_schedules", spy)
+    return seen
+
+
+def run(model, settings=ON, **kw):
+    model.transformer.calls.clear()
+    webui = DiTWebUIStandIn()
+    kw.setdefault("cfg_scale", 1.0)
+    p = DiTTxt2ImgStandIn(model, webui, kw.pop("prompts", [PROMPT]), **kw)
+    return p, webui, process_images(p, settings, facade)
+
+
+# --- words inside the chat template -------------------------------------------------------------------
+def _spelled(engine, line, positions):
+    ids = [t for c in engine.tokenize_line(line) for t in c.tokens]
+    return [engine.tokenizer.decode([ids[i] for i in found]).strip() for found in positions]
+
+
+def test_words_are_found_inside_the_template_not_in_it():
+    """"user" is a word of the template (<|im_start|>user) and of the prompt: only the prompt's
+    one counts; a word split into several byte-level pieces keeps them all."""
+    engine = Qwen3EngineStandIn(byte_level_tokenizer())
+    prompt = "a user at a red-haired desk, photo of a café"
+    words = split_words(prompt)
+    positions = word_positions(engine, words, prompt)
+    assert _spelled(engine, prompt, positions) == [w.text for w in words]
+    ids = engine.tokenize_line(prompt)[0].tokens
+    template_user = engine.tokenizer(["<|im_start|>user"])["input_ids"][0][-1]
+    user = positions[1]
+    assert ids.index(template_user) not in user and len(positions[5]) >= 1
+    assert any(len(p) > 1 for p in positions)  # a word of several pieces
+
+
+def test_words_across_emphasis_pieces_each_in_its_own_template():
+    """Neo's Qwen3 engine wraps every emphasis piece in its own template (qwen3_engine.py:37-57):
+    the words keep their order across the pieces."""
+    engine = Qwen3EngineStandIn(byte_level_tokenizer())
+    prompt = "a (red:1.3) cat on a sofa"
+    words = split_words(prompt)
+    positions = word_positions(engine, words, prompt)
+    assert [w.text for w in words] == ["a", "red", "cat", "on", "a", "sofa"]
+    assert _spelled(engine, prompt, positions) == [w.text for w in words]
+    assert positions[1][0] < positions[2][0]
+    ids = engine.tokenize_line(prompt)[0].tokens
+    assert ids.count(engine.tokenizer.convert_tokens_to_ids("<|im_start|>")) == 6  # three pieces
+
+
+NEO_DIR = os.environ.get("ACCDIFFUSION_NEO_DIR")
+NEO_TOKENIZERS = {  # the folder Neo's engine loads its tokenizer from, and its template
+    "zimage": ("Tongyi-MAI/Z-Image-Turbo/tokenizer", neo_standins.ZIMAGE_TEMPLATE),
+    "klein": ("black-forest-labs/FLUX.2-klein-4B/tokenizer",
+              "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+}
+
+
+@pytest.mark.skipif(not NEO_DIR, reason="ACCDIFFUSION_NEO_DIR (a Forge Neo checkout) is not set")
+@pytest.mark.parametrize("family", sorted(NEO_TOKENIZERS))
+def test_words_on_neos_real_tokenizers(family):
+    from transformers import AutoTokenizer
+
+    folder, template = NEO_TOKENIZERS[family]
+    path = Path(NEO_DIR) / "backend" / "huggingface" / folder
+    if not path.exists():
+        pytest.skip(f"{path} not in this Neo")
+    engine = Qwen3EngineStandIn.__new__(Qwen3EngineStandIn)
+    engine.tokenizer, engine.llama_template = AutoTokenizer.from_pretrained(str(path)), template
+    prompt = "a user at a (red-haired:1.2) desk, Übergrößen Kätzchen 猫 on a café sofa"
+    words = split_words(prompt)
+    positions = word_positions(engine, words, prompt)
+    assert _spelled(engine, prompt, positions) == [w.text for w in words]
+
+
+# --- maps from NextDiT's joint attention ---------------------------------------------------------------
+def _attention_spy(monkeypatch, text_len):
+    seen = []
+    original = dit_standins.joint_attention
+
+    def spy(q, k, v):
+        if q.shape[2] > text_len():  # a main layer: [caption; image]
+            probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)[:, :, text_len():, :text_len()]
+            seen.append(probs.mean(1))
+        return original(q, k, v)
+
+    monkeypatch.setattr(dit_standins, "joint_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("grid", [(4, 6), (5, 3)])  # the image padded with x_pad_token (15 tokens, multiple 8)
+def test_nextdit_maps_are_the_text_share_the_layers_compute(monkeypatch, zimage, grid):
+    transformer = zimage.transformer
+    assert joint_family(transformer) == "nextdit"
+    context = zimage.encode(PROMPT)[None].repeat(2, 1, 1)
+    padded = context.shape[1] + (-context.shape[1] % transformer.pad_tokens_multiple)
+    assert padded != context.shape[1]  # the caption pad tokens are part of the text share
+    x = torch.randn(2, 16, grid[0] * 2, grid[1] * 2, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.6, 0.6])
+    plain = transformer(x, t, context=context)
+    seen = _attention_spy(monkeypatch, lambda: padded)
+    recorder = AttentionRecorder((grid[0] * 2, grid[1] * 2), 2, downsample=2)  # latent size, patch 2
+    blocks = recorded_blocks(transformer)
+    with JointAttentionCapture(transformer, recorder, [None, 1]):
+        recorded = transformer(x, t, context=context)
+    assert torch.equal(plain, recorded)
+    assert blocks == [transformer.layers[-1]]  # the last quarter of 4 layers; the refiners never
+    image = grid[0] * grid[1]
+    expected = seen[-1][1, :image].T.reshape(-1, *grid)
+    assert recorder.maps(0) is None
+    assert torch.allclose(recorder.maps(1), expected, atol=1e-5)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in transformer.modules())
+
+
+# --- the job on Z-Image --------------------------------------------------------------------------------
+def test_zimage_is_served_and_lumina_steps_aside(zimage):
+    p = DiTTxt2ImgStandIn(zimage, DiTWebUIStandIn(), [PROMPT])
+    backend = facade.backend_for(p)
+    assert backend.unsupported_reason(p) is None
+    lumina = ZImageEngineStandIn()
+    lumina.text_processing_engine_gemma.llama_template = None  # Lumina 2's Gemma engine: no chat template
+    reason = backend.unsupported_reason(DiTTxt2ImgStandIn(lumina, DiTWebUIStandIn(), [PROMPT]))
+    assert reason and "ZImageEngineStandIn models are not supported yet" in reason
+
+
+def test_zimage_hires_routes_each_windows_tile_prompt(zimage, stage_prompts, monkeypatch):
+    starts = []
+    original = job_module.StageDenoiser
+
+    def made(*args, **kwargs):
+        starts.append(len(zimage.transformer.calls))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "StageDenoiser", made)
+    # one batch of windows, so the calls' order is the grouping's alone
+    p, _, out = run(zimage, settings=AccDiffusionSettings(enabled=True, window_mode="overlap", tile_batch_size=16),
+                    hr_scale=2.0)
+    assert [im.shape for im in out.images] == [(3, 128, 128)]
+    (stage, windows, prompts), = stage_prompts
+    assert any(prompt != PROMPT for prompt in prompts[0])  # the maps reached the tile prompts
+    calls = zimage.transformer.calls[starts[0]:]
+    rows = [(c["shape"][-2:], c["context"][r]) for c in calls for r in range(c["context"].shape[0])]
+    # cfg 1: one row per window, the local branch first; prompts of different token counts run as
+    # separate calls (no padding), in order of first appearance, each call in window order
+    encoded = [zimage.encode(prompt) for prompt in prompts[0]]
+    lengths = list(dict.fromkeys(e.shape[0] for e in encoded))
+    order = sorted(range(len(windows)), key=lambda i: lengths.index(encoded[i].shape[0]))
+    assert len(lengths) > 1  # the case Neo's Qwen3 conditioning makes: no fixed length
+    for (shape, context), i in zip(rows[:len(windows)], order):
+        assert shape == (windows[i].height, windows[i].width)
+        assert torch.equal(context, encoded[i]), (i, prompts[0][i])
+    assert zimage.forge_objects.unet.model_options.get("model_function_wrapper") is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in zimage.transformer.modules())
+
+
+def test_zimage_first_pass_bit_identical_and_disabled_is_not_installed(zimage):
+    p, _, _ = run(zimage)
+    q, _, plain = run(zimage, settings=None)
+    assert torch.equal(p.first_pass_latent, q.first_pass_latent)
+    _, _, off = run(zimage, settings=AccDiffusionSettings(enabled=False))
+    assert all(torch.equal(a, b) for a, b in zip(plain.images, off.images))
