@@ -237,6 +237,19 @@ def _joint_recording_unet(unet_patcher: Any, recorder: AttentionRecorder) -> Any
     return unet
 
 
+def with_time_axis(apply_model: Callable[..., torch.Tensor], time_axis: bool) -> Callable[..., torch.Tensor]:
+    """``apply_model`` for job latents [B, C, H, W] when the model takes the host's [B, C, 1, H, W]
+    (Neo's Qwen-Image: qwen.py:371-372 reads five dimensions)."""
+    if not time_axis:
+        return apply_model
+
+    def call(x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = apply_model(x.unsqueeze(2) if x.ndim == 4 else x, t, *args, **kwargs)
+        return out.squeeze(2) if out.ndim == 5 else out
+
+    return call
+
+
 def joint_tile_row(row: dict, cond: Any) -> dict:
     """A Flux / Chroma / SD 3.5 row with a tile prompt's conditioning: its text sequence and
     pooled vector (Flux: CLIP-L's; SD 3.5: CLIP-L|G's); the row's own distilled guidance stays."""
@@ -397,11 +410,13 @@ class ForgeBackend:
 
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
-        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Chroma, SD 3.5 and Z-Image models are"
+        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Chroma, SD 3.5, Z-Image and Qwen-Image models are"
         transformer = joint_transformer(model.forge_objects.unet)
         if transformer is not None and isinstance(model_predictor(model.forge_objects.unet), OldForgePredictor):
             # reForge loads SD 3 into ldm_patched's MMDiT: its flow sampling there is not what was measured
             return f"{type(model).__name__} models are not supported on the old Forge backend (SD 1.x, SD 2.x and SDXL are)"
+        if transformer is not None and joint_family(transformer) == "qwen":
+            return None
         if transformer is not None and joint_family(transformer) == "nextdit":
             # Z-Image: its Qwen3 engine wraps the prompt in a chat template (qwen3_engine.py:31), the
             # words are found inside it; Lumina 2 / Neta (same class, Gemma engine with system
@@ -482,7 +497,7 @@ class ForgeBackend:
         try:
             patched = self._probe_patched_unet(p, job, latents)
             if is_joint_model(p):
-                call = self._joint_probe_call(p, patched, recorder, conds, loaded, sampling_prepare)
+                call = self._joint_probe_call(p, patched, recorder, conds, loaded, sampling_prepare, job.time_axis)
                 yield call
                 return
             unet = _recording_unet(patched, recorder, self.parts.attention)
@@ -523,8 +538,8 @@ class ForgeBackend:
 
     @staticmethod
     def _joint_probe_call(p: Any, unet: Any, recorder: AttentionRecorder, conds: Sequence[Any],
-                          loaded: list[Any], sampling_prepare: Callable[[Any, torch.Tensor], None]
-                          ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                          loaded: list[Any], sampling_prepare: Callable[[Any, torch.Tensor], None],
+                          time_axis: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The probe's model call for Flux / Chroma / SD 3.5: the positive rows' conditioning
         (text, pooled vector, distilled guidance as encoded) straight to ``apply_model``, the
         blocks hooked for the call. ControlNet units sit out (Forge's ControlNet serves SD and
@@ -548,7 +563,7 @@ class ForgeBackend:
             args["transformer_options"] = transformer_options_for(
                 unet.model_options.get("transformer_options", {}), [0], 1, sigma)
             with JointAttentionCapture(model, recorder, list(range(x.shape[0]))):
-                return unet.model.apply_model(x, sigma, **args)
+                return with_time_axis(unet.model.apply_model, time_axis)(x, sigma, **args)
 
         return call
 
@@ -641,6 +656,7 @@ class ForgeBackend:
         control = None if joint else ForgeControl.for_stage(p, job, unet, denoiser)
 
         def wrapper(apply_model: Any, args: dict) -> torch.Tensor:
+            apply_model = with_time_axis(apply_model, job.time_axis)
             x, sigma, c = args["input"], args["timestep"], args["c"]
             if c.get("control") is not None and (control is None or control.untiled):
                 return apply_model(x, sigma, **c)  # a control that cannot be tiled: the call runs whole

@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..method.attention import AttentionRecorder
-from .job import (Job, TiledPassSource, TiledPassTarget, decode_latent, image_plans, refusal, run_tiled_pass,
-                  step_aside, to_pil)
+from .job import (Job, TiledPassSource, TiledPassTarget, decode_latent, flat_latent, image_plans, refusal,
+                  run_tiled_pass, step_aside, to_pil)
 from ..method.probe import ProbeStats, probe_latent_size, probe_sigmas, run_probe
 from ..method.tiles import cover_resize
 from ..method.timesteps import KDIFFUSION
@@ -152,7 +152,8 @@ def run_img2img(p: Any, job: Job, conditioning: Any, unconditional_conditioning:
     """The probe on the batch's init images, then the tiled pass up to ``p.init_latent``'s size."""
     webui, settings = job.webui, job.settings
     job.conditioning, job.unconditioning = conditioning, unconditional_conditioning
-    init_latent: torch.Tensor = p.init_latent
+    job.time_axis = p.init_latent.ndim == 5
+    init_latent: torch.Tensor = flat_latent(p.init_latent)
     count = init_latent.shape[0]
     target = (int(init_latent.shape[-2]), int(init_latent.shape[-1]))
     images = batch_init_images(p, count)
@@ -160,7 +161,7 @@ def run_img2img(p: Any, job: Job, conditioning: Any, unconditional_conditioning:
     pixels = torch.stack([webui.probe_image(p, image, probe[1] * 8, probe[0] * 8) for image in images])
     with torch.no_grad():
         seeds = [int(s) for s in p.seeds]
-        probe_latent = webui.encode(p.sd_model, pixels, seed=seeds[0]).to(init_latent)
+        probe_latent = flat_latent(webui.encode(p.sd_model, pixels, seed=seeds[0])).to(init_latent)
         maps = probe_maps(p, job, probe_latent, conditioning, seeds) if settings.patch_prompts else None
 
         def first_input(size: tuple[int, int]) -> torch.Tensor:
@@ -200,5 +201,5 @@ def upscale_button_maps(p: Any, job: Job, samples: torch.Tensor) -> list[torch.T
         latents = samples
     else:
         pixels = webui.probe_image(p, image, probe[1] * 8, probe[0] * 8)[None].repeat(samples.shape[0], 1, 1, 1)
-        latents = webui.encode(p.sd_model, pixels, seed=int(p.seeds[0])).to(samples)
+        latents = flat_latent(webui.encode(p.sd_model, pixels, seed=int(p.seeds[0]))).to(samples)
     return probe_maps(p, job, latents, job.conditioning, [int(s) for s in p.seeds])

@@ -114,6 +114,10 @@ class Job:
     auto_batch: AutoTileBatch | None = None
     # the encoded tile prompts of every batch, per encoding context (:func:`encoding_context`)
     encode_caches: dict[Hashable, EncodeCache] = field(default_factory=dict)
+    # the host's latents carry a time axis [B, C, 1, H, W] (Neo's Qwen-Image and Anima, video-VAE
+    # latents, processing.py:1480-1486): the job works on [B, C, H, W] and gives the model, the VAE
+    # and the host back their own shape (:func:`host_latent`, :func:`flat_latent`)
+    time_axis: bool = False
 
     # --- hooks -------------------------------------------------------------------------------
     def set_attr(self, obj: Any, name: str, value: Any, batch: bool = False) -> None:
@@ -341,7 +345,7 @@ def _stage_input(p: Any, job: Job, stage: Stage, latent: torch.Tensor, samples: 
     h, w = samples.shape[-2:]
     scale = max(stage.size[0] / h, stage.size[1] / w)
     cover = (max(stage.size[0], round(h * scale)), max(stage.size[1], round(w * scale)))
-    encoded = job.webui.pixel_upscale(p, decoded_samples, cover[1] * 8, cover[0] * 8)
+    encoded = flat_latent(job.webui.pixel_upscale(p, decoded_samples, cover[1] * 8, cover[0] * 8))
     return cover_resize(encoded, stage.size, "nearest")
 
 
@@ -413,20 +417,49 @@ def kept_positions(embedder: Any, context_ids: Sequence[Any]) -> dict[int, int]:
     strip = getattr(embedder, "strip_template", None)
     if strip is None:
         return {i: i for i in range(count)}
-    # the width stands for the encoder's: Neo's rule compares it with the template's end
-    numbers = torch.arange(count).unsqueeze(-1).expand(count, count + 4)
+    # as wide as the encoder's output: Neo's rule compares that width with the template's end
+    # (qwen_engine.py:122, out.shape[1])
+    width = _encoder_width(embedder) or count + 4
+    numbers = torch.arange(count).unsqueeze(-1).expand(count, width)
     kept = strip(numbers, list(context_ids))
     return {int(old): new for new, old in enumerate(kept[:, 0].tolist())}
+
+
+def _encoder_width(embedder: Any) -> int | None:
+    try:
+        return int(embedder.text_encoder.get_input_embeddings().weight.shape[1])
+    except (AttributeError, TypeError, IndexError):
+        return None
+
+
+def flat_latent(latent: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1, H, W] (a host latent with a time axis) -> [B, C, H, W]; a 4-d latent as it is."""
+    return latent.squeeze(2) if latent.ndim == 5 else latent
+
+
+def flat_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Decoded frames [B, 1, 3, H, W] (Neo's video VAEs, qwen.py decode_first_stage) -> [B, 3, H, W]."""
+    return images.squeeze(1) if images.ndim == 5 else images
+
+
+def host_latent(job: Job, latent: torch.Tensor) -> torch.Tensor:
+    """A job latent in the host's own shape (its time axis put back)."""
+    return latent.unsqueeze(2) if job.time_axis and latent.ndim == 4 else latent
+
+
+def decode_image(p: Any, job: Job, latent: torch.Tensor) -> torch.Tensor:
+    """One decode of job latents through the WebUI, as [B, 3, H, W] in [-1, 1]."""
+    return flat_pixels(job.webui.decode(p.sd_model, host_latent(job, latent)))
 
 
 def decode_latent(p: Any, job: Job, latent: torch.Tensor) -> Any:
     """The pass's result as the WebUI's decoded samples; tiled when large (settings.tiled_decode)."""
     webui = job.webui
     if not should_tile_decode(job.settings.tiled_decode, tuple(latent.shape[-2:])):
-        return webui.decode_batch(p.sd_model, latent)
+        return webui.decode_batch(p.sd_model, host_latent(job, latent))
     images = []
     for i in range(latent.shape[0]):
-        image = tiled_decode(latent[i:i + 1], lambda z: webui.decode(p.sd_model, z).float().cpu())
+        image = tiled_decode(latent[i:i + 1], lambda z: decode_image(p, job, z).float().cpu())
         images.append(image[0])
     return webui.decoded_samples(images)
 

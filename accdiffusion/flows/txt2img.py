@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from .job import (Job, TiledPassSource, TiledPassTarget, decode_latent, image_plans, refusal, run_tiled_pass,
+from .job import (Job, TiledPassSource, TiledPassTarget, decode_image, decode_latent, flat_latent, flat_pixels,
+                  image_plans, refusal, run_tiled_pass,
                   step_aside, to_pil)
 from .img2img import upscale_button_maps
 
@@ -132,8 +133,15 @@ def run_hires(p: Any, job: Job, samples: torch.Tensor | None, decoded_samples: t
     begin_hires_pass(p)
     p.is_hr_pass = True
     try:
+        if samples is not None:
+            job.time_axis = samples.ndim == 5
+            samples = flat_latent(samples)
+        if decoded_samples is not None:
+            decoded_samples = flat_pixels(decoded_samples)
         if samples is None:
             samples = webui.encode(p.sd_model, torch.clamp((decoded_samples.float() + 1.0) / 2.0, 0, 1))
+            job.time_axis = samples.ndim == 5
+            samples = flat_latent(samples)
         if getattr(p, "firstpass_image", None) is not None:
             maps = upscale_button_maps(p, job, samples)
         else:
@@ -142,7 +150,7 @@ def run_hires(p: Any, job: Job, samples: torch.Tensor | None, decoded_samples: t
         source = TiledPassSource(
             latent=samples, pixels=decoded_samples, plans=image_plans(p, job, maps),
             seeds=[int(s) for s in p.seeds], prompts=list(p.prompts),
-            map_images=[to_pil(webui.decode(p.sd_model, samples[i:i + 1])[0]) for i in range(samples.shape[0])]
+            map_images=[to_pil(decode_image(p, job, samples[i:i + 1])[0]) for i in range(samples.shape[0])]
             if settings.tile_prompt_map else None)
 
         webui.activate_hr_networks(p)

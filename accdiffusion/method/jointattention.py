@@ -22,6 +22,12 @@ block computes them anyway, so recording never changes a value and adds no proje
   block's ``freqs_cis`` argument is the rotary embedding of the whole sequence, applied as Flux's
   (lumina.py:89). The caption length is the caption embedder's output, padded as the model pads it.
   The refiner blocks (caption-only, image-only) are not recorded: they have no text share.
+- Qwen-Image (Neo's ``QwenImageTransformer2DModel``, backend/nn/qwen.py:169-318, :391-483): every
+  block is double-stream with one joint softmax over [text; image] (:221-234); ``attn.norm_q`` /
+  ``norm_k`` return the image's q and k, ``attn.norm_added_k`` the text's k, as [B, L, H, D]; the
+  block's ``image_rotary_emb`` is the rotary embedding of [text; image] as [B, L, 1, D/2, 2, 2]
+  (:445), applied to the joint q and k (:226-227); the text length is the block's
+  ``encoder_hidden_states``.
 - SD 3.5 (MMDiT-X) joint block (mmditx.py:636-667): the image stream's ``x_block.attn.ln_q`` /
   ``ln_k`` and the text stream's ``context_block.attn.ln_k`` return q and k as [B, L, H, D]
   (mmditx.py:323-329, an ``nn.Identity`` when the model has no qk-norm: still called, still
@@ -64,12 +70,15 @@ def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
 
 
 def joint_family(model: nn.Module) -> str | None:
-    """'flux' (double_blocks: Flux and Chroma), 'mmdit' (joint_blocks: SD 3 / 3.5), 'nextdit'
-    (single-stream ``layers`` after caption and noise refiners: Z-Image, Lumina 2), or None."""
+    """'flux' (double_blocks: Flux and Chroma), 'mmdit' (joint_blocks: SD 3 / 3.5), 'qwen'
+    (transformer_blocks, double-stream: Qwen-Image), 'nextdit' (single-stream ``layers`` after
+    caption and noise refiners: Z-Image, Lumina 2), or None."""
     if isinstance(getattr(model, "double_blocks", None), nn.ModuleList):
         return "flux"
     if isinstance(getattr(model, "joint_blocks", None), nn.ModuleList):
         return "mmdit"
+    if isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList) and hasattr(model, "txt_norm"):
+        return "qwen"
     if (isinstance(getattr(model, "layers", None), nn.ModuleList) and hasattr(model, "cap_embedder")
             and hasattr(model, "noise_refiner")):
         return "nextdit"
@@ -85,6 +94,8 @@ def all_blocks(model: nn.Module) -> list[nn.Module]:
         return list(model.joint_blocks)
     if family == "nextdit":
         return list(model.layers)
+    if family == "qwen":
+        return list(model.transformer_blocks)
     raise ValueError(f"{type(model).__name__} is not a joint-attention transformer this recorder knows")
 
 
@@ -99,7 +110,7 @@ def recorded_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _block_kind(block: nn.Module, family: str) -> str:
-    if family in ("mmdit", "nextdit"):
+    if family in ("mmdit", "nextdit", "qwen"):
         return family
     return "double" if hasattr(block, "img_attn") else "single"
 
@@ -107,6 +118,8 @@ def _block_kind(block: nn.Module, family: str) -> str:
 def _heads(block: nn.Module, kind: str) -> int:
     if kind == "nextdit":
         return int(block.attention.n_local_heads)
+    if kind == "qwen":
+        return int(block.attn.heads)
     return int(block.x_block.attn.num_heads if kind == "mmdit" else block.num_heads)
 
 
@@ -117,9 +130,9 @@ def padded_caption_length(model: nn.Module, length: int) -> int:
 
 
 def _tokens_last(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """[B, H, L, D] (flux blocks) or [B, L, H, D] (mmdit, nextdit) -> [B, L, H·D], as the recorder
+    """[B, H, L, D] (flux blocks) or [B, L, H, D] (mmdit, nextdit, qwen) -> [B, L, H·D], as the recorder
     takes them."""
-    if kind not in ("mmdit", "nextdit"):
+    if kind not in ("mmdit", "nextdit", "qwen"):
         t = t.transpose(1, 2)
     return t.reshape(t.shape[0], t.shape[1], -1)
 
@@ -199,6 +212,16 @@ class JointAttentionCapture:
             hook(block.register_forward_pre_hook(before, with_kwargs=True))
             hook(block.attention.q_norm.register_forward_hook(self._keep(seen, "q_all")))
             hook(block.attention.k_norm.register_forward_hook(self._keep(seen, "k_all")))
+        elif kind == "qwen":
+            def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                seen["pe"] = kwargs["image_rotary_emb"] if "image_rotary_emb" in kwargs else args[4]
+                seen["txt"] = int((kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs
+                                   else args[1]).shape[1])
+
+            hook(block.register_forward_pre_hook(before, with_kwargs=True))
+            hook(block.attn.norm_q.register_forward_hook(self._keep(seen, "q")))
+            hook(block.attn.norm_k.register_forward_hook(self._keep(seen, "k_img")))
+            hook(block.attn.norm_added_k.register_forward_hook(self._keep(seen, "k_txt")))
         else:
             hook(block.x_block.attn.ln_q.register_forward_hook(self._keep(seen, "q")))
             hook(block.x_block.attn.ln_k.register_forward_hook(self._keep(seen, "k_img")))
@@ -237,7 +260,7 @@ class JointAttentionCapture:
             return grid if grid <= room < grid + pad_limit else room
         if "q" not in seen:
             return None
-        return int(seen["q"].shape[1 if kind == "mmdit" else 2])
+        return int(seen["q"].shape[1 if kind in ("mmdit", "qwen") else 2])
 
     @staticmethod
     def _queries_and_keys(kind: str, seen: dict, index: torch.Tensor
@@ -265,6 +288,11 @@ class JointAttentionCapture:
         if not all(name in seen for name in ("q", "k_img", "k_txt")):
             return None
         q, k_img, k_txt = rows(seen["q"]), rows(seen["k_img"]), rows(seen["k_txt"])
+        if kind == "qwen":
+            pe, text = rows(seen["pe"]), seen["txt"]
+            image_pe = pe[:, text:text + q.shape[1]]
+            return (apply_rope(q, image_pe),
+                    torch.cat([apply_rope(k_txt, pe[:, :text]), apply_rope(k_img, pe[:, text:])], 1), text)
         if kind == "double":
             pe, text = rows(seen["pe"]), seen["txt"]
             image_pe = pe[:, :, text:]
