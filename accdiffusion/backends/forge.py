@@ -410,12 +410,12 @@ class ForgeBackend:
 
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
-        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Chroma, SD 3.5, Z-Image and Qwen-Image models are"
+        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Chroma, SD 3.5, Z-Image, Qwen-Image and Anima models are"
         transformer = joint_transformer(model.forge_objects.unet)
         if transformer is not None and isinstance(model_predictor(model.forge_objects.unet), OldForgePredictor):
             # reForge loads SD 3 into ldm_patched's MMDiT: its flow sampling there is not what was measured
             return f"{type(model).__name__} models are not supported on the old Forge backend (SD 1.x, SD 2.x and SDXL are)"
-        if transformer is not None and joint_family(transformer) == "qwen":
+        if transformer is not None and joint_family(transformer) in ("qwen", "anima"):
             return None
         if transformer is not None and joint_family(transformer) == "nextdit":
             # Z-Image: its Qwen3 engine wraps the prompt in a chat template (qwen3_engine.py:31), the

@@ -388,6 +388,12 @@ def word_positions(embedder: Any, words: Sequence[Word], variant: str) -> list[l
     (Qwen-Image, qwen_engine.py:101)."""
     lined = embedder.tokenize_line(variant)
     chunks = lined[0] if isinstance(lined, tuple) else lined  # Neo's LLM engines return the chunks alone
+    if hasattr(chunks[0], "t5_tokens"):
+        # Anima: the model attends to the LLM adapter's output, one token per T5 token of the prompt
+        # (anima_engine.py:59-72, :117-122; EOS 1), so words are found among the T5 ids
+        t5_ids = [t for chunk in chunks for t in chunk.t5_tokens]
+        tokenize = lambda text: embedder.t5_tokenizer([text], add_special_tokens=False)["input_ids"][0]
+        return align_words(words, t5_ids, {0, getattr(embedder, "id_end", 1)}, tokenize)
     context_ids = [t for chunk in chunks for t in chunk.tokens]
     template = getattr(embedder, "llama_template", None)
     if template is None:

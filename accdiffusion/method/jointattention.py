@@ -28,6 +28,11 @@ block computes them anyway, so recording never changes a value and adds no proje
   block's ``image_rotary_emb`` is the rotary embedding of [text; image] as [B, L, 1, D/2, 2, 2]
   (:445), applied to the joint q and k (:226-227); the text length is the block's
   ``encoder_hidden_states``.
+- Anima (Neo's ``Anima``, Cosmos-Predict2 blocks, backend/nn/anima.py:99-155, :248-368): not
+  joint — image self-attention, then a **cross-attention** to the text (the LLM adapter's output,
+  padded to 512 tokens, anima_engine.py:117-129); ``cross_attn.q_norm`` / ``k_norm`` return q
+  [B, THW, H, D] and k [B, 512, H, D] (:122-137, no RoPE on cross-attention), so its map is the
+  cross-attention softmax as a UNet's (:meth:`AttentionRecorder.add_qk`).
 - SD 3.5 (MMDiT-X) joint block (mmditx.py:636-667): the image stream's ``x_block.attn.ln_q`` /
   ``ln_k`` and the text stream's ``context_block.attn.ln_k`` return q and k as [B, L, H, D]
   (mmditx.py:323-329, an ``nn.Identity`` when the model has no qk-norm: still called, still
@@ -70,15 +75,19 @@ def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
 
 
 def joint_family(model: nn.Module) -> str | None:
-    """'flux' (double_blocks: Flux and Chroma), 'mmdit' (joint_blocks: SD 3 / 3.5), 'qwen'
-    (transformer_blocks, double-stream: Qwen-Image), 'nextdit' (single-stream ``layers`` after
-    caption and noise refiners: Z-Image, Lumina 2), or None."""
+    """'flux' (double_blocks: Flux, Chroma, Flux.2 Klein), 'mmdit' (joint_blocks: SD 3 / 3.5),
+    'qwen' (transformer_blocks, double-stream: Qwen-Image), 'nextdit' (single-stream ``layers``
+    after caption and noise refiners: Z-Image, Lumina 2), 'anima' (blocks with cross-attention),
+    or None."""
     if isinstance(getattr(model, "double_blocks", None), nn.ModuleList):
         return "flux"
     if isinstance(getattr(model, "joint_blocks", None), nn.ModuleList):
         return "mmdit"
     if isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList) and hasattr(model, "txt_norm"):
         return "qwen"
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks) and hasattr(blocks[0], "cross_attn"):
+        return "anima"
     if (isinstance(getattr(model, "layers", None), nn.ModuleList) and hasattr(model, "cap_embedder")
             and hasattr(model, "noise_refiner")):
         return "nextdit"
@@ -96,6 +105,8 @@ def all_blocks(model: nn.Module) -> list[nn.Module]:
         return list(model.layers)
     if family == "qwen":
         return list(model.transformer_blocks)
+    if family == "anima":
+        return list(model.blocks)
     raise ValueError(f"{type(model).__name__} is not a joint-attention transformer this recorder knows")
 
 
@@ -110,7 +121,7 @@ def recorded_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _block_kind(block: nn.Module, family: str) -> str:
-    if family in ("mmdit", "nextdit", "qwen"):
+    if family in ("mmdit", "nextdit", "qwen", "anima"):
         return family
     return "double" if hasattr(block, "img_attn") else "single"
 
@@ -120,6 +131,8 @@ def _heads(block: nn.Module, kind: str) -> int:
         return int(block.attention.n_local_heads)
     if kind == "qwen":
         return int(block.attn.heads)
+    if kind == "anima":
+        return int(block.cross_attn.n_heads)
     return int(block.x_block.attn.num_heads if kind == "mmdit" else block.num_heads)
 
 
@@ -130,11 +143,11 @@ def padded_caption_length(model: nn.Module, length: int) -> int:
 
 
 def _tokens_last(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """[B, H, L, D] (flux blocks) or [B, L, H, D] (mmdit, nextdit, qwen) -> [B, L, H·D], as the recorder
-    takes them."""
-    if kind not in ("mmdit", "nextdit", "qwen"):
+    """[B, H, L, D] (flux blocks) or [B, …, L, H, D] (the others; Anima's text keys keep the
+    prompt's own axis, [B, 1, 512, H, D]) -> [B, L, H·D], as the recorder takes them."""
+    if kind not in ("mmdit", "nextdit", "qwen", "anima"):
         t = t.transpose(1, 2)
-    return t.reshape(t.shape[0], t.shape[1], -1)
+    return t.reshape(t.shape[0], -1, t.shape[-2] * t.shape[-1])
 
 
 class JointAttentionCapture:
@@ -212,6 +225,9 @@ class JointAttentionCapture:
             hook(block.register_forward_pre_hook(before, with_kwargs=True))
             hook(block.attention.q_norm.register_forward_hook(self._keep(seen, "q_all")))
             hook(block.attention.k_norm.register_forward_hook(self._keep(seen, "k_all")))
+        elif kind == "anima":
+            hook(block.cross_attn.q_norm.register_forward_hook(self._keep(seen, "q")))
+            hook(block.cross_attn.k_norm.register_forward_hook(self._keep(seen, "k_txt")))
         elif kind == "qwen":
             def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
                 seen["pe"] = kwargs["image_rotary_emb"] if "image_rotary_emb" in kwargs else args[4]
@@ -260,7 +276,7 @@ class JointAttentionCapture:
             return grid if grid <= room < grid + pad_limit else room
         if "q" not in seen:
             return None
-        return int(seen["q"].shape[1 if kind in ("mmdit", "qwen") else 2])
+        return int(seen["q"].shape[1 if kind in ("mmdit", "qwen", "anima") else 2])
 
     @staticmethod
     def _queries_and_keys(kind: str, seen: dict, index: torch.Tensor
@@ -310,6 +326,16 @@ class JointAttentionCapture:
         if self._image_tokens(kind, seen) != recorder.grid[0] * recorder.grid[1]:
             return  # a window or sub-latent of another size (a tiler's tile): not the first pass's grid
         seen["image"] = recorder.grid[0] * recorder.grid[1]
+        if kind == "anima":  # cross-attention: the softmax over the text alone
+            if "k_txt" not in seen:
+                return
+            index = torch.tensor([r for r, _ in rows], device=seen["q"].device)
+            q = seen["q"].index_select(0, index) if seen["q"].shape[0] > 1 else seen["q"]
+            k = seen["k_txt"].index_select(0, index) if seen["k_txt"].shape[0] > 1 else seen["k_txt"]
+            if k.shape[0] != q.shape[0]:
+                k = k.expand(q.shape[0], *k.shape[1:])
+            recorder.add_qk(_tokens_last(q, kind), _tokens_last(k, kind), _heads(block, kind), [img for _, img in rows])
+            return
         found = self._queries_and_keys(kind, seen, torch.tensor([r for r, _ in rows]))
         if found is None:
             return
