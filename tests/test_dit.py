@@ -343,8 +343,8 @@ def test_flux_img2img_probes_with_flow_noise(flux, monkeypatch):
     levels = []
     original = forge.ForgeBackend._joint_probe_call
 
-    def spy(p, unet, recorder, conds, loaded, prepare):
-        call = original(p, unet, recorder, conds, loaded, prepare)
+    def spy(p, unet, recorder, conds, loaded, prepare, *more):
+        call = original(p, unet, recorder, conds, loaded, prepare, *more)
         return lambda x, sigma: levels.append(float(sigma[0])) or call(x, sigma)
 
     monkeypatch.setattr(forge.ForgeBackend, "_joint_probe_call", staticmethod(spy))

@@ -72,7 +72,7 @@ from ..method.batching import AutoTileBatch, planned_tile_batch
 from ..method.control import CallItems, StageHints, hint_rows_for, log_call
 from ..method.flow import FLOW_SAMPLING, SD_SAMPLING, ModelSampling
 from ..method.hires import StageDenoiser, v_prediction_c_skip
-from ..flows.job import _NO_ATTR, comment, hook_skip_residual
+from ..flows.job import _NO_ATTR, comment, hook_skip_residual, latent_factor
 from ..method.jointattention import JointAttentionCapture, joint_family
 from ..flows.rows import TEXT_KEYS, schedule_entry, split_cond, stack_cond, tile_conditions
 from ..method.tiles import Window
@@ -93,6 +93,9 @@ class ForgeParts:
     sampling_prepare: Callable[[Any, torch.Tensor], None]
     sampling_cleanup: Callable[[Any], None]
     free_memory: Callable[[Any], int]
+    # Neo's ``backend.args.dynamic_args``: the reference latents its Kontext / Klein / Qwen-Edit /
+    # Anima models append to the image tokens (args.py:171), or None (a host without them)
+    references: Any = None
 
 
 def _forge2_parts() -> ForgeParts:
@@ -105,10 +108,15 @@ def _forge2_parts() -> ForgeParts:
     from backend.sampling import sampling_function
 
     attention = forge_unet.attention_function
+    try:
+        from backend.args import dynamic_args
+    except ImportError:  # Forge 2
+        dynamic_args = None
+    references = dynamic_args if isinstance(getattr(dynamic_args, "ref_latents", None), list) else None
     return ForgeParts("Forge 2 / Neo building blocks: backend.*",
                       lambda q, k, v, heads, extra: attention(q, k, v, heads),
                       sampling_function.sampling_prepare, sampling_function.sampling_cleanup,
-                      lambda device: int(memory_management.get_free_memory(device)))
+                      lambda device: int(memory_management.get_free_memory(device)), references)
 
 
 def _old_forge_parts() -> ForgeParts:
@@ -248,6 +256,29 @@ def with_time_axis(apply_model: Callable[..., torch.Tensor], time_axis: bool) ->
         return out.squeeze(2) if out.ndim == 5 else out
 
     return call
+
+
+@contextmanager
+def without_references(holder: Any, seen: list[bool] | None = None) -> Iterator[None]:
+    """A model call of ours without the host's reference latents: a window or sub-latent is an
+    image of its own, and the reference (Klein's img2img / edit image, a Kontext image) is of the
+    whole picture, at another size (Neo flux.py:583-611 appends its tokens to every call, anima.py:462-466
+    concatenates it on the time axis). ``seen`` gets True when there were any."""
+    if holder is None or not holder.ref_latents:
+        yield
+        return
+    if seen is not None:
+        seen.append(True)
+    saved = holder.ref_latents
+    holder.ref_latents = []
+    try:
+        yield
+    finally:
+        holder.ref_latents = saved
+
+
+REFERENCE_NOTE = ("AccDiffusion: the tiled pass ran without the model's reference image (Flux.2 Klein / "
+                  "Kontext / Edit): each window is denoised from the upscaled image alone.")
 
 
 def joint_tile_row(row: dict, cond: Any) -> dict:
@@ -410,7 +441,7 @@ class ForgeBackend:
 
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
-        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Chroma, SD 3.5, Z-Image, Qwen-Image and Anima models are"
+        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Flux.2 Klein, Chroma, SD 3.5, Z-Image, Qwen-Image and Anima models are"
         transformer = joint_transformer(model.forge_objects.unet)
         if transformer is not None and isinstance(model_predictor(model.forge_objects.unet), OldForgePredictor):
             # reForge loads SD 3 into ldm_patched's MMDiT: its flow sampling there is not what was measured
@@ -426,12 +457,17 @@ class ForgeBackend:
                 return f"{type(model).__name__} models are not supported yet ({served})"
             return None
         if transformer is not None:
-            # Neo's Flux.2 (Klein) runs Flux's class with one shared modulation and a Qwen3 text
-            # encoder (Neo backend/nn/flux.py:436-443, diffusion_engine/flux2.py): not Flux.1's maps
-            # or tile conditioning, so it must not be served on Flux.1's assumptions
-            if getattr(transformer, "global_modulation", False) or not any(
-                    getattr(model, engine, None) is not None
-                    for engine in ("text_processing_engine_t5", "text_processing_engine_l")):
+            # Neo's Flux.2 (Klein) runs Flux's class with one shared modulation, patch 1 and a Qwen3
+            # text encoder (Neo backend/nn/flux.py:436-443, diffusion_engine/flux2.py): its words are
+            # found inside the Qwen3 chat template (klein_engine.py:32) and its windows on its own
+            # patch grid (model_sampling), never on Flux.1's T5 and 2x2 patches
+            if getattr(transformer, "global_modulation", False):
+                engine = getattr(model, "text_processing_engine_gemma", None)
+                if getattr(engine, "llama_template", None) is None:
+                    return f"{type(model).__name__} models are not supported yet ({served})"
+                return None
+            if not any(getattr(model, engine, None) is not None
+                       for engine in ("text_processing_engine_t5", "text_processing_engine_l")):
                 return f"{type(model).__name__} models are not supported yet ({served})"
             return None
         if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)
@@ -447,7 +483,8 @@ class ForgeBackend:
     def start_recording(self, p: Any, job: Job, conditioning: Any, prompts: Sequence[str]) -> AttentionRecorder:
         """Created here, installed by :meth:`before_sampling` (Forge resets the UNet in between).
         A transformer's maps are on its token grid (latent / patch size)."""
-        return AttentionRecorder((p.height // 8, p.width // 8), len(prompts),
+        f = latent_factor(p.sd_model)
+        return AttentionRecorder((p.height // f, p.width // f), len(prompts),
                                  downsample=self.model_sampling(p).map_downsample)
 
     def before_sampling(self, p: Any, job: Job) -> None:
@@ -474,7 +511,11 @@ class ForgeBackend:
                 sigma = sigma.reshape(-1, *([1] * (latent.ndim - 1)))
             return predictor.noise_scaling(sigma, noise, latent)
 
-        return dataclasses.replace(FLOW_SAMPLING, noise_scaling=noise_scaling)
+        # windows, sub-latents and maps on the model's patch grid (Flux.2 Klein: patch 1, flux.py:378)
+        patch = getattr(joint_transformer(p.sd_model.forge_objects.unet), "patch_size", None)
+        patch = patch if isinstance(patch, int) and patch > 0 else FLOW_SAMPLING.size_multiple
+        return dataclasses.replace(FLOW_SAMPLING, noise_scaling=noise_scaling, size_multiple=patch,
+                                   map_downsample=patch)
 
     @contextmanager
     def probe_unet(self, p: Any, job: Job, sampler: Any, recorder: AttentionRecorder, conds: Sequence[Any],
@@ -497,7 +538,8 @@ class ForgeBackend:
         try:
             patched = self._probe_patched_unet(p, job, latents)
             if is_joint_model(p):
-                call = self._joint_probe_call(p, patched, recorder, conds, loaded, sampling_prepare, job.time_axis)
+                call = self._joint_probe_call(p, patched, recorder, conds, loaded, sampling_prepare, job.time_axis,
+                                              self.parts.references)
                 yield call
                 return
             unet = _recording_unet(patched, recorder, self.parts.attention)
@@ -505,7 +547,8 @@ class ForgeBackend:
             saved += probe_hint_rows(chain, images)
             if chain:
                 log.info("AccDiffusion probe pass: %d ControlNet(s) in the UNet call (hints at %dx%d px)",
-                         len(chain), latents.shape[-1] * 8, latents.shape[-2] * 8)
+                         len(chain), latents.shape[-1] * latent_factor(p.sd_model),
+                         latents.shape[-2] * latent_factor(p.sd_model))
             sdxl = isinstance(conds[0], dict)
             crossattn = stack_cond([{"c_crossattn": c["crossattn"] if sdxl else c} for c in conds],
                                    {"c_crossattn": None})["c_crossattn"]
@@ -539,7 +582,8 @@ class ForgeBackend:
     @staticmethod
     def _joint_probe_call(p: Any, unet: Any, recorder: AttentionRecorder, conds: Sequence[Any],
                           loaded: list[Any], sampling_prepare: Callable[[Any, torch.Tensor], None],
-                          time_axis: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                          time_axis: bool = False, references: Any = None
+                          ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The probe's model call for Flux / Chroma / SD 3.5: the positive rows' conditioning
         (text, pooled vector, distilled guidance as encoded) straight to ``apply_model``, the
         blocks hooked for the call. ControlNet units sit out (Forge's ControlNet serves SD and
@@ -562,7 +606,7 @@ class ForgeBackend:
             args = {k: v.to(x.device) for k, v in cond.items()}
             args["transformer_options"] = transformer_options_for(
                 unet.model_options.get("transformer_options", {}), [0], 1, sigma)
-            with JointAttentionCapture(model, recorder, list(range(x.shape[0]))):
+            with JointAttentionCapture(model, recorder, list(range(x.shape[0]))), without_references(references):
                 return with_time_axis(unet.model.apply_model, time_axis)(x, sigma, **args)
 
         return call
@@ -655,8 +699,17 @@ class ForgeBackend:
             job.set_attr(control_chain(unet)[0], "get_control", lambda *args, **kwargs: None)
         control = None if joint else ForgeControl.for_stage(p, job, unet, denoiser)
 
+        references_seen: list[bool] = []
+        holder = self.parts.references
+
         def wrapper(apply_model: Any, args: dict) -> torch.Tensor:
-            apply_model = with_time_axis(apply_model, job.time_axis)
+            noted = bool(references_seen)
+            with without_references(holder, references_seen):
+                if references_seen and not noted:
+                    comment(p, REFERENCE_NOTE)
+                return tiled(with_time_axis(apply_model, job.time_axis), args)
+
+        def tiled(apply_model: Any, args: dict) -> torch.Tensor:
             x, sigma, c = args["input"], args["timestep"], args["c"]
             if c.get("control") is not None and (control is None or control.untiled):
                 return apply_model(x, sigma, **c)  # a control that cannot be tiled: the call runs whole

@@ -285,7 +285,8 @@ def finish_job(p: Any, processed: Any) -> None:
 
             info = processed.infotexts[0] if getattr(processed, "infotexts", None) else ""
             for data in job.tile_maps:
-                image = draw_tile_prompt_map(data.source, data.windows, data.prompts, data.latent_size)
+                image = draw_tile_prompt_map(data.source, data.windows, data.prompts, data.latent_size,
+                                             pixels_per_latent=data.pixels_per_latent)
                 processed.images.append(image)
                 processed.infotexts.append(info)
                 job.webui.save_image(p, image, data.seed, data.prompt, info)

@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..method.attention import AttentionRecorder
-from .job import (Job, TiledPassSource, TiledPassTarget, decode_latent, flat_latent, image_plans, refusal,
-                  run_tiled_pass, step_aside, to_pil)
+from .job import (Job, TiledPassSource, TiledPassTarget, decode_latent, flat_latent, image_plans, latent_factor,
+                  refusal, run_tiled_pass, step_aside, to_pil)
 from ..method.probe import ProbeStats, probe_latent_size, probe_sigmas, run_probe
 from ..method.tiles import cover_resize
 from ..method.timesteps import KDIFFUSION
@@ -95,7 +95,8 @@ def batch_init_images(p: Any, count: int) -> list[Any]:
 
 def probe_size_for(p: Any, webui: Any, images: Sequence[Any]) -> tuple[int, int]:
     """The probe latent size of an img2img job: the smallest any of its images allows."""
-    target = (p.height // 8, p.width // 8)
+    f = latent_factor(p.sd_model)
+    target = (p.height // f, p.width // f)
     native = webui.native_side(p.sd_model)
     sizes = [probe_latent_size(target, (image.height, image.width), native) for image in images]
     return min(sizes, key=lambda s: s[0] * s[1])
@@ -111,9 +112,10 @@ def img2img_fallback_reason(p: Any, webui: Any) -> str | None:
         return (f"the sampler '{p.sampler_name}' is not supported (k-diffusion samplers and DDIM, DDIM CFG++, "
                 f"PLMS, UniPC are)")
     probe = probe_size_for(p, webui, p.init_images)
-    if p.height // 8 <= probe[0] and p.width // 8 <= probe[1]:
+    f = latent_factor(p.sd_model)
+    if p.height // f <= probe[0] and p.width // f <= probe[1]:
         return (f"the target {p.width}×{p.height} is not larger than the probe size "
-                f"{probe[1] * 8}×{probe[0] * 8} (upscale with 'Resize by' above 1)")
+                f"{probe[1] * f}×{probe[0] * f} (upscale with 'Resize by' above 1)")
     return None
 
 
@@ -158,7 +160,8 @@ def run_img2img(p: Any, job: Job, conditioning: Any, unconditional_conditioning:
     target = (int(init_latent.shape[-2]), int(init_latent.shape[-1]))
     images = batch_init_images(p, count)
     probe = probe_size_for(p, webui, images)
-    pixels = torch.stack([webui.probe_image(p, image, probe[1] * 8, probe[0] * 8) for image in images])
+    f = latent_factor(p.sd_model)
+    pixels = torch.stack([webui.probe_image(p, image, probe[1] * f, probe[0] * f) for image in images])
     with torch.no_grad():
         seeds = [int(s) for s in p.seeds]
         probe_latent = flat_latent(webui.encode(p.sd_model, pixels, seed=seeds[0])).to(init_latent)
@@ -200,6 +203,7 @@ def upscale_button_maps(p: Any, job: Job, samples: torch.Tensor) -> list[torch.T
     if probe == base:
         latents = samples
     else:
-        pixels = webui.probe_image(p, image, probe[1] * 8, probe[0] * 8)[None].repeat(samples.shape[0], 1, 1, 1)
+        f = latent_factor(p.sd_model)
+        pixels = webui.probe_image(p, image, probe[1] * f, probe[0] * f)[None].repeat(samples.shape[0], 1, 1, 1)
         latents = flat_latent(webui.encode(p.sd_model, pixels, seed=int(p.seeds[0]))).to(samples)
     return probe_maps(p, job, latents, job.conditioning, [int(s) for s in p.seeds])

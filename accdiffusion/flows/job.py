@@ -91,6 +91,7 @@ class TileMapData:
     latent_size: tuple[int, int]
     seed: int
     prompt: str
+    pixels_per_latent: int = 8
 
 
 @dataclass
@@ -289,7 +290,7 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
                 log.debug("AccDiffusion stage %d image %d tile prompts: %s", stage.index, i, prompts_i)
         if settings.tile_prompt_map and source.map_images is not None:  # the last stage's tiles are shown
             batch_maps = [TileMapData(source.map_images[i], map_windows, t, stage.size, int(source.seeds[i]),
-                                      source.prompts[i])
+                                      source.prompts[i], latent_factor(p.sd_model))
                           for i, t in enumerate(map_prompts) if t]
     job.tile_maps.extend(batch_maps)  # every batch of the job (batch count > 1) keeps its maps
     return latent
@@ -345,7 +346,8 @@ def _stage_input(p: Any, job: Job, stage: Stage, latent: torch.Tensor, samples: 
     h, w = samples.shape[-2:]
     scale = max(stage.size[0] / h, stage.size[1] / w)
     cover = (max(stage.size[0], round(h * scale)), max(stage.size[1], round(w * scale)))
-    encoded = flat_latent(job.webui.pixel_upscale(p, decoded_samples, cover[1] * 8, cover[0] * 8))
+    f = latent_factor(p.sd_model)
+    encoded = flat_latent(job.webui.pixel_upscale(p, decoded_samples, cover[1] * f, cover[0] * f))
     return cover_resize(encoded, stage.size, "nearest")
 
 
@@ -436,6 +438,15 @@ def _encoder_width(embedder: Any) -> int | None:
         return int(embedder.text_encoder.get_input_embeddings().weight.shape[1])
     except (AttributeError, TypeError, IndexError):
         return None
+
+
+def latent_factor(model: Any) -> int:
+    """Image pixels per latent pixel: 8, or what the model's VAE says when it is an integer (Neo's
+    Flux.2 VAE packs 2x2 into 128 channels: 16, vae.py:140; its video VAEs give a per-axis tuple
+    whose spatial part is 8)."""
+    vae = getattr(getattr(model, "forge_objects", None), "vae", None)
+    ratio = getattr(vae, "downscale_ratio", 8)
+    return ratio if isinstance(ratio, int) and ratio > 0 else 8
 
 
 def flat_latent(latent: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .job import (Job, TiledPassSource, TiledPassTarget, decode_image, decode_latent, flat_latent, flat_pixels,
-                  image_plans, refusal, run_tiled_pass,
+                  image_plans, latent_factor, refusal, run_tiled_pass,
                   step_aside, to_pil)
 from .img2img import upscale_button_maps
 
@@ -75,19 +75,21 @@ def hires_fallback_reason(p: Any, job: Job, samples: Any, decoded_samples: Any =
                 f"DDIM CFG++, PLMS, UniPC are)")
     first = samples if samples is not None else decoded_samples
     if first is not None:
+        f = latent_factor(p.sd_model)
         base = (int(first.shape[-2]), int(first.shape[-1]))
         if samples is None:  # decoded pixels (the Upscale button with a pixel upscaler)
-            base = (base[0] // 8, base[1] // 8)
+            base = (base[0] // f, base[1] // f)
         target = target_latent_size(p)
         if target[0] <= base[0] and target[1] <= base[1]:
-            return (f"the hires size {target[1] * 8}×{target[0] * 8} is not larger than the first pass "
-                    f"{base[1] * 8}×{base[0] * 8}")
+            return (f"the hires size {target[1] * f}×{target[0] * f} is not larger than the first pass "
+                    f"{base[1] * f}×{base[0] * f}")
     return None
 
 
 def target_latent_size(p: Any) -> tuple[int, int]:
     """The hires latent after the WebUI's crop for a changed aspect ratio (processing.py:1427)."""
-    return (p.hr_upscale_to_y // 8 - p.truncate_y, p.hr_upscale_to_x // 8 - p.truncate_x)
+    f = latent_factor(p.sd_model)
+    return (p.hr_upscale_to_y // f - p.truncate_y, p.hr_upscale_to_x // f - p.truncate_x)
 
 
 def begin_hires_pass(p: Any) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -46,6 +47,9 @@ def forge_alter_samplers() -> list | None:
         except (ImportError, AttributeError):
             continue
     return None
+
+
+_NO_VALUE = object()
 
 
 class WebUI:
@@ -112,8 +116,25 @@ class WebUI:
     def latent_upscale_mode(self, name: str | None) -> dict | None:
         return getattr(self.shared, "latent_upscale_modes", {}).get(name) if name else None
 
+    @staticmethod
+    @contextmanager
+    def own_encode(model: Any) -> Iterator[None]:
+        """An encode of ours leaves the model as it was: Neo's Flux.2 Klein keeps the last encoded
+        image as the next positive prompt's reference image (flux2.py:47-51, :66-71), and ours (a
+        probe, an upscaled first pass) must not become the reference of a later job."""
+        initial = model.__dict__.get("ini_latent", _NO_VALUE)
+        try:
+            yield
+        finally:
+            if initial is not _NO_VALUE:
+                model.ini_latent = initial
+
     def pixel_upscale(self, p: Any, decoded: torch.Tensor, width: int, height: int) -> torch.Tensor:
         """The user's pixel upscaler on the decoded first pass, encoded back to a latent."""
+        with self.own_encode(p.sd_model):
+            return self._pixel_upscale(p, decoded, width, height)
+
+    def _pixel_upscale(self, p: Any, decoded: torch.Tensor, width: int, height: int) -> torch.Tensor:
         import numpy as np
         from PIL import Image
 
@@ -161,6 +182,10 @@ class WebUI:
         ``DiagonalGaussianDistribution.sample``), whose state is whatever the last request left
         where this runs before the WebUI seeds it (img2img's probe). With ``seed`` that draw is
         the seed's — the same request gives the same latent — and the global RNG is left as it was."""
+        with self.own_encode(model):
+            return self._encode(model, pixels, seed)
+
+    def _encode(self, model: Any, pixels: torch.Tensor, seed: int | None) -> torch.Tensor:
         method = self.sd_samplers_common.approximation_indexes.get(self.opts.sd_vae_encode_method)
         pixels = pixels.to(self.shared.device, dtype=self.devices.dtype_vae)
         if seed is None:

@@ -88,9 +88,10 @@ def _own_extent(i: int, windows: Sequence["Window"], axis: str) -> int:
 
 
 def draw_tile_prompt_map(image: Image.Image, windows: Sequence["Window"], prompts: Sequence[str],
-                         latent_size: tuple[int, int], max_side: int = MAX_SIDE) -> Image.Image:
+                         latent_size: tuple[int, int], max_side: int = MAX_SIDE,
+                         pixels_per_latent: int = 8) -> Image.Image:
     """``image`` scaled to the stage's pixel size (``latent_size`` is the latent (H, W); pixels are
-    8×), shrunk as a whole if its longer side exceeds ``max_side``. Each window is drawn as a
+    ``pixels_per_latent``×: 8, Flux.2's 16), shrunk as a whole if its longer side exceeds ``max_side``. Each window is drawn as a
     translucent filled rectangle (overlaps show darker) with a solid outline, and its prompt is
     written in its top-left corner cell, wrapped. Returns a new RGB image."""
     if len(windows) != len(prompts):
@@ -98,7 +99,8 @@ def draw_tile_prompt_map(image: Image.Image, windows: Sequence["Window"], prompt
     lat_h, lat_w = latent_size
     if lat_h <= 0 or lat_w <= 0:
         raise ValueError(f"latent size must be positive, got {latent_size}")
-    scale = 8.0 * min(1.0, max_side / (8 * max(lat_h, lat_w)))  # output pixels per latent pixel
+    f = pixels_per_latent
+    scale = f * min(1.0, max_side / (f * max(lat_h, lat_w)))  # output pixels per latent pixel
     out_w, out_h = max(1, round(lat_w * scale)), max(1, round(lat_h * scale))
     canvas = image.convert("RGB").resize((out_w, out_h), Image.LANCZOS).convert("RGBA")
 
