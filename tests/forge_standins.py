@@ -228,11 +228,12 @@ class ForgeModelStandIn(StandInModel):
 
 def concat_crossattn(conds):
     """condition.py:59-72 ConditionCrossAttn.concat: token counts brought to their lcm by repeating
-    each conditioning whole."""
+    each conditioning whole; one already that long is left as it is (Neo condition.py:60-73: so
+    Anima's [B, 1, 512, D] rows, 4-d, are concatenated untouched)."""
     tokens = 1
     for c in conds:
         tokens = tokens * c.shape[1] // math.gcd(tokens, c.shape[1])
-    return torch.cat([c.repeat(1, tokens // c.shape[1], 1) for c in conds])
+    return torch.cat([c if c.shape[1] == tokens else c.repeat(1, tokens // c.shape[1], 1) for c in conds])
 
 
 def sampling_function(model: ForgeModelStandIn, x, sigma, cond, uncond, cond_scale, return_full=False):
