@@ -480,6 +480,10 @@ class VideoVAEWebUIStandIn(DiTWebUIStandIn):
             return super().decode(model, latent[:, :, 0]).unsqueeze(1)
         return super().decode(model, latent)
 
+    def encode(self, model, pixels, seed=None):
+        """encode_first_stage of a video VAE: [B, C, 1, h, w] (one frame)."""
+        return super().encode(model, pixels, seed).unsqueeze(2)
+
 
 class VideoLatentTxt2ImgStandIn(DiTTxt2ImgStandIn):
     """Neo's txt2img for an ``is_wan`` model: the RNG's shape has the time axis, (C, 1, h, w)

@@ -8,14 +8,16 @@ import pytest
 import torch
 
 import neo_qwen_anima_standins as standins
-from a1111_standins import process_images
+from a1111_standins import picture, process_images, process_img2img
 from accdiffusion.entry import facade
 from accdiffusion.flows import job as job_module
+from accdiffusion.backends import forge
 from accdiffusion.flows.job import kept_positions, word_positions
 from accdiffusion.method.attention import AttentionRecorder
 from accdiffusion.method.jointattention import JointAttentionCapture, joint_family, recorded_blocks
 from accdiffusion.method.settings import AccDiffusionSettings
 from accdiffusion.method.words import split_words
+from dit_standins import DiTImg2ImgStandIn
 from neo_qwen_anima_standins import (AnimaEngineStandIn, AnimaTextEngineStandIn, QwenImageEngineStandIn,
                                      QwenTextEngineStandIn, VideoLatentTxt2ImgStandIn, VideoVAEWebUIStandIn)
 
@@ -250,3 +252,31 @@ def test_first_pass_bit_identical_and_disabled_is_not_installed(family):
     _, _, off = run(family, settings=AccDiffusionSettings(enabled=False))
     assert len(plain.images) == len(off.images) == 1
     assert all(torch.equal(a, b) for a, b in zip(plain.images, off.images))
+
+
+def test_img2img_probe_and_tiled_pass_on_5d_latents(family, stage_prompts, monkeypatch):
+    """img2img: Neo's init latent has the time axis (its VAE encodes one frame); the probe pass's
+    call and every tiled call give the model [B, C, 1, h, w], and the probe's maps reach the tiles."""
+    probes = []
+    original = forge.ForgeBackend._joint_probe_call
+
+    def spy(p, unet, recorder, conds, loaded, prepare, *more):
+        call = original(p, unet, recorder, conds, loaded, prepare, *more)
+        return lambda x, sigma: probes.append(tuple(x.shape)) or call(x, sigma)
+
+    monkeypatch.setattr(forge.ForgeBackend, "_joint_probe_call", staticmethod(spy))
+    family.transformer.calls.clear()
+    webui = VideoVAEWebUIStandIn()
+    webui.native = 64
+    p = DiTImg2ImgStandIn(family, webui, [PROMPT], [picture(64, 64)], width=128, height=128, adapter=facade,
+                          cfg_scale=1.0)
+    out = process_img2img(p, ON, facade)
+    assert p.init_latent.ndim == 5
+    assert probes and all(len(shape) == 4 for shape in probes)  # the job's frame; the model gets the axis back
+    calls = family.transformer.calls
+    assert calls and all(len(c["shape"]) == 5 and c["shape"][2] == 1 for c in calls)
+    assert any(c["shape"][-2:] == (8, 8) for c in calls)  # the probe, at the native size
+    assert [tuple(im.shape) for im in out.images] == [(1, 3, 128, 128)]  # one frame per image
+    assert all(bool(torch.isfinite(im).all()) for im in out.images)
+    assert p.comments == {}
+    assert any(prompt != PROMPT for _, _, prompts in stage_prompts for prompt in prompts[0])
