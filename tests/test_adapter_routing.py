@@ -418,7 +418,8 @@ def test_batch_of_one_prompt_gets_one_tile_prompt_map_per_image(models, spy, mon
     drawn = []
     draw = tilemap.draw_tile_prompt_map
     monkeypatch.setattr(tilemap, "draw_tile_prompt_map",
-                        lambda source, windows, prompts, size: drawn.append(list(prompts)) or draw(source, windows, prompts, size))
+                        lambda source, windows, prompts, size, **kw: drawn.append(list(prompts))
+                        or draw(source, windows, prompts, size, **kw))  # pixels_per_latent= since ebd80fe
     p, webui = make_job(host, models[(host, "sd1")], prompts=[PROMPT, PROMPT], hr_scale=1.5)
     out = process_images(p, ROUTING.replace(tile_prompt_map=True), facade)
     assert len(out.images) == 4 and len(webui.saved) == 2
