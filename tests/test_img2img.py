@@ -335,17 +335,18 @@ def test_webui_encode_with_a_seed_draws_the_seeds_posterior_and_leaves_the_globa
     webui.shared = SimpleNamespace(device=torch.device("cpu"), opts=SimpleNamespace(sd_vae_encode_method="Full"))
     webui.devices = SimpleNamespace(dtype_vae=torch.float32)
     pixels = torch.rand(1, 3, 16, 16)
+    model = SimpleNamespace()  # a model object: encode keeps its attributes as they were (own_encode, ebd80fe)
     torch.manual_seed(1)
-    a = webui.encode(None, pixels, seed=7)
+    a = webui.encode(model, pixels, seed=7)
     after_a = torch.randn(3)
     torch.manual_seed(2)
-    b = webui.encode(None, pixels, seed=7)
+    b = webui.encode(model, pixels, seed=7)
     torch.manual_seed(1)
     assert torch.equal(a, b)  # the seed's draw, whatever the global state was
     assert torch.equal(after_a, torch.randn(3))  # the global RNG continues as if nothing drew from it
-    assert not torch.equal(webui.encode(None, pixels, seed=8), a)
+    assert not torch.equal(webui.encode(model, pixels, seed=8), a)
     torch.manual_seed(2)
-    assert not torch.equal(webui.encode(None, pixels), a)  # without a seed: the global state's draw
+    assert not torch.equal(webui.encode(model, pixels), a)  # without a seed: the global state's draw
 
 
 def test_img2img_prompt_drives_the_tile_prompts(sd1_model):
