@@ -9,9 +9,9 @@ import torch
 
 import neo_qwen_anima_standins as standins
 from a1111_standins import picture, process_images, process_img2img
+from accdiffusion.backends import forge
 from accdiffusion.entry import facade
 from accdiffusion.flows import job as job_module
-from accdiffusion.backends import forge
 from accdiffusion.flows.job import kept_positions, word_positions
 from accdiffusion.method.attention import AttentionRecorder
 from accdiffusion.method.jointattention import JointAttentionCapture, joint_family, recorded_blocks

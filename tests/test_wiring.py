@@ -226,8 +226,8 @@ def test_shifted_tile_prompt_map_shows_the_last_steps_windows(models, plans, den
     drawn = []
     draw = tilemap.draw_tile_prompt_map
     monkeypatch.setattr(tilemap, "draw_tile_prompt_map",
-                        lambda source, windows, prompts, size: drawn.append((list(windows), list(prompts)))
-                        or draw(source, windows, prompts, size))
+                        lambda source, windows, prompts, size, **kw: drawn.append((list(windows), list(prompts)))
+                        or draw(source, windows, prompts, size, **kw))  # pixels_per_latent= since ebd80fe
     p, webui = txt2img(host, models[host], prompts=[PROMPT])
     out = process_images(p, SHIFTED.replace(tile_prompt_map=True), facade)
     assert len(out.images) == 2
