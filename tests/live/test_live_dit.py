@@ -201,8 +201,10 @@ def test_img2img_runs_the_probe_and_the_tiled_pass(family):
 @needs_log
 def test_batch_of_one_prompt_gives_each_image_its_own_tile_prompts(family):
     """batch_size 2 of one prompt (seeds 7, 8): each image's tile prompts are the ones a job of its
-    seed alone gets (its own first pass's maps), and the two differ; one tile-prompt map per image."""
-    acc = {"enabled": True, "tile_prompt_map": True}
+    seed alone gets (its own first pass's maps), and the two differ; one tile-prompt map per image.
+    Overlap windows: the shifted windows' offsets (and the dilated shuffles) are drawn from the
+    batch's first seed, so a shifted job of seed 8 alone shows other windows than image 1 of the batch."""
+    acc = {"enabled": True, "tile_prompt_map": True, "window_mode": "overlap"}
     log = Log()
     out = txt2img(family, acc=acc, batch_size=2)
     batch = tile_prompts(log.text())
@@ -221,7 +223,7 @@ def test_shifted_windows(family):
     log = Log()
     shifted = txt2img(family, acc={"enabled": True, "window_mode": "shifted"})
     text = log.text()
-    overlap = txt2img(family, acc={"enabled": True})
+    overlap = txt2img(family, acc={"enabled": True, "window_mode": "overlap"})  # shifted is the default
     assert sizes(shifted) == [(128, 128)]
     assert digests(shifted) != digests(overlap)
     assert "AccDiffusion window mode: shifted" in infotext(shifted)
