@@ -330,15 +330,25 @@ def test_upscale_button(family, upscaler):
 # --- beside Forge's MultiDiffusion Integrated --------------------------------------------------------------
 def test_multidiffusion_integrated_enabled_makes_accdiffusion_step_aside(family):
     """One tiler per job: with Forge's built-in tiler on, the image is its alone (forge_multidiffusion.py
-    args: enabled, method, tile width/height, overlap, batch)."""
+    args: enabled, method, tile width/height, overlap, batch). Forge 2: txt2img hires; Neo offers its
+    tiler in img2img only (tiles of at least 256 px): img2img 64 -> 256 px there."""
+    tab = "txt2img" if "txt2img" in HOST.tiler_tabs else "img2img"
+
     def run(ours, theirs):
-        return txt2img(family, width=128, height=128, alwayson_scripts={
-            "AccDiffusion": {"args": [{"enabled": ours}]},
-            "MultiDiffusion Integrated": {"args": [theirs, "MultiDiffusion", 64, 64, 32, 4]}})
+        scripts = {"AccDiffusion": {"args": [{"enabled": ours}]},
+                   "MultiDiffusion Integrated": {"args": [theirs, *HOST.tiler_args]}}
+        if tab == "txt2img":
+            scripts["MultiDiffusion Integrated"] = {"args": [theirs, "MultiDiffusion", 64, 64, 32, 4]}
+            return txt2img(family, width=128, height=128, alwayson_scripts=scripts)
+        # the WebUI encodes the init image with the global torch RNG before the request seeds it:
+        # each compared request comes after the same one (test_disabled_is_identical_to_not_installed)
+        img2img(family, width=256, height=256,
+                alwayson_scripts={**scripts, "AccDiffusion": {"args": [{"enabled": False}]}})
+        return img2img(family, width=256, height=256, alwayson_scripts=scripts)
 
     status, scripts = call("/sdapi/v1/scripts", method="GET")
-    if status != 200 or "multidiffusion integrated" not in scripts.get("txt2img", []):
-        pytest.skip("Forge's MultiDiffusion Integrated is not there")
+    if status != 200 or "multidiffusion integrated" not in scripts.get(tab, []):
+        pytest.skip(f"Forge's MultiDiffusion Integrated is not there ({tab})")
     log = Log()
     both = run(True, True)
     text = log.text()
