@@ -201,8 +201,10 @@ def test_img2img_runs_the_probe_and_the_tiled_pass(family):
 @needs_log
 def test_batch_of_one_prompt_gives_each_image_its_own_tile_prompts(family):
     """batch_size 2 of one prompt (seeds 7, 8): each image's tile prompts are the ones a job of its
-    seed alone gets (its own first pass's maps), and the two differ; one tile-prompt map per image."""
-    acc = {"enabled": True, "tile_prompt_map": True}
+    seed alone gets (its own first pass's maps), and the two differ; one tile-prompt map per image.
+    Overlap windows: the shifted windows' offsets (and the dilated shuffles) are drawn from the
+    batch's first seed, so a shifted job of seed 8 alone shows other windows than image 1 of the batch."""
+    acc = {"enabled": True, "tile_prompt_map": True, "window_mode": "overlap"}
     log = Log()
     out = txt2img(family, acc=acc, batch_size=2)
     batch = tile_prompts(log.text())
@@ -221,7 +223,7 @@ def test_shifted_windows(family):
     log = Log()
     shifted = txt2img(family, acc={"enabled": True, "window_mode": "shifted"})
     text = log.text()
-    overlap = txt2img(family, acc={"enabled": True})
+    overlap = txt2img(family, acc={"enabled": True, "window_mode": "overlap"})  # shifted is the default
     assert sizes(shifted) == [(128, 128)]
     assert digests(shifted) != digests(overlap)
     assert "AccDiffusion window mode: shifted" in infotext(shifted)
@@ -328,15 +330,25 @@ def test_upscale_button(family, upscaler):
 # --- beside Forge's MultiDiffusion Integrated --------------------------------------------------------------
 def test_multidiffusion_integrated_enabled_makes_accdiffusion_step_aside(family):
     """One tiler per job: with Forge's built-in tiler on, the image is its alone (forge_multidiffusion.py
-    args: enabled, method, tile width/height, overlap, batch)."""
+    args: enabled, method, tile width/height, overlap, batch). Forge 2: txt2img hires; Neo offers its
+    tiler in img2img only (tiles of at least 256 px): img2img 64 -> 256 px there."""
+    tab = "txt2img" if "txt2img" in HOST.tiler_tabs else "img2img"
+
     def run(ours, theirs):
-        return txt2img(family, width=128, height=128, alwayson_scripts={
-            "AccDiffusion": {"args": [{"enabled": ours}]},
-            "MultiDiffusion Integrated": {"args": [theirs, "MultiDiffusion", 64, 64, 32, 4]}})
+        scripts = {"AccDiffusion": {"args": [{"enabled": ours}]},
+                   "MultiDiffusion Integrated": {"args": [theirs, *HOST.tiler_args]}}
+        if tab == "txt2img":
+            scripts["MultiDiffusion Integrated"] = {"args": [theirs, "MultiDiffusion", 64, 64, 32, 4]}
+            return txt2img(family, width=128, height=128, alwayson_scripts=scripts)
+        # the WebUI encodes the init image with the global torch RNG before the request seeds it:
+        # each compared request comes after the same one (test_disabled_is_identical_to_not_installed)
+        img2img(family, width=256, height=256,
+                alwayson_scripts={**scripts, "AccDiffusion": {"args": [{"enabled": False}]}})
+        return img2img(family, width=256, height=256, alwayson_scripts=scripts)
 
     status, scripts = call("/sdapi/v1/scripts", method="GET")
-    if status != 200 or "multidiffusion integrated" not in scripts.get("txt2img", []):
-        pytest.skip("Forge's MultiDiffusion Integrated is not there")
+    if status != 200 or "multidiffusion integrated" not in scripts.get(tab, []):
+        pytest.skip(f"Forge's MultiDiffusion Integrated is not there ({tab})")
     log = Log()
     both = run(True, True)
     text = log.text()
