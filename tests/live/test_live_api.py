@@ -209,8 +209,9 @@ def pixels(out, i):
 def test_batch_of_one_prompt_one_tile_prompt_map_per_image():
     """batch_size 2, one prompt (seeds 7, 8): two images and two tile-prompt maps, one per image,
     each drawn from its own image's first pass and tile prompts: closer to the map of a job of
-    that seed alone than to the other image's map."""
-    acc = {"enabled": True, "tile_prompt_map": True}
+    that seed alone than to the other image's map. Overlap windows: a map shows the last step's
+    windows, and the shifted windows' offsets are drawn from the batch's first seed."""
+    acc = {"enabled": True, "tile_prompt_map": True, "window_mode": "overlap"}
     out = txt2img(acc=acc, batch_size=2)
     assert sizes(out) == [(128, 128)] * 4  # two images, then two maps
     assert len(set(digests(out))) == 4
