@@ -23,7 +23,7 @@ def test_settings_endpoint_lists_window_mode_and_automatic_batch():
     status, schema = call("/accdiffusion/v1/settings")
     assert status == 200
     props = schema["properties"]
-    assert props["window_mode"]["enum"] == ["overlap", "shifted"] and props["window_mode"]["default"] == "overlap"
+    assert props["window_mode"]["enum"] == ["overlap", "shifted"] and props["window_mode"]["default"] == "shifted"
     assert props["tile_batch_size"]["default"] == 0
 
 
@@ -31,12 +31,14 @@ def test_shifted_hires_sizes_reproducible_and_differs_from_overlap():
     kw = dict(width=128, height=128, hr_scale=2, steps=3, hr_second_pass_steps=4)
     shifted = txt2img(acc=SHIFTED, **kw)
     again = txt2img(acc=SHIFTED, **kw)
-    overlap = txt2img(acc={"enabled": True}, **kw)
+    overlap = txt2img(acc={"enabled": True, "window_mode": "overlap"}, **kw)  # shifted is the default
+    assert digests(txt2img(acc={"enabled": True}, **kw)) == digests(shifted)
     assert sizes(shifted) == [(256, 256)]
     assert digests(shifted) == digests(again)
     assert digests(shifted) != digests(overlap)
+    # both written (an infotext without the key replays overlap, the mode of the days before the key)
     assert "AccDiffusion window mode: shifted" in infotext(shifted)
-    assert "AccDiffusion window mode" not in infotext(overlap)
+    assert "AccDiffusion window mode: overlap" in infotext(overlap)
     assert "AccDiffusion tile batch size" not in infotext(shifted)  # automatic: not written
 
 
