@@ -161,7 +161,8 @@ def test_two_units_in_the_tiled_pass(cn_model, case, modes):
     # ControlNet leaves a "Low res only" unit out of the hires pass itself
     assert units == ({2} if FORGE and modes[0] == "Low res only" else {1, 2})
     side = target // 8 * 8
-    windows = {tuple(map(int, box)) for *_, where in crops for box in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where)}
+    windows = {tuple(map(int, box)) for *_, where in crops
+               for box in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where)}
     assert windows
     for _, h, w, where in crops:
         assert (int(h), int(w)) == (side, side)
