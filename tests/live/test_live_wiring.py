@@ -12,7 +12,7 @@ import json
 import pytest
 
 from hosts import HOST
-from test_live_api import URL, call, digests, img2img, infotext, init_image, sizes, txt2img
+from test_live_api import URL, call, digests, img2img, infotext, init_image, pixel_digests, sizes, txt2img
 
 pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
 
@@ -75,7 +75,7 @@ def test_xyz_axis_window_mode():
     status, out = call("/sdapi/v1/txt2img", body)
     assert status == 200, out
     assert len(out["images"]) == 3  # grid + two cells
-    grid, overlap, shifted = digests(out)
+    grid, overlap, shifted = pixel_digests(out)
     assert overlap != shifted
     infos = json.loads(out["info"])["infotexts"]
     assert "X Type: AccDiffusion Window mode" in infos[0] and "overlap" in infos[0] and "shifted" in infos[0]
