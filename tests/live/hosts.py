@@ -51,6 +51,16 @@ class Host:
     tiler_args: tuple = ()  # its script arguments after `enabled`, for a 64-128 px job
     refiner: bool = True  # the API takes refiner_checkpoint (AccDiffusion steps aside for it)
     extra_samplers: tuple = ()  # hires samplers beyond A1111's that the tests run too (Forge's DDPM)
+    # Forge Classic: no schedule type setting (no /sdapi/v1/schedulers, no hr_scheduler); the schedule is
+    # part of the sampler's name ("DPM++ 2M Karras")
+    schedule_types: bool = True
+    # reForge / Forge Classic: the UI runs a job in modules_forge/main_thread.py's loop, which prints the
+    # job's exception and hands the page None: a refused setting shows "TypeError: 'NoneType' object is
+    # not iterable" there (the API still answers 422 with the message)
+    ui_shows_job_errors: bool = True
+    # Forge Classic: the img2img tab's "Steps" paste field has no api name (modules/ui.py), so an img2img
+    # infotext request runs the API's default steps unless it names them
+    img2img_infotext_steps: bool = True
     notes: dict = field(default_factory=dict)
 
     @property
@@ -86,6 +96,10 @@ class Host:
             out["hr_scheduler"] = "Automatic"  # the tests' first pass: "Schedule type: Automatic"
         return out
 
+    def img2img_infotext_fields(self, steps: int) -> dict:
+        """What an img2img infotext request must also carry on this host (beyond ``infotext_fields``)."""
+        return {} if self.img2img_infotext_steps else {"steps": steps}
+
     def size(self, pixels: float) -> int:
         """A requested width or height as the host makes it (Neo rounds to 64, at least 64)."""
         if self.size_multiple == 64:
@@ -113,6 +127,10 @@ class Host:
         if not self.latent_upscalers:
             pytest.skip(f"{self.label} has no latent hires upscaler{': ' + why if why else ''}")
 
+    def need_schedule_types(self) -> None:
+        if not self.schedule_types:
+            pytest.skip(f"{self.label} has no schedule type setting (the schedule is in the sampler's name)")
+
     def need_family(self, family: str) -> None:
         if family not in self.families:
             pytest.skip(f"{self.label} does not load {family} checkpoints")
@@ -133,9 +151,11 @@ HOSTS = {
                 tiler="MultiDiffusion Integrated", tiler_tabs=("img2img",),
                 tiler_args=("MultiDiffusion", 256, 256, 64, 4)),
     "reforge": Host("reforge", "reForge", hr_cfg=True, xyz_after_legend=(False, False, 0), controlnet="builtin",
+                    ui_shows_job_errors=False,
                     # reForge's multidiffusion: enabled, method, tile w/h, overlap, batch, shift method
                     tiler="MultiDiffusion Integrated", tiler_args=("MultiDiffusion", 128, 128, 64, 4, "random")),
-    "classic": Host("classic", "Forge Classic", controlnet="builtin"),
+    "classic": Host("classic", "Forge Classic", controlnet="builtin", schedule_types=False,
+                    ui_shows_job_errors=False, img2img_infotext_steps=False),
 }
 
 
@@ -178,6 +198,13 @@ def need_sampler(name: str) -> None:
 
 def schedulers() -> list[str]:
     return [s["label"] for s in _get("/sdapi/v1/schedulers") or []]
+
+
+def need_scheduler(name: str) -> None:
+    HOST.need_schedule_types()
+    have = schedulers()
+    if have and name not in have:
+        pytest.skip(f"{HOST.label} has no scheduler {name!r}")
 
 
 def script_offered(title: str, tab: str = "txt2img") -> bool:

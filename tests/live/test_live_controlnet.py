@@ -127,7 +127,8 @@ CASES = {
     "2x": dict(width=128, height=128, hr_scale=2),
     "1.5x padded": dict(width=128, height=128, hr_scale=1.5),
     "320 at 1.5x": dict(width=320, height=320, hr_scale=1.5, steps=2, hr_second_pass_steps=2),
-    "window 24": dict(width=128, height=128, hr_scale=2, acc={"window_size": 24}),
+    "overlap": dict(width=128, height=128, hr_scale=2, acc={"window_mode": "overlap"}),
+    "window 24": dict(width=128, height=128, hr_scale=2, acc={"window_mode": "overlap", "window_size": 24}),
     "batch 2": dict(width=128, height=128, hr_scale=2, batch_size=2),
     # shifted windows (the default; the cases above name overlap, whose windows all have one size)
     "shifted": dict(width=128, height=128, hr_scale=2, acc={"window_mode": "shifted"}),
@@ -162,22 +163,28 @@ def test_two_units_in_the_tiled_pass(cn_model, case, modes):
     # A1111 swaps the hint of every unit (a "Low res only" one then sits the call out); Forge's
     # ControlNet leaves a "Low res only" unit out of the hires pass itself
     assert units == ({2} if FORGE and modes[0] == "Low res only" else {1, 2})
+    side = target // 8 * 8
+    windows = {tuple(map(int, box)) for *_, where in crops
+               for box in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where)}
+    assert windows
     for _, h, w, where in crops:
-        assert (int(h), int(w)) == (target // 8 * 8, target // 8 * 8)
-        for top, bottom, left, right in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where):
-            assert 0 <= int(top) < int(bottom) <= int(h) and 0 <= int(left) < int(right) <= int(w)
-            if acc["window_mode"] == "shifted":
-                continue  # edge windows are up to 1.5 windows long
-            side = acc.get("window_size") or kw["width"] // 8
-            assert int(bottom) - int(top) == min(side, target // 8) * 8
+        assert (int(h), int(w)) == (side, side)
+    for top, bottom, left, right in windows:
+        assert 0 <= top < bottom <= side and 0 <= left < right <= side
+        if acc.get("window_mode") == "overlap":  # windows of the window size (first-pass latent), overlapping
+            window = acc.get("window_size") or kw["width"] // 8
+            assert bottom - top == min(window, target // 8) * 8
+        else:  # shifted (the default): each step's windows tile the image, cut where another window starts
+            assert top == 0 or top in {b for _, b, _, _ in windows}
+            assert bottom == side or bottom in {t for t, _, _, _ in windows}
+            assert left == 0 or left in {r for _, _, _, r in windows}
+            assert right == side or right in {lft for _, _, lft, _ in windows}
     probed = probed_forge_crops(text)
     if FORGE and probed:
         hires = [src for is_hr, src in probed if is_hr == "True" and not src.startswith("skipped")]
         assert hires and not any(src.startswith("whole hint") for src in hires)
         found = {tuple(map(int, xy)) for src in hires for xy in re.findall(r"\((\d+), (\d+)\)", src)}
-        windows = {(int(top), int(left)) for *_, where in crops
-                   for top, _, left, _ in re.findall(r"px y(\d+):(\d+) x(\d+):(\d+)", where)}
-        assert found == windows
+        assert found == {(top, left) for top, _, left, _ in windows}
 
 
 def test_img2img_with_two_units(cn_model):

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hosts import HOST  # noqa: E402
-from test_live_api import URL, call, digests, infotext, txt2img  # noqa: E402
+from test_live_api import URL, call, digests, infotext, pixel_digests, txt2img  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not URL, reason="set SD_WEBUI_URL to run against a live WebUI")
 
@@ -89,7 +89,8 @@ def test_prompt_units_is_an_xyz_axis(img2img):
     cells = [t for t in texts[1:] if "AccDiffusion: True" in t]
     assert len(cells) == 2, texts
     assert "AccDiffusion prompt units: words" in cells[1] and "prompt units" not in cells[0]
-    # each cell equals a plain request with that setting (same seed)
-    alone = {u: digests(txt2img(acc={"enabled": True, "prompt_units": u}, prompt=TAGS, steps=3, seed=5))[0]
+    # each cell equals a plain request with that setting (same seed), pixel for pixel (reForge returns
+    # the cells it saved as RGBA PNGs: test_live_api.pixel_digests)
+    alone = {u: pixel_digests(txt2img(acc={"enabled": True, "prompt_units": u}, prompt=TAGS, steps=3, seed=5))[0]
              for u in ("phrases", "words")}
-    assert alone["phrases"] in digests(out) and alone["words"] in digests(out)
+    assert pixel_digests(out)[1:] == [alone["phrases"], alone["words"]]

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hosts import HOST, need_sampler, schedulers  # noqa: E402
+from hosts import HOST, need_sampler, need_scheduler  # noqa: E402
 from test_live_api import URL, digests, img2img, infotext, init_image, sizes, txt2img  # noqa: E402
 
 LOG = os.environ.get("SD_WEBUI_LOG")
@@ -80,8 +80,7 @@ def test_img2img_with_a_timestep_sampler(sampler):
 
 @pytest.mark.parametrize("scheduler", ["Karras", "Exponential", "SGM Uniform"])
 def test_hires_scheduler_is_honoured(scheduler):
-    if schedulers() and scheduler not in schedulers():
-        pytest.skip(f"{HOST.label} has no scheduler {scheduler!r}")
+    need_scheduler(scheduler)
     kw = dict(sampler_name="Euler", hr_sampler_name="DPM++ 2M", hr_scheduler=scheduler)
     on = txt2img(acc={"enabled": True}, **kw)
     assert digests(on) == digests(txt2img(acc={"enabled": True}, **kw))
