@@ -198,11 +198,11 @@ class UnetPatcherStandIn:
 
 
 class ForgeObjects:
-    def __init__(self, unet):
-        self.unet = unet
+    def __init__(self, unet, vae=None):
+        self.unet, self.vae = unet, vae
 
     def shallow_copy(self):
-        return ForgeObjects(self.unet)
+        return ForgeObjects(self.unet, self.vae)
 
 
 class ForgeModelStandIn(StandInModel):

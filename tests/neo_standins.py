@@ -1,6 +1,14 @@
 """Stand-ins of Forge Neo's new model families (Neo 2.26, the bundle ../shared/hosts/setup-forge-neo.sh
 builds), written here, small and random, with the structure the backend relies on:
 
+- Flux.2 Klein (backend/nn/flux.py in FLUX.2 mode, diffusion_engine/flux2.py): Flux's double- and
+  single-stream blocks with one shared modulation (``global_modulation``, :437-443, :483-485),
+  patch 1 on 128-channel latents (``patch_size``, :378, process_img :558-572), 4-axis position ids
+  (image (0, row, col, 0), text (0, 0, 0, i) through ``txt_ids_dims``, :621-625), reference latents
+  appended to the image tokens (``ref_latents or dynamic_args.ref_latents``, :583-611, index 1 on
+  axis 0), no guidance input; its VAE packs 2x2 (``downscale_ratio`` 16, backend/patcher/vae.py:140);
+  the engine's ``text_processing_engine_gemma`` is a Qwen3 engine with Klein's template (klein_engine.py:32).
+
 - Z-Image / Lumina 2 (backend/nn/lumina.py): ``NextDiT`` (:215-419) — ``cap_embedder`` (RMSNorm +
   Linear, :317), ``context_refiner`` (caption-only blocks without modulation) and ``noise_refiner``
   (image-only blocks), then ``layers`` over the joined [caption; image] sequence (:378-384); the
@@ -228,3 +236,97 @@ class ZImageEngineStandIn(DiTEngineStandIn):
         self.encoded.append(prompt)
         with torch.no_grad():
             return self.text_processing_engine_gemma([prompt])[0]
+
+
+# --- Flux.2 Klein --------------------------------------------------------------------------------------
+KLEIN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+class ReferenceHolder:
+    """backend.args.dynamic_args: its ``ref_latents`` list (args.py:171), which Neo's Flux.2 forward
+    appends to the image tokens of every call (flux.py:583-611)."""
+
+    def __init__(self):
+        self.ref_latents: list = []
+
+
+class KleinStandIn(dit_standins.FluxStandIn):
+    guidance_embed = False
+    global_modulation = True
+    patch_size = 1
+
+    def __init__(self, channels=128, context_dim=24, dim=32, heads=2, seed=0):
+        super().__init__(channels=channels, context_dim=context_dim, dim=dim, heads=heads, depth=1, single=2,
+                         axes=(4, 4, 4, 4), seed=seed)
+        self.img_in, self.final_layer = nn.Linear(channels, dim), nn.Linear(dim, channels)
+        self.references = ReferenceHolder()
+
+    def forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, **kwargs):
+        b, c, h, w = x.shape
+        img = x.flatten(2).transpose(1, 2)
+        ids = torch.zeros(h, w, 4)
+        ids[..., 1] += torch.arange(h, dtype=torch.float32)[:, None]
+        ids[..., 2] += torch.arange(w, dtype=torch.float32)[None, :]
+        img_ids = ids.reshape(1, h * w, 4).expand(b, -1, -1)
+        references = ref_latents or self.references.ref_latents
+        for ref in references:
+            ref_ids = torch.zeros(ref.shape[-2], ref.shape[-1], 4)
+            ref_ids[..., 0] = 1.0
+            img = torch.cat([img, ref.to(x).flatten(2).transpose(1, 2).expand(b, -1, -1)], 1)
+            img_ids = torch.cat([img_ids, ref_ids.reshape(1, -1, 4).expand(b, -1, -1)], 1)
+        txt_ids = torch.zeros(b, context.shape[1], 4)
+        txt_ids[..., 3] = torch.arange(context.shape[1], dtype=torch.float32)
+        self.calls.append({"shape": tuple(x.shape), "context": context.detach().clone(), "tokens": img.shape[1],
+                           "t": timestep.detach().clone()})
+        pe = rotary(torch.cat([txt_ids, img_ids], 1), self.axes)
+        vec = self.time_in(dit_standins.sinusoid(timestep, 32))
+        img, txt = self.img_in(img), self.txt_in(context)
+        for block in self.double_blocks:
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+        joined = torch.cat([txt, img], 1)
+        for block in self.single_blocks:
+            joined = block(joined, vec=vec, pe=pe)
+        out = self.final_layer(joined[:, txt.shape[1]:txt.shape[1] + h * w])
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class KleinEngineStandIn(DiTEngineStandIn):
+    """diffusion_engine/flux2.py: Klein on a Flux predictor, the Qwen3 engine with Klein's template;
+    its VAE's downscale ratio 16."""
+
+    def __init__(self, tokenizer=None):
+        import types
+
+        self.family, self.is_sd3 = "klein", False
+        engine = Qwen3EngineStandIn(tokenizer or byte_level_tokenizer())
+        engine.llama_template = KLEIN_TEMPLATE
+        self.text_processing_engine_gemma = engine
+        self.transformer = KleinStandIn().requires_grad_(False)
+        self.kmodel = FlowKModelStandIn(self.transformer, dit_standins.PredictionFluxStandIn())
+        vae = types.SimpleNamespace(downscale_ratio=16)
+        self.forge_objects_after_applying_lora = ForgeObjects(UnetPatcherStandIn(self.kmodel), vae)
+        self.forge_objects = self.forge_objects_after_applying_lora.shallow_copy()
+        self.encoded: list[str] = []
+
+    def encode(self, prompt, is_negative=False, distilled_cfg_scale=None):
+        self.encoded.append(prompt)
+        with torch.no_grad():
+            return self.text_processing_engine_gemma([prompt])[0]
+
+
+class KleinWebUIStandIn(dit_standins.DiTWebUIStandIn):
+    """Decode / encode at 16 pixels per latent pixel, 128 channels."""
+
+    def decode(self, model, latent):
+        return torch.tanh(torch.nn.functional.interpolate(latent[:, :3].float(), scale_factor=16, mode="nearest"))
+
+    def encode(self, model, pixels, seed=None):
+        x = torch.atanh(torch.nn.functional.avg_pool2d(pixels.float() * 2 - 1, 16).clamp(-0.95, 0.95))
+        return torch.cat([x] * 43, 1)[:, :128]
+
+
+class KleinTxt2ImgStandIn(dit_standins.DiTTxt2ImgStandIn):
+    def __init__(self, model, webui, prompts, **kwargs):
+        kwargs.setdefault("cfg_scale", 1.0)
+        super().__init__(model, webui, prompts, **kwargs)
+        self.rng = dit_standins.ImageRNGStandIn((128, self.height // 16, self.width // 16), self.seeds)

@@ -201,3 +201,79 @@ def test_zimage_first_pass_bit_identical_and_disabled_is_not_installed(zimage):
     assert torch.equal(p.first_pass_latent, q.first_pass_latent)
     _, _, off = run(zimage, settings=AccDiffusionSettings(enabled=False))
     assert all(torch.equal(a, b) for a, b in zip(plain.images, off.images))
+
+
+# --- Flux.2 Klein ---------------------------------------------------------------------------------------
+@pytest.fixture
+def klein(monkeypatch):
+    """Klein with Neo's ``backend.args.dynamic_args`` (the reference latents' holder) in the host."""
+    import sys
+    import types
+
+    model = neo_standins.KleinEngineStandIn()
+    monkeypatch.setitem(sys.modules, "backend.args", types.SimpleNamespace(dynamic_args=model.transformer.references))
+    facade.host_backends.cache_clear()
+    yield model
+    facade.host_backends.cache_clear()
+
+
+def run_klein(model, settings=ON, **kw):
+    model.transformer.calls.clear()
+    webui = neo_standins.KleinWebUIStandIn()
+    p = neo_standins.KleinTxt2ImgStandIn(model, webui, kw.pop("prompts", [PROMPT]), **kw)
+    return p, webui, process_images(p, settings, facade)
+
+
+def test_klein_is_served_on_its_own_grid_and_never_on_flux1s_assumptions(klein):
+    p = neo_standins.KleinTxt2ImgStandIn(klein, neo_standins.KleinWebUIStandIn(), [PROMPT])
+    assert facade.backend_for(p).unsupported_reason(p) is None
+    # a Flux.2 transformer whose text engine we cannot read words from: stepping aside, not Flux.1's rules
+    klein.text_processing_engine_gemma.llama_template = None
+    try:
+        reason = facade.backend_for(p).unsupported_reason(p)
+    finally:
+        klein.text_processing_engine_gemma.llama_template = neo_standins.KLEIN_TEMPLATE
+    assert reason and "not supported" in reason
+
+
+def test_klein_words_are_found_inside_its_template(klein):
+    engine = klein.text_processing_engine_gemma
+    words = split_words(PROMPT)
+    positions = word_positions(engine, words, PROMPT)
+    assert _spelled(engine, PROMPT, positions) == [w.text for w in words]
+    ids = engine.tokenize_line(PROMPT)[0].tokens
+    template_end = len(engine.tokenizer([neo_standins.KLEIN_TEMPLATE.split("{}")[0]])["input_ids"][0])
+    assert min(i for found in positions for i in found) >= template_end  # no template token is a word's
+    assert max(i for found in positions for i in found) < len(ids) - 5
+
+
+def test_klein_hires_windows_on_the_patch_1_grid_with_16_pixels_per_latent(klein, stage_prompts):
+    p, _, out = run_klein(klein, settings=AccDiffusionSettings(enabled=True, window_mode="overlap", tile_batch_size=16),
+                          width=64, height=64, hr_scale=2.0)
+    assert [im.shape for im in out.images] == [(3, 128, 128)]
+    (stage, windows, prompts), = stage_prompts
+    assert stage.size == (8, 8)  # 128 px / 16, not / 8
+    first = klein.transformer.calls[0]
+    assert first["shape"][-2:] == (4, 4) and first["tokens"] == 16  # patch 1: a token per latent pixel
+    tiled = [c for c in klein.transformer.calls if c["shape"][-2:] == (windows[0].height, windows[0].width)]
+    assert tiled and all(c["tokens"] == c["shape"][-2] * c["shape"][-1] for c in tiled)
+    assert any(prompt != PROMPT for prompt in prompts[0])
+
+
+def test_klein_reference_image_stays_out_of_the_tiled_calls(klein):
+    reference = torch.randn(1, 128, 4, 4)
+    klein.transformer.references.ref_latents = [reference]
+    try:
+        p, _, out = run_klein(klein, width=64, height=64, hr_scale=2.0)
+        kept = list(klein.transformer.references.ref_latents)
+    finally:
+        klein.transformer.references.ref_latents = []
+    assert kept == [reference]  # the host's own reference is back after the job
+    calls = klein.transformer.calls
+    first_pass = len(calls) - len([c for c in calls if c["tokens"] != 16 + 16])
+    # the first pass is the host's, reference included; every call of ours after it is the window's alone
+    assert 0 < first_pass < len(calls) and all(c["tokens"] == 16 + 16 for c in calls[:first_pass])
+    assert all(c["tokens"] == c["shape"][-2] * c["shape"][-1] for c in calls[first_pass:])
+    assert any("without the model's reference image" in comment for comment in p.comments)
+    # the first pass's maps were read past the reference's tokens, so the tiles got their own prompts
+    assert "no attention maps" not in " ".join(p.comments)

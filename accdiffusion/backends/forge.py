@@ -222,7 +222,15 @@ def is_joint_model(p: Any) -> bool:
     return joint_transformer(p.sd_model.forge_objects.unet) is not None
 
 
-def _joint_recording_unet(unet_patcher: Any, recorder: AttentionRecorder) -> Any:
+def reference_tokens(holder: Any, patch: int) -> int:
+    """How many tokens the host's reference latents add after the image's own in a model call
+    (Neo flux.py:583-611: each reference patched like the image, padded to the patch)."""
+    if holder is None or not holder.ref_latents:
+        return 0
+    return sum(-(-int(ref.shape[-2]) // patch) * -(-int(ref.shape[-1]) // patch) for ref in holder.ref_latents)
+
+
+def _joint_recording_unet(unet_patcher: Any, recorder: AttentionRecorder, references: Any = None) -> Any:
     """A clone of a UnetPatcher whose model calls feed the recorder from the joint-attention blocks
     (:class:`JointAttentionCapture`, hooks held for the call only), with the rows' images from
     ``cond_or_uncond`` (sampling_function.py:271). A model_function_wrapper that was there (another
@@ -235,7 +243,8 @@ def _joint_recording_unet(unet_patcher: Any, recorder: AttentionRecorder) -> Any
 
     def recording(apply_model: Callable[..., torch.Tensor], args: dict) -> torch.Tensor:
         rows = cond_rows_to_images(args.get("cond_or_uncond", [0]), int(args["input"].shape[0]))
-        with JointAttentionCapture(model, recorder, rows):
+        trailing = reference_tokens(references, int(getattr(model, "patch_size", 2)))
+        with JointAttentionCapture(model, recorder, rows, trailing_tokens=trailing):
             if previous is not None:
                 return previous(apply_model, args)
             return apply_model(args["input"], args["timestep"], **args["c"])
@@ -493,7 +502,7 @@ class ForgeBackend:
             return
         objects = p.sd_model.forge_objects
         if is_joint_model(p):
-            job.set_attr(objects, "unet", _joint_recording_unet(objects.unet, recorder))
+            job.set_attr(objects, "unet", _joint_recording_unet(objects.unet, recorder, self.parts.references))
         else:
             job.set_attr(objects, "unet", _recording_unet(objects.unet, recorder, self.parts.attention))
 

@@ -157,7 +157,7 @@ class JointAttentionCapture:
     are removed on exit, also on error."""
 
     def __init__(self, model: nn.Module, recorder: AttentionRecorder, row_images: Sequence[int | None],
-                 blocks: Sequence[nn.Module] | None = None):
+                 blocks: Sequence[nn.Module] | None = None, trailing_tokens: int = 0):
         family = joint_family(model)
         if family is None:
             raise ValueError(f"{type(model).__name__} is not a joint-attention transformer this recorder knows")
@@ -168,6 +168,9 @@ class JointAttentionCapture:
         self._handles: list[Any] = []
         self._model = model
         self._text: dict[str, int] = {}  # the text length of the current call (single-stream blocks)
+        # reference-image tokens the model appends after the image's own (Neo's Flux.2 Klein / Kontext /
+        # Qwen edit, flux.py:583-611): attended to, but not a part of the picture's grid
+        self.trailing_tokens = trailing_tokens
 
     def __enter__(self) -> "JointAttentionCapture":
         try:
@@ -265,7 +268,9 @@ class JointAttentionCapture:
 
     def _image_tokens(self, kind: str, seen: dict) -> int | None:
         if kind == "single":
-            return seen["q_all"].shape[2] - seen["txt"] if "q_all" in seen and "txt" in seen else None
+            if "q_all" not in seen or "txt" not in seen:
+                return None
+            return seen["q_all"].shape[2] - seen["txt"] - self.trailing_tokens
         if kind == "nextdit":
             # the image's own pad tokens follow it (lumina.py:367-370): the grid must fit before them
             if "q_all" not in seen or "txt" not in seen:
@@ -276,7 +281,8 @@ class JointAttentionCapture:
             return grid if grid <= room < grid + pad_limit else room
         if "q" not in seen:
             return None
-        return int(seen["q"].shape[1 if kind in ("mmdit", "qwen", "anima") else 2])
+        count = int(seen["q"].shape[1 if kind in ("mmdit", "qwen", "anima") else 2])
+        return count - self.trailing_tokens if kind in ("double", "qwen") else count
 
     @staticmethod
     def _queries_and_keys(kind: str, seen: dict, index: torch.Tensor
@@ -290,8 +296,8 @@ class JointAttentionCapture:
             if "q_all" not in seen or "txt" not in seen:
                 return None
             q, k, pe = rows(seen["q_all"]), rows(seen["k_all"]), rows(seen["pe"])
-            text = seen["txt"]
-            return apply_rope(q[:, :, text:], pe[:, :, text:]), apply_rope(k, pe), text
+            text, image = seen["txt"], seen["image"]
+            return apply_rope(q[:, :, text:text + image], pe[:, :, text:text + image]), apply_rope(k, pe), text
         if kind == "nextdit":
             if not all(name in seen for name in ("q_all", "k_all", "pe", "txt")):
                 return None
@@ -304,16 +310,15 @@ class JointAttentionCapture:
         if not all(name in seen for name in ("q", "k_img", "k_txt")):
             return None
         q, k_img, k_txt = rows(seen["q"]), rows(seen["k_img"]), rows(seen["k_txt"])
+        image = seen["image"]
         if kind == "qwen":
             pe, text = rows(seen["pe"]), seen["txt"]
-            image_pe = pe[:, text:text + q.shape[1]]
-            return (apply_rope(q, image_pe),
+            return (apply_rope(q[:, :image], pe[:, text:text + image]),
                     torch.cat([apply_rope(k_txt, pe[:, :text]), apply_rope(k_img, pe[:, text:])], 1), text)
         if kind == "double":
             pe, text = rows(seen["pe"]), seen["txt"]
-            image_pe = pe[:, :, text:]
-            return (apply_rope(q, image_pe),
-                    torch.cat([apply_rope(k_txt, pe[:, :, :text]), apply_rope(k_img, image_pe)], 2), text)
+            return (apply_rope(q[:, :, :image], pe[:, :, text:text + image]),
+                    torch.cat([apply_rope(k_txt, pe[:, :, :text]), apply_rope(k_img, pe[:, :, text:])], 2), text)
         return q, torch.cat([k_txt, k_img], 1), int(k_txt.shape[1])
 
     @torch.no_grad()
