@@ -424,6 +424,20 @@ def test_batch_of_one_prompt_gets_one_tile_prompt_map_per_image(models, spy, mon
     out = process_images(p, ROUTING.replace(tile_prompt_map=True), facade)
     assert len(out.images) == 4 and len(webui.saved) == 2
     assert drawn == [[tile_label(i, w) for w in range(4)] for i in range(2)]
+    assert not any("first seed" in c for c in p.comments)  # overlap windows, no dilated shuffle: nothing seeded
+
+
+
+def test_batch_seed_note_only_where_a_seeded_choice_is_shared():
+    from accdiffusion.flows.job import batch_seed_note
+
+    on = AccDiffusionSettings(enabled=True)
+    assert batch_seed_note([5], on) is None and batch_seed_note([5, 5], on) is None
+    assert "(5)" in batch_seed_note([5, 6], on)
+    overlap = on.replace(window_mode="overlap")
+    assert batch_seed_note([5, 6], overlap) is not None  # the dilated shuffle is still shared
+    assert batch_seed_note([5, 6], overlap.replace(window_interaction=False)) is None
+    assert batch_seed_note([5, 6], overlap.replace(dilated_sampling=False)) is None
 
 
 # --- rows: places first, content for the rest ----------------------------------------------------------

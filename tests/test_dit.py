@@ -252,7 +252,7 @@ def test_flux_no_recorded_maps_is_said_not_silent(flux, monkeypatch):
     settings = AccDiffusionSettings(enabled=True, window_mode="overlap", tile_prompt_map=True)
     p, _, out = run(flux, settings=settings)
     assert len(out.images) == 2 and not any("no attention maps" in c for c in p.comments)  # image + its map
-    monkeypatch.setattr(forge, "_joint_recording_unet", lambda unet, recorder: unet.clone())
+    monkeypatch.setattr(forge, "_joint_recording_unet", lambda unet, recorder, references=None: unet.clone())
     p, _, out = run(flux, settings=settings)
     assert [im.shape for im in out.images] == [(3, 128, 128)]  # the image, no map
     assert any("no attention maps were recorded for image 1" in c for c in p.comments), p.comments

@@ -195,6 +195,16 @@ def test_zimage_hires_routes_each_windows_tile_prompt(zimage, stage_prompts, mon
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in zimage.transformer.modules())
 
 
+def test_batch_seeded_by_its_first_image_says_so(zimage):
+    p, _, out = run(zimage, settings=AccDiffusionSettings(enabled=True), prompts=[PROMPT, PROMPT], hr_scale=2.0)
+    assert len(out.images) == 2
+    assert [c for c in p.comments if "first seed" in c] == [
+        f"AccDiffusion: the window offsets and shuffles of this batch came from its first seed ({p.seeds[0]}); "
+        "to remake a later image, run the whole batch again."]
+    p, _, _ = run(zimage, settings=AccDiffusionSettings(enabled=True), hr_scale=2.0)
+    assert not any("first seed" in c for c in p.comments)
+
+
 def test_zimage_first_pass_bit_identical_and_disabled_is_not_installed(zimage):
     p, _, _ = run(zimage)
     q, _, plain = run(zimage, settings=None)

@@ -249,6 +249,9 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
 
     latent = samples
     batch_maps: list[TileMapData] = []
+    note = batch_seed_note(source.seeds, settings)
+    if note:
+        comment(p, note)
     for stage in stages:
         if state.interrupted or state.skipped:
             break
@@ -294,6 +297,17 @@ def run_tiled_pass(p: Any, job: Job, source: TiledPassSource, target: TiledPassT
                           for i, t in enumerate(map_prompts) if t]
     job.tile_maps.extend(batch_maps)  # every batch of the job (batch count > 1) keeps its maps
     return latent
+
+
+def batch_seed_note(seeds: Sequence[int], settings: AccDiffusionSettings) -> str | None:
+    """The windows of one batch are shared by its images, so their random offsets (shifted) and
+    shuffles (window interaction) come from the first image's seed: an image after the first is
+    remade by the whole batch, not by its own seed alone. Said where it applies."""
+    seeded = settings.window_mode == "shifted" or (settings.dilated_sampling and settings.window_interaction)
+    if not seeded or len(set(int(s) for s in seeds)) < 2:
+        return None
+    return (f"AccDiffusion: the window offsets and shuffles of this batch came from its first seed "
+            f"({int(seeds[0])}); to remake a later image, run the whole batch again.")
 
 
 def _tile_schedules(plans: Sequence[ImagePromptPlan | None], stage: Stage, windows: list[Window],
