@@ -118,6 +118,41 @@ class Qwen3EngineStandIn:
         return out
 
 
+LUMINA_SYSTEM = ("You are an assistant designed to generate anime images with the highest degree of image-text "
+                 "alignment based on danbooru tags. <Prompt Start>")  # Neo's neta_template_positive default
+
+
+class GemmaEngineStandIn(Qwen3EngineStandIn):
+    """gemma_engine.py:22-120 (Lumina 2 / Neta): no chat template in ``tokenize_line`` (the parsed
+    pieces' tokens after one start token, :39-70); ``__call__`` first puts the system prompt
+    before the line (``process_template``, :75-95: "<system>\n<line>", a line with its own
+    ``<Prompt Start>`` as it is)."""
+
+    llama_template = None
+    system = LUMINA_SYSTEM
+
+    def __init__(self, tokenizer, width=24, seed=11):
+        super().__init__(tokenizer, width, seed)
+        # Neo's id_start = 2, Gemma's <bos>; the stand-in vocabulary's own special here
+        self.id_start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else \
+            tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+    def tokenize(self, texts):
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def tokenize_line(self, line):
+        chunk = super().tokenize_line(line)[0]
+        chunk.tokens = [self.id_start] + chunk.tokens
+        chunk.multipliers = [1.0] + chunk.multipliers
+        return [chunk]
+
+    def process_template(self, text, negative):
+        return text if "<Prompt Start>" in text else "\n".join([self.system, text])
+
+    def __call__(self, texts):
+        return super().__call__([self.process_template(line, False) for line in texts])
+
+
 # --- NextDiT ----------------------------------------------------------------------------------------
 class JointAttention(nn.Module):
     def __init__(self, dim, heads, kv_heads):
@@ -221,11 +256,13 @@ class NextDiTStandIn(nn.Module):
 
 class ZImageEngineStandIn(DiTEngineStandIn):
     """backend/diffusion_engine/zimage.py: NextDiT on a discrete-flow predictor (shift 3), the Qwen3
-    engine as ``text_processing_engine_gemma``; conditioning = the engine's [L, D] tensor."""
+    engine as ``text_processing_engine_gemma``; conditioning = the engine's [L, D] tensor.
+    ``engine=GemmaEngineStandIn``: Lumina 2 (diffusion_engine/lumina.py: the same class, the Gemma
+    engine under the same name)."""
 
-    def __init__(self, tokenizer=None):
+    def __init__(self, tokenizer=None, engine=None):
         self.family, self.is_sd3 = "zimage", False
-        self.text_processing_engine_gemma = Qwen3EngineStandIn(tokenizer or byte_level_tokenizer())
+        self.text_processing_engine_gemma = (engine or Qwen3EngineStandIn)(tokenizer or byte_level_tokenizer())
         self.transformer = NextDiTStandIn().requires_grad_(False)
         self.kmodel = FlowKModelStandIn(self.transformer, PredictionDiscreteFlowStandIn(shift=3.0))
         self.forge_objects_after_applying_lora = ForgeObjects(UnetPatcherStandIn(self.kmodel))

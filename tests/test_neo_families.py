@@ -95,6 +95,7 @@ NEO_TOKENIZERS = {  # the folder Neo's engine loads its tokenizer from, and its 
     "zimage": ("Tongyi-MAI/Z-Image-Turbo/tokenizer", neo_standins.ZIMAGE_TEMPLATE),
     "klein": ("black-forest-labs/FLUX.2-klein-4B/tokenizer",
               "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    "lumina": ("neta-art/Neta-Lumina/tokenizer", None),  # Gemma-2, SentencePiece; the system prompt before the line
 }
 
 
@@ -107,12 +108,18 @@ def test_words_on_neos_real_tokenizers(family):
     path = Path(NEO_DIR) / "backend" / "huggingface" / folder
     if not path.exists():
         pytest.skip(f"{path} not in this Neo")
-    engine = Qwen3EngineStandIn.__new__(Qwen3EngineStandIn)
-    engine.tokenizer, engine.llama_template = AutoTokenizer.from_pretrained(str(path)), template
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if template is None:
+        engine = neo_standins.GemmaEngineStandIn.__new__(neo_standins.GemmaEngineStandIn)
+        engine.tokenizer, engine.id_start = tokenizer, 2  # gemma_engine.py:30
+    else:
+        engine = Qwen3EngineStandIn.__new__(Qwen3EngineStandIn)
+        engine.tokenizer, engine.llama_template = tokenizer, template
     prompt = "a user at a (red-haired:1.2) desk, Übergrößen Kätzchen 猫 on a café sofa"
     words = split_words(prompt)
     positions = word_positions(engine, words, prompt)
-    assert _spelled(engine, prompt, positions) == [w.text for w in words]
+    line = engine.process_template(prompt, False) if template is None else prompt
+    assert _spelled(engine, line, positions) == [w.text for w in words]
 
 
 # --- maps from NextDiT's joint attention ---------------------------------------------------------------
@@ -155,14 +162,49 @@ def test_nextdit_maps_are_the_text_share_the_layers_compute(monkeypatch, zimage,
 
 
 # --- the job on Z-Image --------------------------------------------------------------------------------
-def test_zimage_is_served_and_lumina_steps_aside(zimage):
+def test_zimage_and_lumina_are_served_and_a_nextdit_without_a_known_engine_steps_aside(zimage):
     p = DiTTxt2ImgStandIn(zimage, DiTWebUIStandIn(), [PROMPT])
     backend = facade.backend_for(p)
     assert backend.unsupported_reason(p) is None
-    lumina = ZImageEngineStandIn()
-    lumina.text_processing_engine_gemma.llama_template = None  # Lumina 2's Gemma engine: no chat template
-    reason = backend.unsupported_reason(DiTTxt2ImgStandIn(lumina, DiTWebUIStandIn(), [PROMPT]))
+    lumina = ZImageEngineStandIn(engine=neo_standins.GemmaEngineStandIn)
+    assert backend.unsupported_reason(DiTTxt2ImgStandIn(lumina, DiTWebUIStandIn(), [PROMPT])) is None
+    unknown = ZImageEngineStandIn()
+    unknown.text_processing_engine_gemma.llama_template = None  # an engine we cannot read words from
+    reason = backend.unsupported_reason(DiTTxt2ImgStandIn(unknown, DiTWebUIStandIn(), [PROMPT]))
     assert reason and "ZImageEngineStandIn models are not supported yet" in reason
+
+
+def test_lumina_words_are_found_after_its_system_prompt():
+    """The system prompt (Neo's option, put before the line in the engine's __call__) has words of
+    the prompt in it ("images", "alignment", "an"): they never count; a prompt with its own
+    <Prompt Start> is the user's whole."""
+    engine = neo_standins.GemmaEngineStandIn(byte_level_tokenizer())
+    prompt = "an (anime:1.2) girl with images of alignment"
+    words = split_words(prompt)
+    positions = word_positions(engine, words, prompt)
+    line = engine.process_template(prompt, False)
+    assert _spelled(engine, line, positions) == [w.text for w in words]
+    system_end = len(engine.tokenize_line(engine.system)[0].tokens)
+    assert min(min(found) for found in positions) >= system_end - 1
+    assert engine([prompt])[0].shape[0] == len(engine.tokenize_line(line)[0].tokens)  # what the model sees
+    own = "my own system <Prompt Start> a cat"
+    found = word_positions(engine, split_words(own), own)
+    assert _spelled(engine, own, found) == [w.text for w in split_words(own)]
+
+
+def test_lumina_hires_routes_each_windows_tile_prompt(stage_prompts):
+    lumina = ZImageEngineStandIn(engine=neo_standins.GemmaEngineStandIn)
+    p, _, out = run(lumina, settings=AccDiffusionSettings(enabled=True, window_mode="overlap", tile_batch_size=16),
+                    hr_scale=2.0)
+    assert [im.shape for im in out.images] == [(3, 128, 128)]
+    (stage, windows, prompts), = stage_prompts
+    assert any(prompt != PROMPT for prompt in prompts[0])  # the maps reached the tile prompts
+    # every tile prompt reached the model with the system prompt before it, as the host encodes it
+    system_tokens = lumina.text_processing_engine_gemma.tokenize_line(neo_standins.LUMINA_SYSTEM)[0].tokens
+    tiled = [c for c in lumina.transformer.calls if c["shape"][-2:] == (windows[0].height, windows[0].width)]
+    encoded = {tuple(lumina.encode(prompt).flatten().tolist()) for prompt in prompts[0]}
+    seen = {tuple(c["context"][r].flatten().tolist()) for c in tiled for r in range(c["context"].shape[0])}
+    assert encoded <= seen and len(system_tokens) > 10
 
 
 def test_zimage_hires_routes_each_windows_tile_prompt(zimage, stage_prompts, monkeypatch):

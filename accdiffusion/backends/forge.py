@@ -72,7 +72,7 @@ from ..method.batching import AutoTileBatch, planned_tile_batch
 from ..method.control import CallItems, StageHints, hint_rows_for, log_call
 from ..method.flow import FLOW_SAMPLING, SD_SAMPLING, ModelSampling
 from ..method.hires import StageDenoiser, v_prediction_c_skip
-from ..flows.job import _NO_ATTR, comment, hook_skip_residual, latent_factor
+from ..flows.job import _NO_ATTR, comment, hook_skip_residual, is_llm_engine, latent_factor
 from ..method.jointattention import JointAttentionCapture, joint_family
 from ..flows.rows import TEXT_KEYS, schedule_entry, split_cond, stack_cond, tile_conditions
 from ..method.tiles import Window
@@ -450,7 +450,8 @@ class ForgeBackend:
 
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
-        served = "SD 1.x, SD 2.x, SDXL, Flux.1, Flux.2 Klein, Chroma, SD 3.5, Z-Image, Qwen-Image and Anima models are"
+        served = ("SD 1.x, SD 2.x, SDXL, Flux.1, Flux.2 Klein, Chroma, SD 3.5, Z-Image, Lumina 2, Qwen-Image and "
+                  "Anima models are")
         transformer = joint_transformer(model.forge_objects.unet)
         if transformer is not None and isinstance(model_predictor(model.forge_objects.unet), OldForgePredictor):
             # reForge loads SD 3 into ldm_patched's MMDiT: its flow sampling there is not what was measured
@@ -458,10 +459,10 @@ class ForgeBackend:
         if transformer is not None and joint_family(transformer) in ("qwen", "anima"):
             return None
         if transformer is not None and joint_family(transformer) == "nextdit":
-            # Z-Image: its Qwen3 engine wraps the prompt in a chat template (qwen3_engine.py:31), the
-            # words are found inside it; Lumina 2 / Neta (same class, Gemma engine with system
-            # prompts of its own, gemma_engine.py:75-95) was not measured
-            if not any(getattr(engine, "llama_template", None) for name, engine in vars(model).items()
+            # Z-Image: its Qwen3 engine wraps the prompt in a chat template (qwen3_engine.py:31);
+            # Lumina 2 / Neta (same class): its Gemma engine puts a system prompt before it
+            # (gemma_engine.py:75-95). The words are found inside either (flows.job.engine_line)
+            if not any(is_llm_engine(engine) for name, engine in vars(model).items()
                        if name.startswith("text_processing_engine")):
                 return f"{type(model).__name__} models are not supported yet ({served})"
             return None

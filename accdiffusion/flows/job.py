@@ -41,7 +41,8 @@ from ..method.settings import FIELDS, STEP_ASIDE_KEY, AccDiffusionSettings, info
 from ..method.tileprompts import StageTilePrompts, WindowConditioning
 from ..method.tiles import Window
 from ..method.timesteps import SamplerSpace
-from ..method.words import Word, align_words, align_words_by_text, split_words, template_spans, token_bytes
+from ..method.words import (Word, align_words, align_words_by_text, is_byte_level, split_words, template_spans,
+                            token_bytes)
 
 if TYPE_CHECKING:
     from .webui import WebUI
@@ -402,7 +403,8 @@ def word_positions(embedder: Any, words: Sequence[Word], variant: str) -> list[l
     byte-level BPE): by text, the template's own text stepped over (:func:`align_words_by_text`),
     and through the engine's ``strip_template`` where it cuts the template off the output
     (Qwen-Image, qwen_engine.py:101)."""
-    lined = embedder.tokenize_line(variant)
+    line, template = engine_line(embedder, variant)
+    lined = embedder.tokenize_line(line)
     chunks = lined[0] if isinstance(lined, tuple) else lined  # Neo's LLM engines return the chunks alone
     if hasattr(chunks[0], "t5_tokens"):
         # Anima: the model attends to the LLM adapter's output, one token per T5 token of the prompt
@@ -411,18 +413,39 @@ def word_positions(embedder: Any, words: Sequence[Word], variant: str) -> list[l
         tokenize = lambda text: embedder.t5_tokenizer([text], add_special_tokens=False)["input_ids"][0]
         return align_words(words, t5_ids, {0, getattr(embedder, "id_end", 1)}, tokenize)
     context_ids = [t for chunk in chunks for t in chunk.tokens]
-    template = getattr(embedder, "llama_template", None)
-    if template is None:
+    if not is_llm_engine(embedder):
         # CLIP engines have a start token, Forge's T5 engine (t5_engine.py:28-29) only end and pad
         special = {getattr(embedder, "id_start", None), embedder.id_end, getattr(embedder, "id_pad", embedder.id_end)}
         return align_words(words, context_ids, special, lambda text: embedder.tokenize([text])[0])
     ids = [_as_int(t) for t in context_ids]
     names = embedder.tokenizer.convert_ids_to_tokens([t for t in ids if t is not None])
-    spelled = iter(names)
-    pieces = [token_bytes(next(spelled)) if t is not None else b"" for t in ids]
+    spelled, byte_level = iter(names), is_byte_level(names)
+    pieces = [token_bytes(next(spelled), byte_level) if t is not None else b"" for t in ids]
     positions = align_words_by_text(words, pieces, template_spans(b"".join(pieces), template))
     kept = kept_positions(embedder, context_ids)
     return [[kept[i] for i in found if i in kept] for found in positions]
+
+
+def is_llm_engine(embedder: Any) -> bool:
+    """Neo's LLM text engines: a chat template around every parsed piece (Qwen3 / Qwen2.5-VL,
+    ``llama_template``) or a system prompt before the line (Lumina 2's Gemma engine,
+    ``process_template``); their tokenizers are byte-level BPE or SentencePiece."""
+    return getattr(embedder, "llama_template", None) is not None or callable(getattr(embedder, "process_template", None))
+
+
+def engine_line(embedder: Any, variant: str) -> tuple[str, str | None]:
+    """The line the engine tokenizes for a prompt, and the ``str.format`` template the prompt sits
+    in there (None: the whole line is the prompt's). Lumina 2's Gemma engine puts its system
+    prompt (a WebUI option) before the line in ``__call__`` (gemma_engine.py:75-95), not in
+    ``tokenize_line``: the line is built the same way here. A prompt that has its own
+    ``<Prompt Start>`` is left as written, so all of it is the prompt's."""
+    process = getattr(embedder, "process_template", None)
+    if callable(process):
+        line = process(variant, False)
+        if not variant or line == variant or variant not in line:
+            return line, None
+        return line, line.replace(variant, "{}", 1)
+    return variant, getattr(embedder, "llama_template", None)
 
 
 def _as_int(token: Any) -> int | None:

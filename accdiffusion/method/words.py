@@ -98,12 +98,19 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_OF = _byte_level_alphabet()
 
 
-def token_bytes(token: str) -> bytes:
+def token_bytes(token: str, byte_level: bool = True) -> bytes:
     """The bytes a vocabulary entry stands for: byte-level BPE spellings decoded; SentencePiece's
-    '▁' is a space; anything else (a special token such as ``<|im_start|>``) is its own text."""
-    if token and all(ch in _BYTE_OF for ch in token):
+    '▁' is a space; anything else (a special token such as ``<|im_start|>``) is its own text.
+    ``byte_level=False``: the vocabulary is SentencePiece's, whose "ö" is the letter, not byte 0xF6."""
+    if byte_level and token and all(ch in _BYTE_OF for ch in token):
         return bytes(_BYTE_OF[ch] for ch in token)
     return token.replace("\u2581", " ").encode("utf-8")
+
+
+def is_byte_level(tokens: Sequence[str]) -> bool:
+    """Whether vocabulary entries are GPT-2-style byte-level spellings: SentencePiece spells a
+    space '▁', which no byte-level alphabet has."""
+    return not any("\u2581" in token for token in tokens)
 
 
 def template_spans(text: bytes, template: str | None) -> list[tuple[int, int]]:
@@ -154,13 +161,26 @@ def align_words_by_text(words: Sequence[Word], pieces: Sequence[bytes],
 
 
 def _find_in_spans(text: bytes, needle: bytes, spans: Sequence[tuple[int, int]], cursor: int) -> int | None:
+    """The first place of ``needle`` at or after ``cursor`` inside the spans, as a whole word where
+    there is one ("a" not inside "Start": the host's parser may keep text that is no word of ours,
+    e.g. ``<Prompt Start>``), else the first place at all (scripts without spaces)."""
+    first = None
     for start, end in spans:
         if end <= cursor:
             continue
         found = text.find(needle, max(start, cursor), end)
-        if found >= 0:
-            return found
-    return None
+        while found >= 0:
+            if first is None:
+                first = found
+            after = found + len(needle)
+            if (found == start or not _word_byte(text[found - 1])) and (after == end or not _word_byte(text[after])):
+                return found
+            found = text.find(needle, found + 1, end)
+    return first
+
+
+def _word_byte(byte: int) -> bool:
+    return byte < 128 and chr(byte).isalnum()
 
 
 def normalise(text: str) -> str:
