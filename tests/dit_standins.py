@@ -109,8 +109,8 @@ class DoubleStreamBlock(nn.Module):
         self.num_heads = heads
         self.img_mod, self.txt_mod = nn.Linear(dim, 6 * dim), nn.Linear(dim, 6 * dim)
         self.img_attn, self.txt_attn = StreamAttention(dim, heads), StreamAttention(dim, heads)
-        self.img_mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-        self.txt_mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.img_mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
+        self.txt_mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
 
     def forward(self, img, txt, vec=None, pe=None, mod=None):
         ln = lambda x: nn.functional.layer_norm(x, x.shape[-1:])
@@ -137,7 +137,7 @@ class SingleStreamBlock(nn.Module):
         self.num_heads = heads
         self.modulation, self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.norm = QKNorm(dim // heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
 
     def forward(self, x, vec=None, pe=None, mod=None):
         m = (self.modulation(nn.functional.silu(vec)) if mod is None else mod)[:, None].chunk(3, -1)
@@ -244,7 +244,7 @@ class DismantledBlock(nn.Module):
         super().__init__()
         self.pre_only = pre_only
         self.attn, self.mod = MMAttention(dim, heads), nn.Linear(dim, 6 * dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
 
 
 class JointBlock(nn.Module):

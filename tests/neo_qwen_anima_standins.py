@@ -105,14 +105,15 @@ class QwenAttention(nn.Module):
 
 
 class QwenImageTransformerBlock(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, mlp_ratio=2):
         super().__init__()
+        hidden = int(mlp_ratio * dim)  # Neo's FeedForward: 4 (the bench counts at that width)
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.img_norm1, self.img_norm2, self.txt_norm1, self.txt_norm2 = (
             nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in range(4))
-        self.img_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
-        self.txt_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
+        self.img_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.txt_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.attn = QwenAttention(dim, heads)
 
     def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb=None):
@@ -293,13 +294,14 @@ class SelfCrossAttention(nn.Module):
 
 
 class AnimaBlock(nn.Module):
-    def __init__(self, dim, context_dim, heads, lora_dim=16):
+    def __init__(self, dim, context_dim, heads, lora_dim=16, mlp_ratio=2):
         super().__init__()
+        hidden = int(mlp_ratio * dim)  # Neo's GPT2FeedForward: 4 (the bench counts at that width)
         self.layer_norm_self_attn, self.layer_norm_cross_attn, self.layer_norm_mlp = (
             nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in range(3))
         self.self_attn = SelfCrossAttention(dim, None, heads, dim // heads)
         self.cross_attn = SelfCrossAttention(dim, context_dim, heads, dim // heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim, bias=False), nn.GELU(), nn.Linear(2 * dim, dim, bias=False))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
         make = lambda: nn.Sequential(nn.SiLU(), nn.Linear(dim, lora_dim, bias=False), nn.Linear(lora_dim, 3 * dim, bias=False))
         self.adaln_modulation_self_attn, self.adaln_modulation_cross_attn, self.adaln_modulation_mlp = make(), make(), make()
 

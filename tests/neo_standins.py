@@ -177,10 +177,11 @@ class JointAttention(nn.Module):
 
 
 class JointTransformerBlock(nn.Module):
-    def __init__(self, dim, heads, kv_heads, modulation=True):
+    def __init__(self, dim, heads, kv_heads, modulation=True, ffn_hidden=None):
         super().__init__()
         self.attention = JointAttention(dim, heads, kv_heads)
-        self.feed_forward = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+        hidden = ffn_hidden or 2 * dim  # the bench sets the width whose FLOPs match Neo's gated FFN
+        self.feed_forward = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
         self.attention_norm1, self.attention_norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
         self.ffn_norm1, self.ffn_norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
         self.modulation = modulation

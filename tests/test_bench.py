@@ -133,6 +133,78 @@ def test_dit_recording_cost_counts_the_recorded_late_blocks():
     assert 0 < sd35["share"] < 1
 
 
+@pytest.mark.parametrize("name, recorded, blocks", [
+    ("z-image", 8, 30), ("qwen-image", 15, 60), ("klein-4b", 7, 25), ("klein-9b", 8, 32), ("anima", 7, 28)])
+def test_dit_recording_cost_on_neo_families(name, recorded, blocks):
+    """Neo's families at full size: the recorder takes the last quarter (Klein's are single-stream
+    blocks), and what it adds per block is the image queries against the keys the block's softmax
+    runs over — Z-Image's 83 caption tokens padded to 96 plus 4096 image tokens, 3840 wide; Anima's
+    512 text keys only (a cross-attention), 2048 wide."""
+    cost = bench.dit_recording_cost(name)
+    assert (cost["recorded_blocks"], cost["blocks"]) == (recorded, blocks)
+    assert ("added_flops_per_single_block" in cost) == name.startswith("klein")
+    if name == "z-image":
+        assert cost["added_flops_per_first_block"] == pytest.approx(2 * 4096 * (96 + 4096) * 3840, rel=1e-3)
+        # the refiners are part of the model's work, not recorded
+        assert cost["model_flops"] > 30 * cost["flops_per_first_block"] + 2 * cost["flops_per_noise_refiner_block"]
+    if name == "anima":
+        assert cost["added_flops_per_first_block"] == pytest.approx(2 * 4096 * 512 * 2048, rel=1e-3)
+    assert 0 < cost["share"] < 0.05  # issue 24's bound: recording within 5 % of the first pass
+
+
+# narrow stand-ins of the encoders' shapes: the explicit head width (4 × 32 ≠ 64) is Qwen3's
+TINY_QWEN3 = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+              "intermediate_size": 160}
+TINY_QWEN2 = dict(TINY_QWEN3, head_dim=16)  # Qwen2's classes take the head width from the width
+
+
+def llm_layer_flops(tokens: int, size: dict[str, int]) -> int:
+    """One decoder layer: q, k, v, o and the three gated-MLP matrices per token, two FLOPs a
+    multiply-add, plus QKᵀ and attention × V over all query heads."""
+    width, inner = size["hidden_size"], size["num_attention_heads"] * size["head_dim"]
+    kv = size["num_key_value_heads"] * size["head_dim"]
+    linear = 2 * tokens * (2 * width * inner + 2 * width * kv + 3 * width * size["intermediate_size"])
+    return linear + 2 * 2 * tokens * tokens * inner
+
+
+@pytest.mark.parametrize("name, sizes, depth, needed", [
+    ("z-image", TINY_QWEN3, 36, 35), ("klein-4b", TINY_QWEN3, 36, 27), ("klein-9b", TINY_QWEN3, 36, 27),
+    ("qwen-image", TINY_QWEN2, 28, 28), ("anima", TINY_QWEN3, 28, 28)])
+def test_llm_encoding_cost_counts_the_layers_neo_runs(name, sizes, depth, needed):
+    """--llm-cost times layers of an encoder of the family's shape (here narrow) and scales them
+    to the full depth, which Neo runs whatever layer its engine reads, and to the layers up to that
+    one (Z-Image's second-to-last output: 35; Klein's inputs of layer 27: 27). The FLOPs follow
+    the layer formula in the tokens (linear part × 2, attention products × 4 at twice the tokens);
+    the rotary table's one small product per call is counted once, hence rel=1e-3."""
+    for tokens in (16, 32):
+        cost = bench.llm_encoding_cost(name, tokens, layers_timed=2, sizes=sizes)
+        assert (cost["layers"], cost["needed_layers"]) == (depth, needed)
+        assert cost["flops"] == pytest.approx(depth * llm_layer_flops(tokens, sizes), rel=1e-3)
+        assert cost["flops_needed"] == pytest.approx(needed * llm_layer_flops(tokens, sizes), rel=1e-3)
+        assert cost["seconds"] == pytest.approx(cost["seconds_per_layer"] * depth)
+
+
+def test_llm_encoder_shapes_and_tokens_are_neos():
+    """The shapes are the configs' in Neo's backend/huggingface folders (checked against them where
+    ACCDIFFUSION_NEO_DIR names a Neo checkout), and a 75-token prompt reaches each encoder with its
+    engine's template: Z-Image 8 more tokens, Qwen-Image 39, Klein padded to 512, Anima none."""
+    import os
+    from pathlib import Path
+
+    assert {n: e.tokens for n, e in bench.LLM_ENCODERS.items()} == {
+        "z-image": 83, "klein-4b": 512, "klein-9b": 512, "qwen-image": 114, "anima": 75}
+    neo = os.environ.get("ACCDIFFUSION_NEO_DIR")
+    if not neo:
+        return
+    folders = {"z-image": "Tongyi-MAI/Z-Image-Turbo", "klein-4b": "black-forest-labs/FLUX.2-klein-4B",
+               "klein-9b": "black-forest-labs/FLUX.2-klein-9B", "qwen-image": "Qwen/Qwen-Image"}
+    for name, folder in folders.items():
+        config = json.loads((Path(neo) / "backend/huggingface" / folder / "text_encoder/config.json").read_text())
+        config = config.get("text_config", config)
+        assert {k: config[k] for k in bench.LLM_ENCODERS[name].shape if k in config} == {
+            k: v for k, v in bench.LLM_ENCODERS[name].shape.items() if k in config}, name
+
+
 def test_t5_encoding_cost_scales_one_timed_layer_to_the_depth():
     """--t5-cost times layers of a T5-shaped encoder and scales them to T5-XXL's 24 (here a narrow
     stand-in): the FLOPs are those of 24 layers (4 attention projections + 3 gated-FFN matrices per

@@ -27,8 +27,9 @@ import os
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -155,59 +156,158 @@ def recording_cost(host: Host, size: tuple[int, int]) -> dict[str, int]:
     return out
 
 
-# Full-size joint-attention transformers at 1024² px (a 128² latent: 4096 image tokens), as Forge
-# builds them: (family, double-stream / joint blocks, single-stream blocks, hidden, heads, text
-# tokens, MLP ratio)
-DIT_SIZES = {"flux-dev": ("flux", 19, 38, 3072, 24, 512, 4), "chroma": ("flux", 19, 38, 3072, 24, 512, 4),
-             "sd3.5-large": ("mmdit", 38, 0, 2432, 38, 333, 4), "sd3.5-medium": ("mmdit", 24, 0, 1536, 24, 333, 4)}
+@dataclass(frozen=True)
+class DiTSize:
+    """A full-size transformer at 1024² px (4096 image tokens: a 128² latent in 2×2 patches, or
+    Klein's 64² latent at patch 1) as the host builds it."""
+
+    family: str  # the recorder's family (jointattention.joint_family)
+    blocks: int  # double-stream / joint / main blocks (kind "first")
+    single: int  # single-stream blocks (Flux, Klein; kind "single")
+    dim: int
+    heads: int
+    text: int  # text tokens the blocks see (Z-Image: before the pad to 32)
+    # of the stand-ins' two-matrix MLP with the real MLP's FLOPs: a gated (SwiGLU) MLP of width
+    # r·dim has three matrices, so it counts as 1.5·r
+    mlp_ratio: float
+    refiners: int = 0  # NextDiT's noise and context refiner blocks, of each
+    context_dim: int = 0  # Z-Image's caption features, Anima's cross-attention context
+    image_tokens: int = 4096
 
 
-def dit_recording_cost(name: str, image_tokens: int = 4096) -> dict[str, float]:
-    """FLOPs and dispatched ops of a full-size DiT call without and with recording, counted on the
-    meta device (nothing is computed or allocated): one block of each kind at full width with the
-    stand-in blocks of tests/dit_standins.py (Forge's block structure), scaled by the model's block
-    counts and by how many of each kind the recorder takes (the last quarter of the blocks).
-    Recording adds per recorded block the image × all-keys product, the softmax's log-sum-exp and
-    the text share's sums."""
+# Forge's Flux / Chroma / SD 3.5 and Neo's families: Neo backend/huggingface/<repo>/transformer/
+# config.json and modules_forge/packages/huggingface_guess/detection.py (Z-Image: dim 3840, 30 layers,
+# 30 heads without grouping, gated FFN int(8/3·3840) = 10240, 2 refiners of each kind, captions padded
+# to 32; Qwen-Image: 60 blocks of 24 × 128, FeedForward × 4; Klein 4B / 9B: 5 + 20 / 8 + 24 blocks of
+# 3072 / 4096 wide, gated MLP × 3; Anima: 28 blocks of 2048, 16 heads, GPT-2 MLP × 4, context 1024 wide).
+# Text tokens of one ~75-token prompt as Neo sends it: Z-Image 83 (its chat template, kept), Qwen-Image
+# 80 (the system template stripped), Klein and Anima 512 (padded by their engines)
+DIT_SIZES = {"flux-dev": DiTSize("flux", 19, 38, 3072, 24, 512, 4), "chroma": DiTSize("flux", 19, 38, 3072, 24, 512, 4),
+             "sd3.5-large": DiTSize("mmdit", 38, 0, 2432, 38, 333, 4),
+             "sd3.5-medium": DiTSize("mmdit", 24, 0, 1536, 24, 333, 4),
+             "z-image": DiTSize("nextdit", 30, 0, 3840, 30, 83, 1.5 * 10240 / 3840, refiners=2, context_dim=2560),
+             "qwen-image": DiTSize("qwen", 60, 0, 3072, 24, 80, 4),
+             "klein-4b": DiTSize("flux", 5, 20, 3072, 24, 512, 1.5 * 3),
+             "klein-9b": DiTSize("flux", 8, 24, 4096, 32, 512, 1.5 * 3),
+             "anima": DiTSize("anima", 28, 0, 2048, 16, 512, 4, context_dim=1024)}
+NEXTDIT_PAD = 32  # Z-Image's pad_tokens_multiple (huggingface_guess/detection.py)
+
+
+def _dit_parts(size: DiTSize) -> tuple[torch.nn.Module, dict[str, tuple[int, Callable[[], object]]],
+                                       dict[str, Callable[[], object]]]:
+    """On the meta device: a model object with the family's block lists (one block of each kind,
+    the stand-ins of tests/, at full width), per kind (blocks in the model, one block's call), and
+    per recorded kind the call the capture needs to see it (Flux's single blocks learn the text
+    length from the first double block, NextDiT's layers from the caption embedder)."""
     import sys
+
+    tests = str(Path(__file__).resolve().parents[2] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import dit_standins as ds
+
+    n, t, dim, heads = size.image_tokens, size.text, size.dim, size.heads
+    half = dim // heads // 2
+    nn = torch.nn
+    with torch.device("meta"):
+        model = nn.Module()
+        img, txt, vec = torch.empty(1, n, dim), torch.empty(1, t, dim), torch.empty(1, dim)
+        if size.family == "flux":
+            model.double_blocks = nn.ModuleList([ds.DoubleStreamBlock(dim, heads, size.mlp_ratio)])
+            model.single_blocks = nn.ModuleList([ds.SingleStreamBlock(dim, heads, size.mlp_ratio)])
+            pe = torch.empty(1, 1, t + n, half, 2, 2)
+
+            def double() -> object:
+                return model.double_blocks[0](img=img, txt=txt, vec=vec, pe=pe)
+
+            def single() -> object:
+                return model.single_blocks[0](torch.cat([txt, img], 1), vec=vec, pe=pe)
+
+            return model, {"first": (size.blocks, double), "single": (size.single, single)}, {
+                "first": double, "single": lambda: (double(), single())}
+        if size.family == "mmdit":
+            model.joint_blocks = nn.ModuleList([ds.JointBlock(dim, heads, mlp_ratio=size.mlp_ratio)])
+
+            def joint() -> object:
+                return model.joint_blocks[0](txt, img, c=vec)
+
+            return model, {"first": (size.blocks, joint)}, {"first": joint}
+        import neo_qwen_anima_standins as nqa
+        import neo_standins as neo
+
+        if size.family == "qwen":
+            model.transformer_blocks = nn.ModuleList([nqa.QwenImageTransformerBlock(dim, heads, size.mlp_ratio)])
+            model.txt_norm = nn.Identity()  # what marks the family; not run here
+            rope = torch.empty(1, t + n, 1, half, 2, 2)
+
+            def block() -> object:
+                return model.transformer_blocks[0](hidden_states=img, encoder_hidden_states=txt,
+                                                   encoder_hidden_states_mask=None, temb=vec, image_rotary_emb=rope)
+
+            return model, {"first": (size.blocks, block)}, {"first": block}
+        if size.family == "anima":
+            model.blocks = nn.ModuleList([nqa.AnimaBlock(dim, size.context_dim, heads, lora_dim=256,
+                                                         mlp_ratio=size.mlp_ratio)])
+            side = int(n ** 0.5)
+            x5, emb = torch.empty(1, 1, side, side, dim), torch.empty(1, 1, dim)
+            context, lora = torch.empty(1, 1, t, size.context_dim), torch.empty(1, 1, 3 * dim)
+            rope = torch.empty(1, n, 1, half, 2, 2)
+
+            def block() -> object:
+                return model.blocks[0](x5, emb, context, rope_emb_L_1_1_D=rope, adaln_lora_B_T_3D=lora)
+
+            return model, {"first": (size.blocks, block)}, {"first": block}
+        if size.family == "nextdit":
+            ffn = int(size.mlp_ratio * dim)
+            model.layers = nn.ModuleList([neo.JointTransformerBlock(dim, heads, heads, ffn_hidden=ffn)])
+            model.noise_refiner = nn.ModuleList([neo.JointTransformerBlock(dim, heads, heads, ffn_hidden=ffn)])
+            model.context_refiner = nn.ModuleList([neo.JointTransformerBlock(dim, heads, heads, modulation=False,
+                                                                             ffn_hidden=ffn)])
+            model.cap_embedder = nn.Sequential(nn.RMSNorm(size.context_dim), nn.Linear(size.context_dim, dim))
+            model.pad_tokens_multiple = NEXTDIT_PAD
+            padded = t + -t % NEXTDIT_PAD
+            caption, cap = torch.empty(1, t, size.context_dim), torch.empty(1, padded, dim)
+            freqs = torch.empty(1, padded + n, 1, half, 2, 2)
+
+            def layer() -> object:
+                return model.layers[0](torch.cat([cap, img], 1), None, freqs, vec)
+
+            def recorded() -> object:
+                model.cap_embedder(caption)
+                return layer()
+
+            return model, {"first": (size.blocks, layer),
+                           "noise_refiner": (size.refiners, lambda: model.noise_refiner[0](img, None, freqs[:, padded:], vec)),
+                           "context_refiner": (size.refiners, lambda: model.context_refiner[0](cap, None, freqs[:, :padded]))
+                           }, {"first": recorded}
+    raise ValueError(f"no DiT family {size.family!r}")
+
+
+def dit_recording_cost(name: str) -> dict[str, float]:
+    """FLOPs and dispatched ops of a full-size DiT call (one image row) without and with recording,
+    counted on the meta device (nothing is computed or allocated): one block of each kind at full
+    width with the stand-in blocks of tests/ (the hosts' block structure), scaled by the model's
+    block counts and by how many of each kind the recorder takes (the last quarter of the blocks).
+    Recording adds per recorded block the image × all-keys product (Anima: × its 512 text keys), the
+    softmax's log-sum-exp and the text share's sums."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..method.attention import AttentionRecorder
     from ..method.jointattention import JointAttentionCapture, late_block_count
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-    import dit_standins as ds
-
-    family, first_kind, single, dim, heads, text, ratio = DIT_SIZES[name]
-    recorded = late_block_count(first_kind + single)
-    recorded_single = min(single, recorded)
-    counts = {"first": first_kind, "single": single}
+    size = DIT_SIZES[name]
+    model, kinds, recorded_calls = _dit_parts(size)
+    blocks = {"first": (list(getattr(model, "double_blocks", None) or getattr(model, "joint_blocks", None)
+                             or getattr(model, "transformer_blocks", None) or getattr(model, "blocks", None)
+                             or model.layers))[0]}
+    if size.single:
+        blocks["single"] = model.single_blocks[0]
+    recorded = late_block_count(size.blocks + size.single)
+    recorded_single = min(size.single, recorded)
     recorded_counts = {"first": recorded - recorded_single, "single": recorded_single}
-    meta = torch.device("meta")
-    side = int(image_tokens ** 0.5)
-    with meta:
-        model = torch.nn.Module()
-        if family == "flux":
-            model.double_blocks = torch.nn.ModuleList([ds.DoubleStreamBlock(dim, heads, ratio)])
-            model.single_blocks = torch.nn.ModuleList([ds.SingleStreamBlock(dim, heads, ratio)])
-            img, txt, vec = torch.empty(1, image_tokens, dim), torch.empty(1, text, dim), torch.empty(1, dim)
-            pe = torch.empty(1, 1, text + image_tokens, dim // heads // 2, 2, 2)
+    side = int(size.image_tokens ** 0.5)
 
-            def call() -> None:  # one double block, then one single block, as the model runs them
-                out_img, out_txt = model.double_blocks[0](img=img, txt=txt, vec=vec, pe=pe)
-                model.single_blocks[0](torch.cat([out_txt, out_img], 1), vec=vec, pe=pe)
-
-            blocks = {"first": model.double_blocks[0], "single": model.single_blocks[0]}
-        else:
-            model.joint_blocks = torch.nn.ModuleList([ds.JointBlock(dim, heads, mlp_ratio=ratio)])
-            x, ctx, vec = torch.empty(1, image_tokens, dim), torch.empty(1, text, dim), torch.empty(1, dim)
-
-            def call() -> None:
-                model.joint_blocks[0](ctx, x, c=vec)
-
-            blocks = {"first": model.joint_blocks[0]}
-
-    def count(record: str | None) -> tuple[float, float]:
+    def count(call: Callable[[], object], record: str | None = None) -> tuple[float, float]:
         flops, ops = FlopCounterMode(display=False), _OpCount()
         recorder = AttentionRecorder((side * 2, side * 2), 1, downsample=2)
         with torch.no_grad(), flops, ops:
@@ -220,25 +320,19 @@ def dit_recording_cost(name: str, image_tokens: int = 4096) -> dict[str, float]:
         return float(flops.get_total_flops()), float(ops.ops)
 
     out: dict[str, float] = {}
-    plain_flops, plain_ops = count(None)
-    out["plain_call_flops"], out["plain_call_ops"] = plain_flops, plain_ops
-    if family == "flux":
-        with torch.no_grad():
-            single_flops = FlopCounterMode(display=False)
-            with single_flops:
-                model.single_blocks[0](torch.cat([txt, img], 1), vec=vec, pe=pe)
-        per_block = {"single": float(single_flops.get_total_flops())}
-        per_block["first"] = plain_flops - per_block["single"]
-    else:
-        per_block = {"first": plain_flops}
+    model_flops = 0.0
+    for kind, (n, call) in kinds.items():
+        if n:
+            out[f"flops_per_{kind}_block"] = count(call)[0]
+            model_flops += n * out[f"flops_per_{kind}_block"]
     added = 0.0
     for kind, n in recorded_counts.items():
         if n:
-            flops, ops = count(kind)
+            plain_flops, plain_ops = count(recorded_calls[kind])
+            flops, ops = count(recorded_calls[kind], kind)
             out[f"added_flops_per_{kind}_block"], out[f"added_ops_per_{kind}_block"] = flops - plain_flops, ops - plain_ops
             added += n * (flops - plain_flops)
-    model_flops = sum(counts[k] * per_block.get(k, 0.0) for k in counts)
-    out["recorded_blocks"], out["blocks"] = float(recorded), float(first_kind + single)
+    out["recorded_blocks"], out["blocks"] = float(recorded), float(size.blocks + size.single)
     out["model_flops"], out["recording_added_flops"], out["share"] = model_flops, added, added / model_flops
     return out
 
@@ -273,6 +367,90 @@ def t5_encoding_cost(tokens: int = 256, layers_timed: int = 1, dtype: torch.dtyp
     return {"tokens": tokens, "layers": depth, "threads": torch.get_num_threads(),
             "seconds_per_layer": seconds / layers_timed, "seconds": seconds / layers_timed * depth,
             "flops": float(counter.get_total_flops()) / layers_timed * depth}
+
+
+# Neo's LLM text encoders (backend/huggingface/<repo>/text_encoder/config.json; Anima's names only the
+# width, 1024: the rest is Neo's Qwen3_06BConfig, backend/nn/llm/llama.py:22-41)
+QWEN3_4B = {"hidden_size": 2560, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "intermediate_size": 9728, "num_hidden_layers": 36}
+QWEN3_8B = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "intermediate_size": 12288, "num_hidden_layers": 36}
+QWEN25_VL_7B_TEXT = {"hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4, "head_dim": 128,
+                     "intermediate_size": 18944, "num_hidden_layers": 28}
+QWEN3_06B = {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+             "intermediate_size": 3072, "num_hidden_layers": 28}
+
+
+@dataclass(frozen=True)
+class LLMEncoder:
+    shape: dict[str, int]
+    qwen2: bool  # Qwen2.5's attention (q, k, v biases); else Qwen3's (no biases, per-head q/k norms)
+    needed_layers: int  # layers up to the deepest hidden state the engine reads
+    tokens: int  # one 75-token prompt in the engine's template, counted with Neo's tokenizer
+    reads: str
+
+
+# Neo runs every layer whatever the engine reads (Llama2_.forward loops over all of them,
+# llama.py:486-507), so a prompt costs the full depth; needed_layers is what stopping early would cost
+LLM_ENCODERS = {
+    "z-image": LLMEncoder(QWEN3_4B, False, 35, 83, "the second-to-last layer's output (qwen3_engine.py: -2)"),
+    "klein-4b": LLMEncoder(QWEN3_4B, False, 27, 512, "the inputs of layers 9, 18, 27 (klein_engine.py), padded to 512"),
+    "klein-9b": LLMEncoder(QWEN3_8B, False, 27, 512, "the inputs of layers 9, 18, 27 (klein_engine.py), padded to 512"),
+    "qwen-image": LLMEncoder(QWEN25_VL_7B_TEXT, True, 28, 114, "the last layer, normed (qwen_engine.py)"),
+    "anima": LLMEncoder(QWEN3_06B, False, 28, 75, "the last layer, normed, then the LLM adapter (anima_engine.py)"),
+}
+
+
+def _llm_config(encoder: LLMEncoder, layers: int, sizes: dict[str, int] | None):  # type: ignore[no-untyped-def]
+    """A transformers config of the encoder's shape with ``layers`` layers. The pinned transformers
+    (4.46) has no Qwen3 classes: Llama's has the same projections (an explicit head width, no
+    biases), lacking only Qwen3's per-head q/k RMSNorm, which has no matrix product to count."""
+    import transformers
+
+    shape = dict(encoder.shape, **(sizes or {}), num_hidden_layers=layers)
+    # a tiny vocabulary: the bench feeds embeddings, as Neo's engines do, and skips a 0.6-2 GB table
+    common = dict(shape, vocab_size=8, attn_implementation="eager")  # eager: every product counted
+    if encoder.qwen2:
+        if shape["num_attention_heads"] * shape["head_dim"] != shape["hidden_size"]:
+            raise ValueError("Qwen2's attention has no head width of its own: heads × head_dim must be the width")
+        common.pop("head_dim")
+        return transformers.Qwen2Config(**common)
+    if hasattr(transformers, "Qwen3Config"):
+        return transformers.Qwen3Config(**common)
+    return transformers.LlamaConfig(**common, attention_bias=False)
+
+
+def llm_encoding_cost(name: str, tokens: int, layers_timed: int = 1, dtype: torch.dtype = torch.float32,
+                      sizes: dict[str, int] | None = None) -> dict[str, float]:
+    """What one tile prompt's encoding by a Neo family's LLM text encoder costs where Neo keeps it on
+    the CPU: a randomly initialised model of the encoder's shape with ``layers_timed`` layers
+    (transformers' classes) timed on this CPU for one sequence of ``tokens``, scaled to the layers
+    Neo runs (all of them) and to those the engine reads; plus the FLOPs, counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModel
+
+    encoder = LLM_ENCODERS[name]
+    model = AutoModel.from_config(_llm_config(encoder, layers_timed, sizes)).to(dtype).eval()
+    width = model.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, tokens, width, generator=generator).to(dtype)
+    with torch.no_grad():
+        model(inputs_embeds=embeds[:, :16])  # warm-up (kernels, allocator), short: bf16 is slow here
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(inputs_embeds=embeds)
+        runs = []
+        for _ in range(2):  # the better of two: others' work on this shared machine only slows a run
+            start = time.perf_counter()
+            model(inputs_embeds=embeds)
+            runs.append(time.perf_counter() - start)
+        seconds = min(runs) / layers_timed
+    depth = encoder.shape["num_hidden_layers"]
+    per_layer = float(counter.get_total_flops()) / layers_timed
+    return {"tokens": tokens, "layers": depth, "needed_layers": encoder.needed_layers,
+            "threads": torch.get_num_threads(), "seconds_per_layer": seconds, "seconds": seconds * depth,
+            "seconds_needed": seconds * encoder.needed_layers, "flops_per_layer": per_layer,
+            "flops": per_layer * depth, "flops_needed": per_layer * encoder.needed_layers}
 
 
 def _print_recording_cost(host: Host, size: tuple[int, int], autocast) -> dict[str, int]:  # type: ignore[no-untyped-def]
@@ -378,11 +556,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only what recording adds to one UNet call (FLOPs, dispatched ops); with "
                              "--device meta it counts full-size models without computing anything")
     parser.add_argument("--recording-cost-dit", action="store_true",
-                        help="what recording adds to one call of full-size Flux / Chroma / SD 3.5 (FLOPs, "
-                             "counted on the meta device)")
+                        help="what recording adds to one call of full-size Flux / Chroma / SD 3.5 and Neo's Z-Image, "
+                             "Qwen-Image, Flux.2 Klein, Anima (FLOPs, counted on the meta device)")
     parser.add_argument("--t5-cost", action="store_true",
                         help="what one distinct tile prompt's T5-XXL encoding costs on this CPU (Flux, Chroma, "
                              "SD 3.5 with T5, where Forge keeps T5 on the CPU): one layer timed, scaled to 24")
+    parser.add_argument("--llm-cost", action="store_true",
+                        help="what one distinct tile prompt's encoding by Neo's LLM text encoders costs on this "
+                             "CPU (Z-Image, Flux.2 Klein 4B / 9B, Qwen-Image, Anima): one layer timed, scaled to "
+                             "the depth; at 100 and 300 tokens and the engine's own count")
+    parser.add_argument("--llm-dtypes", default="float32,bfloat16,float16",
+                        help="--llm-cost's dtypes (Neo's default for its text encoders is float16, on the CPU too)")
     parser.add_argument("--tokenizer", default=os.environ.get(
         "ACCDIFFUSION_TOKENIZER_DIR", str(here.parent / "shared" / "tinymodel" / "clip-text-tiny")))
     return parser
@@ -397,6 +581,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  T5-XXL encoder, {tokens} tokens, float32, {cost['threads']} thread(s): "
                   f"{cost['seconds']:.1f} s per prompt ({cost['seconds_per_layer']:.2f} s a layer x "
                   f"{cost['layers']}), {cost['flops'] / 1e12:.2f} TFLOP")
+        return
+    if args.llm_cost:
+        for dtype in (getattr(torch, name) for name in args.llm_dtypes.split(",")):
+            for name, encoder in LLM_ENCODERS.items():
+                for tokens in sorted({100, 300, encoder.tokens}):
+                    cost = llm_encoding_cost(name, tokens, dtype=dtype)
+                    own = " (a 75-token prompt as Neo sends it)" if tokens == encoder.tokens else ""
+                    print(f"  {name}, {tokens} tokens{own}, {str(dtype).removeprefix('torch.')}, "
+                          f"{cost['threads']} thread(s): {cost['seconds']:.1f} s per prompt ({cost['seconds_per_layer']:.2f} s "
+                          f"a layer x {cost['layers']}; {cost['seconds_needed']:.1f} s to layer {cost['needed_layers']}), "
+                          f"{cost['flops'] / 1e12:.3f} TFLOP", flush=True)
         return
     if args.recording_cost_dit:
         for name in DIT_SIZES:
