@@ -1,17 +1,18 @@
-"""Opt-in tests of Forge Neo's new families — Z-Image, Qwen-Image, Flux.2 Klein, Anima — against a
+"""Opt-in tests of Forge Neo's new families — Z-Image, Qwen-Image, Flux.2 Klein, Anima, Lumina 2 — against a
 live Neo with the extension: per family, txt2img hires 2x and 3x, img2img, a batch of one prompt
 with one map per image, shifted and overlap windows, the infotext round trip, and disabled =
 not installed.
 
     SD_WEBUI_HOST=neo SD_WEBUI_URL=http://127.0.0.1:7866 SD_WEBUI_LOG=<Neo's log, SD_WEBUI_LOG_LEVEL=DEBUG> \\
         [SD_WEBUI_PLAIN_URL=<a Neo without the extension>] \\
-        [SD_WEBUI_NEO_FAMILIES="zimage=tiny-zimage,qwenimage=tiny-qwenimage,klein=tiny-klein,anima=tiny-anima"] \\
+        [SD_WEBUI_NEO_FAMILIES="zimage=tiny-zimage,qwenimage=tiny-qwenimage,klein=tiny-klein,anima=tiny-anima,lumina=tiny-lumina"] \\
         .venv/bin/python -m pytest -q tests/live/test_live_neo_families.py
 
 Without SD_WEBUI_NEO_FAMILIES a family's checkpoint is the one of /sdapi/v1/sd-models whose name holds
 the family's name. Made for the tiny random checkpoints of ../shared/tinymodel (their README: all four
 are flow models without guidance input; Z-Image and Anima read the distilled-CFG field as the shift;
-sizes are multiples of 64 on this Neo). The tests switch the checkpoint (of both hosts) and put it back.
+sizes are multiples of 64 on this Neo); tiny-lumina is made by tests/live/tools/make_tiny_lumina.py and
+loaded through its preload (docs/development.md). The tests switch the checkpoint (of both hosts) and put it back.
 """
 
 import os
@@ -25,7 +26,7 @@ from test_live_api import PLAIN_URL, URL, call, digests, init_image, sizes  # no
 from test_live_dit import LOG, Log, infotext, pixel_digests, stage_lines, tile_prompts  # noqa: E402
 
 PROMPT = "a red cube on a blue table next to a green ball"
-FAMILIES = ("zimage", "qwenimage", "klein", "anima")
+FAMILIES = ("zimage", "qwenimage", "klein", "anima", "lumina")
 
 
 def _checkpoints():
@@ -51,6 +52,9 @@ CHECKPOINTS = _checkpoints()
 pytestmark = pytest.mark.skipif(not CHECKPOINTS, reason="set SD_WEBUI_HOST=neo and SD_WEBUI_URL to a Forge Neo "
                                                         "with Z-Image / Qwen-Image / Klein / Anima checkpoints")
 GUIDANCE = dict(cfg_scale=1, distilled_cfg_scale=3.0, hr_cfg=1, hr_distilled_cfg=3.0)
+# Lumina 2 is not guidance-distilled (CFG rows) and reads the distilled-CFG field as its shift (6)
+FAMILY_GUIDANCE = {"lumina": dict(cfg_scale=4, distilled_cfg_scale=6.0, hr_cfg=4, hr_distilled_cfg=6.0)}
+guidance = dict(GUIDANCE)  # the current family's, set by the family fixture
 needs_log = pytest.mark.skipif(not LOG, reason="set SD_WEBUI_LOG to Neo's log (SD_WEBUI_LOG_LEVEL=DEBUG)")
 
 
@@ -64,6 +68,8 @@ def family(request):
     for u in urls:
         status, out = call("/sdapi/v1/options", {"sd_model_checkpoint": CHECKPOINTS[family]}, url=u)
         assert status == 200, out
+    guidance.clear()
+    guidance.update(FAMILY_GUIDANCE.get(family, GUIDANCE))
     yield family
     for u in urls:
         call("/sdapi/v1/options", {"sd_model_checkpoint": before[u]}, url=u)
@@ -73,7 +79,7 @@ def txt2img(url=None, acc=None, **overrides):
     body = {"prompt": PROMPT, "negative_prompt": "", "steps": 4, "width": 128, "height": 128, "seed": 7,
             "sampler_name": "Euler", "scheduler": "Simple", "enable_hr": True, "hr_scale": 2,
             "hr_upscaler": HOST.upscaler("Latent"), "denoising_strength": 0.6, "hr_sampler_name": "Euler",
-            "hr_additional_modules": ["Use same choices"], **GUIDANCE, **overrides}
+            "hr_additional_modules": ["Use same choices"], **guidance, **overrides}
     if acc is not None:
         body["alwayson_scripts"] = {"AccDiffusion": {"args": [acc]}}
     status, out = call("/sdapi/v1/txt2img", body, url)
@@ -84,7 +90,8 @@ def txt2img(url=None, acc=None, **overrides):
 def img2img(url=None, acc=None, **overrides):
     body = {"init_images": [init_image()], "prompt": PROMPT, "negative_prompt": "", "steps": 4, "width": 256,
             "height": 256, "denoising_strength": 0.5, "seed": 7, "sampler_name": "Euler", "scheduler": "Simple",
-            "resize_mode": 0, "cfg_scale": 1, "distilled_cfg_scale": 3.0, **overrides}
+            "resize_mode": 0, "cfg_scale": guidance["cfg_scale"], "distilled_cfg_scale": guidance["distilled_cfg_scale"],
+            **overrides}
     if acc is not None:
         body["alwayson_scripts"] = {"AccDiffusion": {"args": [acc]}}
     status, out = call("/sdapi/v1/img2img", body, url)
