@@ -25,7 +25,7 @@ from ..method.prompts import ImagePromptPlan, PhraseRules
 from ..method.tiles import Window
 from ..method.settings import AccDiffusionSettings
 from ..method.tileprompts import StageTilePrompts, WindowConditioning
-from ..method.words import align_words, split_words
+from ..method.words import Word, align_words, split_words
 
 if TYPE_CHECKING:
     from ..method.probe import ProbeStats
@@ -181,6 +181,11 @@ class Host:
                 chunk = tokens[start:start + CHUNK]
                 ids += [bos] + chunk + [eos] * (CHUNK + 1 - len(chunk))
         return ids
+
+    def word_positions(self, words: Sequence[Word], prompt: str) -> list[list[int]]:
+        """Each word's positions in this host's context for ``prompt``: by ids (CLIP-like hosts; a
+        host with an LLM chat template overrides it with the product's by-text alignment)."""
+        return align_words(words, self.context_ids(prompt), self.special_ids, self.tokenize)
 
     def encode(self, prompts: Sequence[str], vector: float = 0.0) -> list[RowCond]:
         out = []
@@ -383,7 +388,7 @@ def hires_pass(host: Host, first_latent: torch.Tensor, prompts: Sequence[str], n
             plans.append(None)
             continue
         words = split_words(prompts[i])
-        positions = align_words(words, host.context_ids(prompts[i]), host.special_ids, host.tokenize)
+        positions = host.word_positions(words, prompts[i])
         plans.append(ImagePromptPlan.build(words, positions, maps, hires_prompts[i], split_words(hires_prompts[i]),
                                            units=settings.prompt_units, rules=phrase_rules or PhraseRules()))
 
@@ -461,4 +466,4 @@ def probe_pass(host: Host, latent: torch.Tensor, prompts: Sequence[str], seeds: 
 def word_positions(host: Host, prompt: str) -> tuple[list, list[list[int]]]:
     """The words of a prompt and their token positions in the host's context."""
     words = split_words(prompt)
-    return words, align_words(words, host.context_ids(prompt), host.special_ids, host.tokenize)
+    return words, host.word_positions(words, prompt)

@@ -1,4 +1,5 @@
-"""python -m accdiffusion.lab.toy train|eval|maps|stats|pool|demo — see docs/toy-model.md and docs/toy-flow.md."""
+"""python -m accdiffusion.lab.toy train|eval|maps|stats|pool|demo — see docs/toy-model.md and docs/toy-flow.md
+(``--model flow-llm``: docs/toy-flow.md, "Single-stream with an LLM template")."""
 
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--out", type=Path, default=Path("toy-demo.png"))
     for p in (p_train, p_eval, p_maps, p_stats, p_pool, p_demo):
         p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--model", choices=("unet", "flow"), default="unet",
-                       help="unet: the ldm UNet toy; flow: the joint-attention flow transformer (docs/toy-flow.md)")
+        p.add_argument("--model", choices=("unet", "flow", "flow-llm"), default="unet",
+                       help="unet: the ldm UNet toy; flow: the joint-attention flow transformer; flow-llm: its "
+                            "single-stream variant with a chat-template causal text encoder (docs/toy-flow.md)")
     return parser
 
 
@@ -80,7 +82,11 @@ def main(argv: list[str] | None = None) -> None:
             args.out.write_text(json.dumps(pooled, indent=1))
         print(shifted_table(pooled))
         return
-    if args.command == "train" and args.model == "flow":
+    if args.command == "train" and args.model == "flow-llm":
+        from .train import train_flow_llm
+
+        train_flow_llm(minutes=args.minutes, batch=args.batch, scenes=args.scenes, out=args.out)
+    elif args.command == "train" and args.model == "flow":
         from .train import train_flow
 
         train_flow(minutes=args.minutes, batch=args.batch, scenes=args.scenes, out=args.out)
@@ -89,15 +95,23 @@ def main(argv: list[str] | None = None) -> None:
         from .train import train
 
         train(minutes=args.minutes, batch=args.batch, scenes=args.scenes, out=args.out or WEIGHTS)
-    elif args.command == "eval" and args.model == "flow":
+    elif args.command == "eval" and args.model in ("flow", "flow-llm"):
         from .evaluate import kind_of, run_eval
 
+        stem = "toy-flow-llm" if args.model == "flow-llm" else "toy-flow"
         if args.shifted:
             from .evaluate import SHIFTED_CONFIGS, shifted_table
 
-            print(shifted_table(run_eval(scenes=args.scenes, out=args.out or Path("toy-flow-eval-shifted.json"),
-                                         kind=kind_of("flow"), configs=SHIFTED_CONFIGS, details=True,
+            print(shifted_table(run_eval(scenes=args.scenes, out=args.out or Path(f"{stem}-eval-shifted.json"),
+                                         kind=kind_of(args.model), configs=SHIFTED_CONFIGS, details=True,
                                          denoise=args.denoise, seed_offset=args.seed_offset)))
+            return
+        if args.model == "flow-llm":  # with standard errors and per-scene values (the docs' table)
+            from .evaluate import FLOW_CONFIGS, duplicates_table
+
+            print(duplicates_table(run_eval(scenes=args.scenes, out=args.out or Path(f"{stem}-eval.json"),
+                                            kind=kind_of(args.model), configs=FLOW_CONFIGS, details=True,
+                                            denoise=args.denoise, seed_offset=args.seed_offset)))
             return
         run_eval(scenes=args.scenes, out=args.out or Path("toy-flow-eval.json"), kind=kind_of("flow"),
                  study=True, denoise=args.denoise)

@@ -18,7 +18,7 @@ from ...method.attention import AttentionRecorder, find_cross_attention
 from ...method.hires import latent_stats, restandardise
 from ...method.prompts import PHRASE_MASKS, PhraseRules, build_word_masks
 from ...method.settings import AccDiffusionSettings
-from ...method.words import CONNECTIVES, align_words, split_words
+from ...method.words import CONNECTIVES, split_words
 from .model import ToyHost, load_host
 from .sample import RECORD_DOWNSAMPLE, first_pass, flow_first_pass, upscale, upscale_progressive
 from .scenes import COLOURS, LATENT, PATCH, SHAPES, Scene, counts, latent_rgb, make_scene, \
@@ -78,6 +78,12 @@ class ToyKind:
 
 
 def kind_of(model: str) -> "ToyKind":
+    if model == "flow-llm":  # the single-stream toy with the chat-template text encoder (docs/toy-flow.md)
+        from .llm import load_llm_host
+        from .sample import FLOW_DENOISE
+
+        return ToyKind("flow-llm", load_llm_host, flow_first_pass, flow_probe_maps, pooled_view, FLOW_CONFIGS,
+                       FLOW_DENOISE)
     if model == "flow":
         from .flow import load_flow_host
 
@@ -142,7 +148,7 @@ def window_capture():
 def word_masks(host: ToyHost, caption: str, token_maps: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """Opened word masks (8×8 bool) of a caption, by word text (a word may occur twice)."""
     words = split_words(caption)
-    positions = align_words(words, host.context_ids(caption), host.special_ids, host.tokenize)
+    positions = host.word_positions(words, caption)
     masks = build_word_masks(token_maps, positions).masks
     out: dict[str, list[torch.Tensor]] = {}
     for word, mask in zip(words, masks):
@@ -220,7 +226,7 @@ def raw_word_maps(host: ToyHost, caption: str, token_maps: torch.Tensor) -> dict
     from ...method.prompts import word_maps as merge_tokens
 
     words = split_words(caption)
-    positions = align_words(words, host.context_ids(caption), host.special_ids, host.tokenize)
+    positions = host.word_positions(words, caption)
     out: dict[str, list[torch.Tensor]] = {}
     for word, m in zip(words, merge_tokens(token_maps, positions)):
         out.setdefault(word.text, []).append(m)
@@ -284,10 +290,10 @@ def flow_probe_maps(host, scene: Scene, sigmas: Sequence[float] = (0.2, 0.4, 0.6
 
     generator = torch.Generator().manual_seed(seed)
     x0 = scene_latent(scene, SCENE_PATCH)[None]
-    from .sample import FLOW_RECORD_BLOCKS, FLOW_RECORD_MODE
+    from .sample import FLOW_RECORD_MODE, last_block
 
-    recorder = recorder or FlowAttentionRecorder((GRID, GRID), 1, host.model.config.blocks, mode=FLOW_RECORD_MODE,
-                                                 use_blocks=FLOW_RECORD_BLOCKS)
+    recorder = recorder or FlowAttentionRecorder((GRID, GRID), 1, host.model.config.blocks, host.text_tokens,
+                                                 mode=FLOW_RECORD_MODE, use_blocks=last_block(host))
     recorder.row_images = [0]
     cond = host.encode([scene.caption])
     try:
@@ -559,6 +565,32 @@ def shifted_table(report: dict) -> str:
                      f"| {d('3x', 'lost')} | {d('2x', 'seam')} | {d('3x', 'seam')} | |")
     return "\n".join(lines)
 
+
+def duplicates_table(report: dict) -> str:
+    """The duplicates table of docs/toy-flow.md from a ``run_eval(details=True)`` report: per config
+    extra objects, scenes with an extra object, lost objects and words per tile prompt at each
+    scale (mean ± s.e. over scenes), then each config's paired difference from the first."""
+    names = list(report["configs"])
+    cell = lambda row, key: f"{row[key]:.2f} ± {row[key + '_se']:.2f}"
+    rows = [("extra objects per scene", lambda r: cell(r, "duplicates_per_scene")),
+            ("scenes with an extra object", lambda r: f"{100 * r['scenes_with_duplicates']:.0f} %"),
+            ("lost objects per scene", lambda r: cell(r, "lost_per_scene")),
+            ("words per tile prompt", lambda r: f"{r['words_per_tile_prompt']:.1f}")]
+    lines = ["| upscale | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for scale in report["configs"][names[0]]:
+        for label, fmt in rows:
+            lines.append(f"| {scale.replace('x', '×')} {label} | "
+                         + " | ".join(fmt(report["configs"][n][scale]) for n in names) + " |")
+    paired = report.get("paired_vs_first_config", {})
+    for scale in report["configs"][names[0]]:
+        cells = ["–"] + [f"{paired[n][scale]['extra'][0]:+.2f} ± {paired[n][scale]['extra'][1]:.2f} / "
+                         f"{paired[n][scale]['lost'][0]:+.2f} ± {paired[n][scale]['lost'][1]:.2f}"
+                         if n in paired else "" for n in names[1:]]
+        lines.append(f"| {scale.replace('x', '×')} extra / lost, paired difference from {names[0]} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_eval(scenes: int = 50, out: Path | None = Path("toy-eval.json"), host: ToyHost | None = None,
              configs: dict[str, AccDiffusionSettings] | None = None, scales: Sequence[int] = SCALES,
              chunk: int = 25, verbose: bool = True, details: bool = False, kind: ToyKind | None = None,
@@ -686,7 +718,7 @@ def _to_image(latent: torch.Tensor, side: int):
 def demo_command(model: str, seed: int, scale: int) -> str:
     """The command the picture's caption names. The module path comes from the package itself: the
     first picture named ``accdiffusion.toy`` long after the toy moved to ``accdiffusion.lab.toy``."""
-    flow = " --model flow" if model == "flow" else ""
+    flow = f" --model {model}" if model != "unet" else ""
     return f'python -m {__package__} demo{flow} --caption "..." --seed {seed} --scale {scale}'
 
 

@@ -275,7 +275,10 @@ class FlowAttentionRecorder:
         model.recorder = None
 
     @torch.no_grad()
-    def observe(self, block: int, q: torch.Tensor, k: torch.Tensor, text_len: int) -> None:
+    def observe(self, block: int, q: torch.Tensor, k: torch.Tensor, text_len: int,
+                key_mask: torch.Tensor | None = None) -> None:
+        """``key_mask`` [B, text + cells], True on real keys: a batch of captions of different
+        lengths padded to the longest (the flow-llm toy); the pad keys take no probability."""
         rows = [(r, img) for r, img in enumerate(self.row_images) if img is not None]
         if not rows or q.shape[2] - text_len != self.grid[0] * self.grid[1]:
             return  # a window or sub-latent of another size: not the first pass's grid
@@ -283,6 +286,8 @@ class FlowAttentionRecorder:
         q_img = q[index, :, text_len:].float()  # [R, H, cells, Dh]
         keys = k[index].float()
         scores = q_img @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [R, H, cells, text + cells]
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[index][:, None, None, :], float("-inf"))
         text_scores = scores[..., :text_len]
         text_only = text_scores.softmax(-1).mean(1)
         joint = (text_scores - scores.logsumexp(-1, keepdim=True)).exp().mean(1)
@@ -365,6 +370,11 @@ class FlowHost(Host):
     @property
     def transformer_depth(self) -> int:
         return self.model.config.blocks
+
+    @property
+    def text_tokens(self) -> int:
+        """The recorder's text axis: every context this host builds fits in it."""
+        return TEXT_TOKENS
 
     @property
     def context_dim(self) -> int:

@@ -40,21 +40,30 @@ FLOW_DENOISE = 0.8
 # the flow toy's maps: measured on 50 scenes (docs/toy-flow.md, "Which maps")
 FLOW_RECORD_MODE = "joint"  # the joint softmax's text share: better localised than text-only (docs)
 FLOW_RECORD_BLOCKS: tuple[int, ...] | None = (4,)  # the last single-stream block: the best localised (docs)
+LAST_BLOCK = "last"
+
+
+def last_block(host: FlowHost) -> tuple[int, ...]:
+    """The toy's own recorded block: its last joint block (flow toy: 4 = FLOW_RECORD_BLOCKS;
+    flow-llm toy: the last single-stream layer, as the product's last quarter of 4 layers)."""
+    return (host.model.config.blocks - 1,)
 
 
 def flow_first_pass(host: FlowHost, prompts: Sequence[str], seed: int, steps: int = FIRST_STEPS,
                     cfg_scale: float = CFG, negative: str = "", record: bool = True,
-                    mode: str = FLOW_RECORD_MODE, blocks: tuple[int, ...] | None = FLOW_RECORD_BLOCKS
+                    mode: str = FLOW_RECORD_MODE, blocks: tuple[int, ...] | None | str = LAST_BLOCK
                     ) -> tuple[torch.Tensor, FlowAttentionRecorder | None]:
     """Euler on the flow ODE from seeded noise (σ from 1 to 0, the host's shift), CFG on the
-    denoised estimate (= CFG on the velocity), the positive rows' image→text attention recorded."""
+    denoised estimate (= CFG on the velocity), the positive rows' image→text attention recorded
+    (``blocks``: "last", the host's last block; None, every block)."""
     torch.manual_seed(seed)
     n = len(prompts)
     noise = torch.randn(n, 4, FLOW_LATENT, FLOW_LATENT, device=host.device)
     sigmas = shifted_sigmas(steps, host.shift).to(host.device)
     conds = host.encode(prompts) + host.encode([negative] * n)
-    recorder = FlowAttentionRecorder((GRID, GRID), n, host.model.config.blocks, mode=mode,
-                                     use_blocks=blocks) if record else None
+    use_blocks = last_block(host) if blocks == LAST_BLOCK else blocks
+    recorder = FlowAttentionRecorder((GRID, GRID), n, host.model.config.blocks, host.text_tokens, mode=mode,
+                                     use_blocks=use_blocks) if record else None
 
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if recorder:

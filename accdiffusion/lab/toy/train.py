@@ -209,3 +209,63 @@ def _save_flow(out, model, text_model, step, start, history, batch, scenes, empt
             "objective": "rectified flow, velocity, logit-normal sigma"}
     save(Path(out), model, text_model, meta)
     return meta
+
+
+# --- the flow-llm toy: single-stream, chat-template causal text encoder ---------------------------------
+def train_flow_llm(minutes: float = 30.0, batch: int = 64, scenes: int = 24000, lr: float = 1e-3,
+                   empty_share: float = 0.1, out: Path | None = None, seed: int = 0, log_every: int = 25,
+                   save_every: int = 100, config=None, max_steps: int | None = None) -> dict:
+    """The flow toy's recipe (rectified flow, logit-normal σ, flips, 10 % empty captions, AdamW with
+    warm-up and cosine decay over the wall-clock budget, EMA) for :mod:`.llm`'s model. Captions are
+    the template-wrapped ids, right-padded to the data set's longest with the pad token, which no
+    caption holds, so the mask is ``ids != pad`` after any draw; an empty caption is the template
+    around "" (what CFG's negative is)."""
+    from .flow import SCENE_PATCH
+    from .llm import LLM_WEIGHTS, LLMFlowConfig, ToyLLMTokenizer, build_llm_flow, pad_ids, save_llm_weights, \
+        template_ids
+
+    out = Path(out or LLM_WEIGHTS)
+    config = config or LLMFlowConfig()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer = ToyLLMTokenizer()
+    pad = tokenizer.pad_token_id
+    t0 = time.time()
+    latents, rows = [], []
+    for i in range(scenes):
+        scene = make_scene(TRAIN_SEED_OFFSET + i)
+        latents.append(scene_latent(scene, SCENE_PATCH))
+        rows.append(template_ids(tokenizer, scene.caption, config.max_text))
+    empty = template_ids(tokenizer, "", config.max_text)
+    ids, _ = pad_ids(rows + [empty], pad)
+    ids, empty_ids = ids[:-1], ids[-1]
+    latents_t = torch.stack(latents)
+    print(f"dataset: {scenes} scenes in {time.time() - t0:.0f} s; context {ids.shape[1]} tokens at most", flush=True)
+
+    model, text_model = build_llm_flow(config, seed)
+    model.train(), text_model.train()
+    params = [p for p in list(model.parameters()) + list(text_model.parameters()) if p.requires_grad]
+    print(f"parameters: {sum(p.numel() for p in params) / 1e6:.2f} M trainable", flush=True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text_model).eval()
+    ema_params = [p for p in list(ema_model.parameters()) + list(ema_text.parameters()) if p.requires_grad]
+    budget = minutes * 60.0
+    start = time.time()
+    step, running, history = 0, [], []
+    while (max_steps is None or step < max_steps) and time.time() - start < budget:
+        set_learning_rate(opt, lr, step, (time.time() - start) / budget)
+        x0, cond = draw_batch(rng, latents_t, ids, empty_ids, batch, empty_share)
+        mask = cond != pad
+        longest = int(mask.sum(1).max())  # the batch's longest caption: no compute on shared padding
+        context = text_model(cond[:, :longest])
+        loss = flow_loss(model, x0, torch.randn(x0.shape, generator=generator), sample_flow_sigmas(batch, generator),
+                         context, mask[:, :longest])
+        optimise_step(opt, loss, params, ema_params, step)
+        step += 1
+        log_loss(loss.item(), step, running, history, log_every, start, opt)
+        if step % save_every == 0:
+            _save_flow(out, ema_model, ema_text, step, start, history, batch, scenes, empty_share, save_llm_weights)
+    meta = _save_flow(out, ema_model, ema_text, step, start, history, batch, scenes, empty_share, save_llm_weights)
+    print(f"done: {step} steps in {time.time() - start:.0f} s → {out}", flush=True)
+    return meta
