@@ -329,3 +329,11 @@ def test_klein_reference_image_stays_out_of_the_tiled_calls(klein):
     assert any("without the model's reference image" in comment for comment in p.comments)
     # the first pass's maps were read past the reference's tokens, so the tiles got their own prompts
     assert "no attention maps" not in " ".join(p.comments)
+
+
+def test_template_spans_of_bare_and_one_sided_templates_end():
+    from accdiffusion.method.words import template_spans
+
+    assert template_spans(b"a cat", "{}") == [(0, 5)]
+    assert template_spans(b"a cat<e>a dog<e>", "{}<e>") == [(0, 5), (8, 13)]
+    assert template_spans(b"<s>a cat<s>a dog", "<s>{}") == [(3, 8), (11, 16)]

@@ -120,6 +120,8 @@ def template_spans(text: bytes, template: str | None) -> list[tuple[int, int]]:
     if not template or "{}" not in template:
         return [(0, len(text))]
     prefix, suffix = (part.encode("utf-8") for part in template.split("{}", 1))
+    if not prefix and not suffix:  # "{}": nothing around the prompt (and an empty prefix would match forever)
+        return [(0, len(text))]
     spans: list[tuple[int, int]] = []
     cursor = 0
     while True:
@@ -127,6 +129,8 @@ def template_spans(text: bytes, template: str | None) -> list[tuple[int, int]]:
         if found < 0:
             return spans
         start = found + len(prefix)
+        if start == len(text) and spans and not prefix:
+            return spans  # a template without prefix matches again at the very end
         end = text.find(suffix, start) if suffix else len(text)
         end = len(text) if end < 0 else end
         spans.append((start, end))
