@@ -131,7 +131,8 @@ def template_spans(text: bytes, template: str | None) -> list[tuple[int, int]]:
         start = found + len(prefix)
         if start == len(text) and spans and not prefix:
             return spans  # a template without prefix matches again at the very end
-        end = text.find(suffix, start) if suffix else len(text)
+        # without a suffix a piece runs to the next piece's prefix
+        end = text.find(suffix if suffix else prefix, start)
         end = len(text) if end < 0 else end
         spans.append((start, end))
         cursor = end + len(suffix)
