@@ -167,7 +167,8 @@ def test_infotext_round_trip_reproduces_the_image(family):
     text = infotext(first)
     assert "AccDiffusion patch prompt threshold: 0.45" in text and "Denoising strength: 0.6" in text
     body = {"infotext": text, "hr_sampler_name": "Euler", "styles": [], "hr_scheduler": "Simple",
-            "hr_additional_modules": ["Use same choices"], "hr_cfg": 1, "hr_distilled_cfg": 3.0}
+            "hr_additional_modules": ["Use same choices"], "hr_cfg": guidance["hr_cfg"],
+            "hr_distilled_cfg": guidance["hr_distilled_cfg"]}
     status, out = call("/sdapi/v1/txt2img", body)
     assert status == 200, out
     assert digests(out) == digests(first)
