@@ -51,7 +51,7 @@ PROMPT = "a red-haired astronaut riding a horse on the moon"
 GENERATE_TIMEOUT_MS = 600_000
 # What the generation sets besides the switch, and the paste test restores; all differ from the
 # defaults (booleans in both directions, a slider of each kind, a radio).
-CHOSEN = dict(tile_prompt_map=True, window_mode="shifted", dilated_sampling=False,
+CHOSEN = dict(tile_prompt_map=True, window_mode="overlap", dilated_sampling=False,
               patch_prompt_threshold=0.4, cosine_scale_1=2.5, stride=16)
 EVERYDAY = {f.name for f in glue.everyday_fields()}
 
@@ -259,11 +259,12 @@ def test_paste_of_an_infotext_without_accdiffusion_turns_it_off(page):
     if not ui.accordion_checkbox(page, accordion("txt2img")).is_checked():
         set_setting(page, "txt2img", "enabled", True)
         open_everything(page, "txt2img")
-        set_setting(page, "txt2img", "window_mode", "shifted")
+        set_setting(page, "txt2img", "window_mode", "overlap")  # not the default
     paste(page, infotext_for(AccDiffusionSettings()))
     assert not read_setting(page, "txt2img", "enabled")
     open_everything(page, "txt2img")
-    assert read_setting(page, "txt2img", "window_mode") == "overlap"
+    # an infotext of another job puts the defaults back (infotext_absent applies to AccDiffusion's own)
+    assert read_setting(page, "txt2img", "window_mode") == AccDiffusionSettings().window_mode == "shifted"
 
 
 # --- X/Y/Z plot ------------------------------------------------------------------------------------------
