@@ -72,7 +72,7 @@ from ..method.batching import AutoTileBatch, planned_tile_batch
 from ..method.control import CallItems, StageHints, hint_rows_for, log_call
 from ..method.flow import FLOW_SAMPLING, SD_SAMPLING, ModelSampling
 from ..method.hires import StageDenoiser, v_prediction_c_skip
-from ..flows.job import _NO_ATTR, comment, hook_skip_residual, is_llm_engine, latent_factor
+from ..flows.job import _NO_ATTR, comment, hook_skip_residual, is_bare_llm_engine, is_llm_engine, latent_factor
 from ..method.jointattention import JointAttentionCapture, joint_family
 from ..flows.rows import TEXT_KEYS, schedule_entry, split_cond, stack_cond, tile_conditions
 from ..method.tiles import Window
@@ -450,13 +450,20 @@ class ForgeBackend:
 
     def unsupported_reason(self, p: Any) -> str | None:
         model = p.sd_model
-        served = ("SD 1.x, SD 2.x, SDXL, Flux.1, Flux.2 Klein, Chroma, SD 3.5, Z-Image, Lumina 2, Qwen-Image and "
-                  "Anima models are")
+        served = ("SD 1.x, SD 2.x, SDXL, Flux.1, Flux.2 Klein, Chroma, SD 3.5, Z-Image, Lumina 2, Qwen-Image, "
+                  "Anima and Ernie-Image models are")
         transformer = joint_transformer(model.forge_objects.unet)
         if transformer is not None and isinstance(model_predictor(model.forge_objects.unet), OldForgePredictor):
             # reForge loads SD 3 into ldm_patched's MMDiT: its flow sampling there is not what was measured
             return f"{type(model).__name__} models are not supported on the old Forge backend (SD 1.x, SD 2.x and SDXL are)"
         if transformer is not None and joint_family(transformer) in ("qwen", "anima"):
+            return None
+        if transformer is not None and joint_family(transformer) == "ernie":
+            # Ernie-Image: its Ministral-3 engine tokenizes the prompt's pieces with no template
+            # (ministral3_engine.py:28-60); the words are found by their text (flows.job.word_positions)
+            if not any(is_bare_llm_engine(engine) for name, engine in vars(model).items()
+                       if name.startswith("text_processing_engine")):
+                return f"{type(model).__name__} models are not supported yet ({served})"
             return None
         if transformer is not None and joint_family(transformer) == "nextdit":
             # Z-Image: its Qwen3 engine wraps the prompt in a chat template (qwen3_engine.py:31);

@@ -413,14 +413,19 @@ def word_positions(embedder: Any, words: Sequence[Word], variant: str) -> list[l
         tokenize = lambda text: embedder.t5_tokenizer([text], add_special_tokens=False)["input_ids"][0]
         return align_words(words, t5_ids, {0, getattr(embedder, "id_end", 1)}, tokenize)
     context_ids = [t for chunk in chunks for t in chunk.tokens]
-    if not is_llm_engine(embedder):
+    if not (is_llm_engine(embedder) or is_bare_llm_engine(embedder)):
         # CLIP engines have a start token, Forge's T5 engine (t5_engine.py:28-29) only end and pad
         special = {getattr(embedder, "id_start", None), embedder.id_end, getattr(embedder, "id_pad", embedder.id_end)}
         return align_words(words, context_ids, special, lambda text: embedder.tokenize([text])[0])
     ids = [_as_int(t) for t in context_ids]
-    names = embedder.tokenizer.convert_ids_to_tokens([t for t in ids if t is not None])
+    tokenizer = text_tokenizer(embedder)
+    names = tokenizer.convert_ids_to_tokens([t for t in ids if t is not None])
     spelled, byte_level = iter(names), is_byte_level(names)
     pieces = [token_bytes(next(spelled), byte_level) if t is not None else b"" for t in ids]
+    if template is None:
+        # no template: a special token (Ernie's <s> before every parsed piece) is never the prompt's text
+        special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        pieces = [b"" if t in special else piece for t, piece in zip(ids, pieces)]
     positions = align_words_by_text(words, pieces, template_spans(b"".join(pieces), template))
     kept = kept_positions(embedder, context_ids)
     return [[kept[i] for i in found if i in kept] for found in positions]
@@ -431,6 +436,22 @@ def is_llm_engine(embedder: Any) -> bool:
     ``llama_template``) or a system prompt before the line (Lumina 2's Gemma engine,
     ``process_template``); their tokenizers are byte-level BPE or SentencePiece."""
     return getattr(embedder, "llama_template", None) is not None or callable(getattr(embedder, "process_template", None))
+
+
+def is_bare_llm_engine(embedder: Any) -> bool:
+    """An LLM engine that tokenizes the prompt's pieces as they are, each after a start token, with
+    no template (Neo's Ministral-3 engine for Ernie-Image, ministral3_engine.py:28-60: a
+    PixtralProcessor's tokenizer, byte-level BPE): a start token but no end token, unlike the CLIP
+    and T5 engines, which all have ``id_end``."""
+    return (not is_llm_engine(embedder) and not hasattr(embedder, "id_end") and hasattr(embedder, "id_start")
+            and hasattr(text_tokenizer(embedder), "convert_ids_to_tokens"))
+
+
+def text_tokenizer(embedder: Any) -> Any:
+    """The engine's tokenizer, or the tokenizer inside its processor (Ernie's PixtralProcessor)."""
+    tokenizer = getattr(embedder, "tokenizer", None)
+    inner = getattr(tokenizer, "tokenizer", None)
+    return inner if inner is not None and not hasattr(tokenizer, "convert_ids_to_tokens") else tokenizer
 
 
 def engine_line(embedder: Any, variant: str) -> tuple[str, str | None]:

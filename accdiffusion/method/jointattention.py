@@ -33,6 +33,13 @@ block computes them anyway, so recording never changes a value and adds no proje
   padded to 512 tokens, anima_engine.py:117-129); ``cross_attn.q_norm`` / ``k_norm`` return q
   [B, THW, H, D] and k [B, 512, H, D] (:122-137, no RoPE on cross-attention), so its map is the
   cross-attention softmax as a UNet's (:meth:`AttentionRecorder.add_qk`).
+- Ernie-Image (Neo's ``ErnieImageModel``, backend/nn/ernie.py:97-174, :190-287): single-stream
+  ``layers`` over one sequence [image; text] — the **image first** (:244), no padding, no refiners;
+  ``self_attention.norm_q`` / ``norm_k`` return q and k as [B, L, H, D] (:124-125); the block's
+  ``rotary_pos_emb`` argument (:159, :280) is [B, L, 1, D/2, 2, 2] (:28-47), applied in the
+  split-half layout (channel k paired with k + D/2, :128; :func:`apply_rope_split_half`). The
+  image is the patch grid of the model call's ``x`` (:233-235, a pre-hook on the model reads it);
+  the text is the rest.
 - SD 3.5 (MMDiT-X) joint block (mmditx.py:636-667): the image stream's ``x_block.attn.ln_q`` /
   ``ln_k`` and the text stream's ``context_block.attn.ln_k`` return q and k as [B, L, H, D]
   (mmditx.py:323-329, an ``nn.Identity`` when the model has no qk-norm: still called, still
@@ -74,11 +81,20 @@ def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape).type_as(x)
 
 
+def apply_rope_split_half(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, L, H, D] by pe [B|1, L, 1, D/2, 2, 2] with channel k paired with k + D/2 (the
+    split-half layout of Ernie-Image's attention, ernie.py:127), in float32, back in x's dtype."""
+    pairs = x.float().reshape(*x.shape[:-1], 2, -1).movedim(-2, -1).unsqueeze(-2)  # [..., D/2, 1, 2]
+    out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]                    # [..., D/2, 2]
+    return out.movedim(-1, -2).reshape(*x.shape).type_as(x)
+
+
 def joint_family(model: nn.Module) -> str | None:
     """'flux' (double_blocks: Flux, Chroma, Flux.2 Klein), 'mmdit' (joint_blocks: SD 3 / 3.5),
     'qwen' (transformer_blocks, double-stream: Qwen-Image), 'nextdit' (single-stream ``layers``
     after caption and noise refiners: Z-Image, Lumina 2), 'anima' (blocks with cross-attention),
-    or None."""
+    'ernie' (single-stream ``layers`` over [image; text], each with a ``self_attention``:
+    Ernie-Image), or None."""
     if isinstance(getattr(model, "double_blocks", None), nn.ModuleList):
         return "flux"
     if isinstance(getattr(model, "joint_blocks", None), nn.ModuleList):
@@ -91,6 +107,10 @@ def joint_family(model: nn.Module) -> str | None:
     if (isinstance(getattr(model, "layers", None), nn.ModuleList) and hasattr(model, "cap_embedder")
             and hasattr(model, "noise_refiner")):
         return "nextdit"
+    layers = getattr(model, "layers", None)
+    if (isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attention")
+            and hasattr(model, "x_embedder") and hasattr(model, "patch_size")):
+        return "ernie"
     return None
 
 
@@ -101,7 +121,7 @@ def all_blocks(model: nn.Module) -> list[nn.Module]:
         return list(model.double_blocks) + list(getattr(model, "single_blocks", None) or [])
     if family == "mmdit":
         return list(model.joint_blocks)
-    if family == "nextdit":
+    if family in ("nextdit", "ernie"):
         return list(model.layers)
     if family == "qwen":
         return list(model.transformer_blocks)
@@ -121,7 +141,7 @@ def recorded_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _block_kind(block: nn.Module, family: str) -> str:
-    if family in ("mmdit", "nextdit", "qwen", "anima"):
+    if family in ("mmdit", "nextdit", "qwen", "anima", "ernie"):
         return family
     return "double" if hasattr(block, "img_attn") else "single"
 
@@ -133,6 +153,8 @@ def _heads(block: nn.Module, kind: str) -> int:
         return int(block.attn.heads)
     if kind == "anima":
         return int(block.cross_attn.n_heads)
+    if kind == "ernie":
+        return int(block.self_attention.heads)
     return int(block.x_block.attn.num_heads if kind == "mmdit" else block.num_heads)
 
 
@@ -145,7 +167,7 @@ def padded_caption_length(model: nn.Module, length: int) -> int:
 def _tokens_last(t: torch.Tensor, kind: str) -> torch.Tensor:
     """[B, H, L, D] (flux blocks) or [B, …, L, H, D] (the others; Anima's text keys keep the
     prompt's own axis, [B, 1, 512, H, D]) -> [B, L, H·D], as the recorder takes them."""
-    if kind not in ("mmdit", "nextdit", "qwen", "anima"):
+    if kind not in ("mmdit", "nextdit", "qwen", "anima", "ernie"):
         t = t.transpose(1, 2)
     return t.reshape(t.shape[0], -1, t.shape[-2] * t.shape[-1])
 
@@ -187,6 +209,14 @@ class JointAttentionCapture:
                     self._text["txt"] = padded_caption_length(self._model, int(out.shape[1]))
 
                 self._handles.append(self._model.cap_embedder.register_forward_hook(caption_length))
+            if self.family == "ernie":
+                # the image comes first in the sequence: its length is the call's patch grid (ernie.py:233-235)
+                def image_length(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                    x = kwargs["x"] if "x" in kwargs else args[0]
+                    patch = int(self._model.patch_size)
+                    self._text["image"] = (int(x.shape[-2]) // patch) * (int(x.shape[-1]) // patch)
+
+                self._handles.append(self._model.register_forward_pre_hook(image_length, with_kwargs=True))
             for block in self.blocks:
                 self._hook_block(block)
         except Exception:
@@ -228,6 +258,15 @@ class JointAttentionCapture:
             hook(block.register_forward_pre_hook(before, with_kwargs=True))
             hook(block.attention.q_norm.register_forward_hook(self._keep(seen, "q_all")))
             hook(block.attention.k_norm.register_forward_hook(self._keep(seen, "k_all")))
+        elif kind == "ernie":
+            def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                seen["pe"] = kwargs["rotary_pos_emb"] if "rotary_pos_emb" in kwargs else args[1]
+                if "image" in self._text:
+                    seen["image_tokens"] = self._text["image"]
+
+            hook(block.register_forward_pre_hook(before, with_kwargs=True))
+            hook(block.self_attention.norm_q.register_forward_hook(self._keep(seen, "q_all")))
+            hook(block.self_attention.norm_k.register_forward_hook(self._keep(seen, "k_all")))
         elif kind == "anima":
             hook(block.cross_attn.q_norm.register_forward_hook(self._keep(seen, "q")))
             hook(block.cross_attn.k_norm.register_forward_hook(self._keep(seen, "k_txt")))
@@ -279,6 +318,8 @@ class JointAttentionCapture:
             room = seen["q_all"].shape[1] - seen["txt"]
             pad_limit = getattr(self._model, "pad_tokens_multiple", None) or 1
             return grid if grid <= room < grid + pad_limit else room
+        if kind == "ernie":
+            return seen.get("image_tokens") if "q_all" in seen else None
         if "q" not in seen:
             return None
         count = int(seen["q"].shape[1 if kind in ("mmdit", "qwen", "anima") else 2])
@@ -307,6 +348,15 @@ class JointAttentionCapture:
             if k.shape[2] != q.shape[2]:  # grouped keys: each key head serves consecutive query heads
                 k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
             return apply_rope(q[:, text:text + image], pe[:, text:text + image]), k, text
+        if kind == "ernie":
+            if not all(name in seen for name in ("q_all", "k_all", "pe")):
+                return None
+            q, k, pe = rows(seen["q_all"]), rows(seen["k_all"]), rows(seen["pe"])
+            image = seen["image"]
+            k = apply_rope_split_half(k, pe)
+            # the recorder takes the text's keys first: [image; text] -> [text; image]
+            keys = torch.cat([k[:, image:], k[:, :image]], 1)
+            return apply_rope_split_half(q[:, :image], pe[:, :image]), keys, int(k.shape[1]) - image
         if not all(name in seen for name in ("q", "k_img", "k_txt")):
             return None
         q, k_img, k_txt = rows(seen["q"]), rows(seen["k_img"]), rows(seen["k_txt"])
