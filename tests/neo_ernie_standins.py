@@ -13,10 +13,12 @@ written here, small and random, with the structure the backend relies on:
   with k + D/2, comfy_kitchen's ``apply_rope_split_half``, :128), one softmax over the whole
   sequence (no mask in the model's calls, :280).
 - the engine (backend/diffusion_engine/ernie.py, text_processing/ministral3_engine.py):
-  ``text_processing_engine_ministral`` tokenizes each piece the emphasis parser splits the prompt
-  into with a PixtralProcessor (``tokenizer(images=None, text=...)``, :28-30) — a start token
-  ``<s>`` before every piece, no template (:37-60) — and gives one [L, D] tensor per line;
-  ``id_start`` 1, ``id_pad`` 0, no ``id_end`` (:20-26). The VAE is FLUX.2's (16 px per latent pixel).
+  ``text_processing_engine_ministral`` tokenizes the line with a PixtralProcessor
+  (``tokenizer(images=None, text=...)``, :28-30) — its emphasis is "None" (:19, :66), so the
+  parser gives the whole line as one literal piece (parsing.py:37-39: "(red:1.3)" is text), after
+  one start token ``<s>``, no template (:37-60) — and gives one [L, D] tensor per line; ``id_start``
+  1, ``id_pad`` 0, no ``id_end`` (:20-26); the tokens are 0-d tensors (``tokenize`` returns a
+  tensor). The VAE is FLUX.2's (16 px per latent pixel).
 
 The tokenizer is a byte-level BPE trained here with Mistral's ``<s>`` added before every text, like
 Neo's real Ernie tokenizer (tests/test_neo_ernie.py runs the word spans on that one too when
@@ -34,7 +36,7 @@ from torch import nn
 import dit_standins
 from dit_standins import Chunk, DiTEngineStandIn, FlowKModelStandIn, PredictionDiscreteFlowStandIn
 from forge_standins import ForgeObjects, UnetPatcherStandIn
-from neo_standins import _CORPUS, parse_emphasis
+from neo_standins import _CORPUS
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,8 +66,8 @@ class ProcessorStandIn:
 
 
 class MinistralEngineStandIn:
-    """ministral3_engine.py:17-131: every parsed piece tokenized on its own (its <s> first), the
-    pieces' tokens in one chunk; the embedding (a table here); one [L, width] tensor per line."""
+    """ministral3_engine.py:17-131: the line as one literal piece (emphasis "None"), tokenized with
+    its <s> first, one chunk of 0-d tensors; the embedding (a table here); one [L, width] tensor per line."""
 
     def __init__(self, tokenizer, width=24, seed=12):
         self.tokenizer = ProcessorStandIn(tokenizer)
@@ -75,19 +77,16 @@ class MinistralEngineStandIn:
         nn.init.normal_(self.table.weight)
 
     def tokenize(self, texts):
-        return self.tokenizer(images=None, text=texts)["input_ids"]
+        return torch.tensor(self.tokenizer(images=None, text=texts)["input_ids"])
 
     def tokenize_line(self, line):
-        parsed = parse_emphasis(line)
         chunk = Chunk([])
-        chunk.multipliers = []
-        for tokens, (_, weight) in zip(self.tokenize([t for t, _ in parsed]), parsed):
-            chunk.tokens += tokens
-            chunk.multipliers += [weight] * len(tokens)
+        chunk.tokens = list(self.tokenize([line])[0])  # parse_prompt_attention(line, "None") = [[line, 1.0]]
+        chunk.multipliers = [1.0] * len(chunk.tokens)
         return [chunk]
 
     def __call__(self, texts):
-        return [self.table(torch.tensor(self.tokenize_line(line)[0].tokens)) for line in texts]
+        return [self.table(torch.stack(self.tokenize_line(line)[0].tokens)) for line in texts]
 
 
 # --- ErnieImageModel --------------------------------------------------------------------------------
@@ -139,11 +138,12 @@ class ErnieImageAttentionStandIn(nn.Module):
 
 
 class ErnieBlockStandIn(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, mlp_hidden=None):
         super().__init__()
         self.adaLN_sa_ln, self.adaLN_mlp_ln = nn.RMSNorm(dim), nn.RMSNorm(dim)
         self.self_attention = ErnieImageAttentionStandIn(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        hidden = mlp_hidden or 2 * dim  # the bench sets the width whose FLOPs match Neo's gated FFN
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x, rotary_pos_emb, temb, attention_mask=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = temb

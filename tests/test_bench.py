@@ -134,7 +134,8 @@ def test_dit_recording_cost_counts_the_recorded_late_blocks():
 
 
 @pytest.mark.parametrize("name, recorded, blocks", [
-    ("z-image", 8, 30), ("qwen-image", 15, 60), ("klein-4b", 7, 25), ("klein-9b", 8, 32), ("anima", 7, 28)])
+    ("z-image", 8, 30), ("qwen-image", 15, 60), ("klein-4b", 7, 25), ("klein-9b", 8, 32), ("anima", 7, 28),
+    ("ernie-image", 9, 36)])
 def test_dit_recording_cost_on_neo_families(name, recorded, blocks):
     """Neo's families at full size: the recorder takes the last quarter (Klein's are single-stream
     blocks), and what it adds per block is the image queries against the keys the block's softmax
@@ -149,6 +150,8 @@ def test_dit_recording_cost_on_neo_families(name, recorded, blocks):
         assert cost["model_flops"] > 30 * cost["flops_per_first_block"] + 2 * cost["flops_per_noise_refiner_block"]
     if name == "anima":
         assert cost["added_flops_per_first_block"] == pytest.approx(2 * 4096 * 512 * 2048, rel=1e-3)
+    if name == "ernie-image":  # the image first, 76 text tokens after it, no padding; 4096 wide
+        assert cost["added_flops_per_first_block"] == pytest.approx(2 * 4096 * (4096 + 76) * 4096, rel=1e-3)
     assert 0 < cost["share"] < 0.05  # issue 24's bound: recording within 5 % of the first pass
 
 
@@ -169,7 +172,7 @@ def llm_layer_flops(tokens: int, size: dict[str, int]) -> int:
 
 @pytest.mark.parametrize("name, sizes, depth, needed", [
     ("z-image", TINY_QWEN3, 36, 35), ("klein-4b", TINY_QWEN3, 36, 27), ("klein-9b", TINY_QWEN3, 36, 27),
-    ("qwen-image", TINY_QWEN2, 28, 28), ("anima", TINY_QWEN3, 28, 28)])
+    ("qwen-image", TINY_QWEN2, 28, 28), ("anima", TINY_QWEN3, 28, 28), ("ernie-image", TINY_QWEN3, 26, 25)])
 def test_llm_encoding_cost_counts_the_layers_neo_runs(name, sizes, depth, needed):
     """--llm-cost times layers of an encoder of the family's shape (here narrow) and scales them
     to the full depth, which Neo runs whatever layer its engine reads, and to the layers up to that
@@ -187,17 +190,19 @@ def test_llm_encoding_cost_counts_the_layers_neo_runs(name, sizes, depth, needed
 def test_llm_encoder_shapes_and_tokens_are_neos():
     """The shapes are the configs' in Neo's backend/huggingface folders (checked against them where
     ACCDIFFUSION_NEO_DIR names a Neo checkout), and a 75-token prompt reaches each encoder with its
-    engine's template: Z-Image 8 more tokens, Qwen-Image 39, Klein padded to 512, Anima none."""
+    engine's template: Z-Image 8 more tokens, Qwen-Image 39, Klein padded to 512, Anima none,
+    Ernie-Image its one start token."""
     import os
     from pathlib import Path
 
     assert {n: e.tokens for n, e in bench.LLM_ENCODERS.items()} == {
-        "z-image": 83, "klein-4b": 512, "klein-9b": 512, "qwen-image": 114, "anima": 75}
+        "z-image": 83, "klein-4b": 512, "klein-9b": 512, "qwen-image": 114, "anima": 75, "ernie-image": 76}
     neo = os.environ.get("ACCDIFFUSION_NEO_DIR")
     if not neo:
         return
     folders = {"z-image": "Tongyi-MAI/Z-Image-Turbo", "klein-4b": "black-forest-labs/FLUX.2-klein-4B",
-               "klein-9b": "black-forest-labs/FLUX.2-klein-9B", "qwen-image": "Qwen/Qwen-Image"}
+               "klein-9b": "black-forest-labs/FLUX.2-klein-9B", "qwen-image": "Qwen/Qwen-Image",
+               "ernie-image": "baidu/ERNIE-Image"}
     for name, folder in folders.items():
         config = json.loads((Path(neo) / "backend/huggingface" / folder / "text_encoder/config.json").read_text())
         config = config.get("text_config", config)

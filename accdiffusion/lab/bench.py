@@ -179,9 +179,11 @@ class DiTSize:
 # config.json and modules_forge/packages/huggingface_guess/detection.py (Z-Image: dim 3840, 30 layers,
 # 30 heads without grouping, gated FFN int(8/3·3840) = 10240, 2 refiners of each kind, captions padded
 # to 32; Qwen-Image: 60 blocks of 24 × 128, FeedForward × 4; Klein 4B / 9B: 5 + 20 / 8 + 24 blocks of
-# 3072 / 4096 wide, gated MLP × 3; Anima: 28 blocks of 2048, 16 heads, GPT-2 MLP × 4, context 1024 wide).
+# 3072 / 4096 wide, gated MLP × 3; Anima: 28 blocks of 2048, 16 heads, GPT-2 MLP × 4, context 1024 wide;
+# Ernie-Image: 36 layers of 4096, 32 heads, gated FFN 12288, patch 1 on its 64² latent).
 # Text tokens of one ~75-token prompt as Neo sends it: Z-Image 83 (its chat template, kept), Qwen-Image
-# 80 (the system template stripped), Klein and Anima 512 (padded by their engines)
+# 80 (the system template stripped), Klein and Anima 512 (padded by their engines), Ernie-Image 76
+# (one start token, no template)
 DIT_SIZES = {"flux-dev": DiTSize("flux", 19, 38, 3072, 24, 512, 4), "chroma": DiTSize("flux", 19, 38, 3072, 24, 512, 4),
              "sd3.5-large": DiTSize("mmdit", 38, 0, 2432, 38, 333, 4),
              "sd3.5-medium": DiTSize("mmdit", 24, 0, 1536, 24, 333, 4),
@@ -189,7 +191,8 @@ DIT_SIZES = {"flux-dev": DiTSize("flux", 19, 38, 3072, 24, 512, 4), "chroma": Di
              "qwen-image": DiTSize("qwen", 60, 0, 3072, 24, 80, 4),
              "klein-4b": DiTSize("flux", 5, 20, 3072, 24, 512, 1.5 * 3),
              "klein-9b": DiTSize("flux", 8, 24, 4096, 32, 512, 1.5 * 3),
-             "anima": DiTSize("anima", 28, 0, 2048, 16, 512, 4, context_dim=1024)}
+             "anima": DiTSize("anima", 28, 0, 2048, 16, 512, 4, context_dim=1024),
+             "ernie-image": DiTSize("ernie", 36, 0, 4096, 32, 76, 1.5 * 12288 / 4096)}
 NEXTDIT_PAD = 32  # Z-Image's pad_tokens_multiple (huggingface_guess/detection.py)
 
 
@@ -232,8 +235,33 @@ def _dit_parts(size: DiTSize) -> tuple[torch.nn.Module, dict[str, tuple[int, Cal
                 return model.joint_blocks[0](txt, img, c=vec)
 
             return model, {"first": (size.blocks, joint)}, {"first": joint}
+        import neo_ernie_standins as ne
         import neo_qwen_anima_standins as nqa
         import neo_standins as neo
+
+        if size.family == "ernie":
+            class ErnieShell(nn.Module):
+                """The model around one layer: the capture reads the image's length from the model's ``x``."""
+
+                patch_size = 1
+
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.x_embedder = nn.Identity()
+                    self.layers = nn.ModuleList([ne.ErnieBlockStandIn(dim, heads, int(size.mlp_ratio * dim))])
+
+                def forward(self, x: torch.Tensor) -> object:
+                    return self.layers[0](torch.cat([img, txt], 1), rope, temb)
+
+            model = ErnieShell()
+            side = int(n ** 0.5)
+            latent = torch.empty(1, 128, side, side)
+            rope, temb = torch.empty(1, n + t, 1, half, 2, 2), [torch.empty(1, 1, dim)] * 6
+
+            def layer() -> object:
+                return model.layers[0](torch.cat([img, txt], 1), rope, temb)
+
+            return model, {"first": (size.blocks, layer)}, {"first": lambda: model(latent)}
 
         if size.family == "qwen":
             model.transformer_blocks = nn.ModuleList([nqa.QwenImageTransformerBlock(dim, heads, size.mlp_ratio)])
@@ -379,6 +407,10 @@ QWEN25_VL_7B_TEXT = {"hidden_size": 3584, "num_attention_heads": 28, "num_key_va
                      "intermediate_size": 18944, "num_hidden_layers": 28}
 QWEN3_06B = {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
              "intermediate_size": 3072, "num_hidden_layers": 28}
+# Ernie-Image's Ministral-3 3B (baidu/ERNIE-Image/text_encoder/config.json text_config; Neo's
+# Ministral3_3BConfig, llama.py:149-170): a Llama-type decoder, no biases, no q/k norms
+MINISTRAL3_3B = {"hidden_size": 3072, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                 "intermediate_size": 9216, "num_hidden_layers": 26}
 
 
 @dataclass(frozen=True)
@@ -398,6 +430,7 @@ LLM_ENCODERS = {
     "klein-9b": LLMEncoder(QWEN3_8B, False, 27, 512, "the inputs of layers 9, 18, 27 (klein_engine.py), padded to 512"),
     "qwen-image": LLMEncoder(QWEN25_VL_7B_TEXT, True, 28, 114, "the last layer, normed (qwen_engine.py)"),
     "anima": LLMEncoder(QWEN3_06B, False, 28, 75, "the last layer, normed, then the LLM adapter (anima_engine.py)"),
+    "ernie-image": LLMEncoder(MINISTRAL3_3B, False, 25, 76, "the second-to-last layer's output (ministral3_engine.py: -2)"),
 }
 
 
@@ -557,13 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "--device meta it counts full-size models without computing anything")
     parser.add_argument("--recording-cost-dit", action="store_true",
                         help="what recording adds to one call of full-size Flux / Chroma / SD 3.5 and Neo's Z-Image, "
-                             "Qwen-Image, Flux.2 Klein, Anima (FLOPs, counted on the meta device)")
+                             "Qwen-Image, Flux.2 Klein, Anima, Ernie-Image (FLOPs, counted on the meta device)")
     parser.add_argument("--t5-cost", action="store_true",
                         help="what one distinct tile prompt's T5-XXL encoding costs on this CPU (Flux, Chroma, "
                              "SD 3.5 with T5, where Forge keeps T5 on the CPU): one layer timed, scaled to 24")
     parser.add_argument("--llm-cost", action="store_true",
                         help="what one distinct tile prompt's encoding by Neo's LLM text encoders costs on this "
-                             "CPU (Z-Image, Flux.2 Klein 4B / 9B, Qwen-Image, Anima): one layer timed, scaled to "
+                             "CPU (Z-Image, Flux.2 Klein 4B / 9B, Qwen-Image, Anima, Ernie-Image): one layer timed, scaled to "
                              "the depth; at 100 and 300 tokens and the engine's own count")
     parser.add_argument("--llm-dtypes", default="float32,bfloat16,float16",
                         help="--llm-cost's dtypes (Neo's default for its text encoders is float16, on the CPU too)")

@@ -1,18 +1,19 @@
-"""Opt-in tests of Forge Neo's new families — Z-Image, Qwen-Image, Flux.2 Klein, Anima, Lumina 2 — against a
+"""Opt-in tests of Forge Neo's new families — Z-Image, Qwen-Image, Flux.2 Klein, Anima, Lumina 2, Ernie-Image — against a
 live Neo with the extension: per family, txt2img hires 2x and 3x, img2img, a batch of one prompt
 with one map per image, shifted and overlap windows, the infotext round trip, and disabled =
 not installed.
 
     SD_WEBUI_HOST=neo SD_WEBUI_URL=http://127.0.0.1:7866 SD_WEBUI_LOG=<Neo's log, SD_WEBUI_LOG_LEVEL=DEBUG> \\
         [SD_WEBUI_PLAIN_URL=<a Neo without the extension>] \\
-        [SD_WEBUI_NEO_FAMILIES="zimage=tiny-zimage,qwenimage=tiny-qwenimage,klein=tiny-klein,anima=tiny-anima,lumina=tiny-lumina"] \\
+        [SD_WEBUI_NEO_FAMILIES="zimage=tiny-zimage,qwenimage=tiny-qwenimage,klein=tiny-klein,anima=tiny-anima,lumina=tiny-lumina,ernie=tiny-ernie"] \\
         .venv/bin/python -m pytest -q tests/live/test_live_neo_families.py
 
 Without SD_WEBUI_NEO_FAMILIES a family's checkpoint is the one of /sdapi/v1/sd-models whose name holds
 the family's name. Made for the tiny random checkpoints of ../shared/tinymodel (their README: all four
 are flow models without guidance input; Z-Image and Anima read the distilled-CFG field as the shift;
-sizes are multiples of 64 on this Neo); tiny-lumina is made by tests/live/tools/make_tiny_lumina.py and
-loaded through its preload (docs/development.md). The tests switch the checkpoint (of both hosts) and put it back.
+sizes are multiples of 64 on this Neo); tiny-lumina and tiny-ernie are made by tests/live/tools/make_tiny_lumina.py
+and make_tiny_ernie.py and loaded through their preloads (docs/development.md; Ernie-Image, like Z-Image, reads the
+distilled-CFG field as the shift). The tests switch the checkpoint (of both hosts) and put it back.
 """
 
 import os
@@ -26,7 +27,7 @@ from test_live_api import PLAIN_URL, URL, call, digests, init_image, sizes  # no
 from test_live_dit import LOG, Log, infotext, pixel_digests, stage_lines, tile_prompts  # noqa: E402
 
 PROMPT = "a red cube on a blue table next to a green ball"
-FAMILIES = ("zimage", "qwenimage", "klein", "anima", "lumina")
+FAMILIES = ("zimage", "qwenimage", "klein", "anima", "lumina", "ernie")
 
 
 def _checkpoints():
