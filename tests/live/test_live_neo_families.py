@@ -1,7 +1,7 @@
 """Opt-in tests of Forge Neo's new families — Z-Image, Qwen-Image, Flux.2 Klein, Anima, Lumina 2, Ernie-Image — against a
 live Neo with the extension: per family, txt2img hires 2x and 3x, img2img, a batch of one prompt
-with one map per image, shifted and overlap windows, the infotext round trip, and disabled =
-not installed.
+with one map per image, shifted and overlap windows, the infotext round trip, an X/Y/Z axis of ours,
+the Upscale button, and disabled = not installed.
 
     SD_WEBUI_HOST=neo SD_WEBUI_URL=http://127.0.0.1:7866 SD_WEBUI_LOG=<Neo's log, SD_WEBUI_LOG_LEVEL=DEBUG> \\
         [SD_WEBUI_PLAIN_URL=<a Neo without the extension>] \\
@@ -16,6 +16,8 @@ and make_tiny_ernie.py and loaded through their preloads (docs/development.md; E
 distilled-CFG field as the shift). The tests switch the checkpoint (of both hosts) and put it back.
 """
 
+import hashlib
+import json
 import os
 import sys
 
@@ -182,3 +184,69 @@ def test_disabled_is_identical_to_not_installed(family):
     assert digests(txt2img()) == digests(plain)
     plain_i2i = img2img(url=PLAIN_URL, seed=3)
     assert digests(img2img(acc={"enabled": False}, seed=3)) == digests(plain_i2i)
+
+
+def test_xyz_axis_sets_each_cells_threshold(family):
+    status, scripts = call("/sdapi/v1/script-info")
+    assert status == 200
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    axis = xyz["args"][0]["choices"].index("AccDiffusion Patch prompt threshold")
+    log = Log()
+    out = txt2img(acc={"enabled": True}, script_name="x/y/z plot", script_args=HOST.xyz_args(axis, "0.05,0.95"))
+    text = log.text()
+    infos = json.loads(out["info"])["infotexts"]
+    assert len(out["images"]) == 3  # the grid and its two cells
+    assert 'X Values: "0.05,0.95"' in infos[0]
+    cells = [i for i in infos if "AccDiffusion patch prompt threshold" in i]
+    assert any("AccDiffusion patch prompt threshold: 0.05" in i for i in cells)
+    assert any("AccDiffusion patch prompt threshold: 0.95" in i for i in cells)
+    if LOG:
+        served(text)
+        assert len(stage_lines(text)) == 2  # one tiled pass per cell
+
+
+def _pixels(ui, entry):
+    image = ui.image(entry)
+    return image.size, hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
+
+
+def test_upscale_button(family):
+    """The txt2img Upscale button (Gradio's own handler, as a person presses it) on a first-pass image."""
+    from gradio_ui import GradioUI
+    from test_live_dit import ENABLED_ID
+
+    if not HOST.upscale_button:
+        pytest.skip(f"{HOST.label} has no txt2img Upscale button")
+    ui = GradioUI(URL)
+    settings = {"txt2img_prompt": PROMPT, "txt2img_neg_prompt": "", "txt2img_width": 128, "txt2img_height": 128,
+                "txt2img_steps": 4, "txt2img_sampling": "Euler", "txt2img_scheduler": "Simple",
+                "txt2img_cfg_scale": guidance["cfg_scale"], "txt2img_distilled_cfg_scale": guidance["distilled_cfg_scale"],
+                "txt2img_seed": 7, "txt2img_denoising_strength": 0.6, "txt2img_hr_scale": 2,
+                "txt2img_hr_cfg": guidance["hr_cfg"], "txt2img_hr_distilled_cfg": guidance["hr_distilled_cfg"],
+                "txt2img_hr_upscaler": HOST.upscaler("Lanczos")}
+    event = ui.event("txt2img_generate", js="submit")
+    data = ui.inputs(event, {**settings, "txt2img_hr-checkbox": False}, {0: "task(neo-first)"},
+                     optional={ENABLED_ID: False})
+    first = ui.call(event, data)
+    gallery, info = first["txt2img_gallery"], first["generation_info_txt2img"]
+    assert gallery and _pixels(ui, gallery[0])[0] == (128, 128)
+
+    def press(enabled):
+        event = ui.event("txt2img_upscale", js="submit_txt2img_upscale")
+        data = ui.inputs(event, settings, {0: "task(neo-upscale)", 1: gallery, 2: 0, 3: info},
+                         optional={ENABLED_ID: enabled})
+        out = ui.call(event, data)
+        assert out["txt2img_gallery"], out["_list"][3:]
+        return out["txt2img_gallery"], json.loads(out["generation_info_txt2img"])["infotexts"][0]
+
+    log = Log()
+    on, on_text = press(True)
+    text = log.text()
+    size, on_pixels = _pixels(ui, on[0])
+    assert size == (256, 256) and "AccDiffusion: True" in on_text
+    if LOG:
+        assert "AccDiffusion probe pass (Upscale button)" in text
+        served(text)
+    assert _pixels(ui, press(True)[0][0])[1] == on_pixels  # reproducible
+    off, off_text = press(False)
+    assert _pixels(ui, off[0]) != (size, on_pixels) and "AccDiffusion" not in off_text
