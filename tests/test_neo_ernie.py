@@ -194,3 +194,31 @@ def test_ernie_first_pass_bit_identical_and_disabled_is_not_installed(ernie):
     assert torch.equal(p.first_pass_latent, q.first_pass_latent)
     _, _, off = run(ernie, settings=AccDiffusionSettings(enabled=False), width=64, height=64)
     assert all(torch.equal(a, b) for a, b in zip(plain.images, off.images))
+
+
+def test_stage_outputs_take_the_first_pass_statistics_per_channel_on_128_channels(ernie, monkeypatch):
+    """FLUX.2's packed latents (Ernie-Image, Flux.2 Klein) have 128 channels: every stage output gets
+    the first pass's mean and std of each of them (as on Flux's 16), not one per image."""
+    seen, per_channel_of = [], []
+    restandardise_output, stats = job_module.restandardise_stage_output, job_module.latent_stats
+
+    def output_spy(latent, mean, std):
+        out = restandardise_output(latent, mean, std)
+        seen.append((mean, std, out))
+        return out
+
+    def stats_spy(x, per_channel=False):
+        if per_channel:
+            per_channel_of.append(x.clone())
+        return stats(x, per_channel)
+
+    monkeypatch.setattr(job_module, "restandardise_stage_output", output_spy)
+    monkeypatch.setattr(job_module, "latent_stats", stats_spy)
+    run(ernie, width=64, height=64, hr_scale=3.0)
+    assert len(seen) == 2 and len(per_channel_of) == 1  # two stages (2x, 3x), one first pass
+    first = per_channel_of[0]
+    assert first.shape[:2] == (1, 128)
+    for mean, std, out in seen:
+        assert mean.shape == std.shape == (1, 128, 1, 1)
+        assert torch.allclose(out.float().mean((2, 3)), first.mean((2, 3)), atol=1e-4)
+        assert torch.allclose(out.float().std((2, 3)), first.std((2, 3)), rtol=1e-3)
