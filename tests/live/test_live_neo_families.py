@@ -53,7 +53,7 @@ def _checkpoints():
 
 CHECKPOINTS = _checkpoints()
 pytestmark = pytest.mark.skipif(not CHECKPOINTS, reason="set SD_WEBUI_HOST=neo and SD_WEBUI_URL to a Forge Neo "
-                                                        "with Z-Image / Qwen-Image / Klein / Anima checkpoints")
+                                                        "with Z-Image / Qwen-Image / Klein / Anima / Lumina / Ernie checkpoints")
 GUIDANCE = dict(cfg_scale=1, distilled_cfg_scale=3.0, hr_cfg=1, hr_distilled_cfg=3.0)
 # Lumina 2 is not guidance-distilled (CFG rows) and reads the distilled-CFG field as its shift (6)
 FAMILY_GUIDANCE = {"lumina": dict(cfg_scale=4, distilled_cfg_scale=6.0, hr_cfg=4, hr_distilled_cfg=6.0)}
