@@ -88,3 +88,45 @@ def denoisers(monkeypatch):
 
     monkeypatch.setattr(job_module, "StageDenoiser", recording)
     return made
+
+
+@pytest.fixture
+def stage_prompts(monkeypatch):
+    """Per stage of the tiled pass: (the stage, its windows, the tile prompts per image), as the job
+    scheduled them (its own ``_tile_schedules``, recorded)."""
+    from accdiffusion.flows import job as job_module
+
+    seen = []
+    original = job_module._tile_schedules
+
+    def spy(plans, stage, windows, settings, cache):
+        schedules, prompts = original(plans, stage, windows, settings, cache)
+        seen.append((stage, windows, prompts))
+        return schedules, prompts
+
+    monkeypatch.setattr(job_module, "_tile_schedules", spy)
+    return seen
+
+
+@pytest.fixture
+def stage_output_stats(monkeypatch):
+    """(mean, std, output) of every restandardise_stage_output call, and the latents the job took
+    per-channel statistics of."""
+    from accdiffusion.flows import job as job_module
+
+    seen, per_channel_of = [], []
+    restandardise_output, stats = job_module.restandardise_stage_output, job_module.latent_stats
+
+    def output_spy(latent, mean, std):
+        out = restandardise_output(latent, mean, std)
+        seen.append((mean, std, out))
+        return out
+
+    def stats_spy(x, per_channel=False):
+        if per_channel:
+            per_channel_of.append(x.clone())
+        return stats(x, per_channel)
+
+    monkeypatch.setattr(job_module, "restandardise_stage_output", output_spy)
+    monkeypatch.setattr(job_module, "latent_stats", stats_spy)
+    return seen, per_channel_of

@@ -50,21 +50,6 @@ def run(model, settings=ON, **kw):
     return p, webui, process_images(p, settings, facade)
 
 
-@pytest.fixture
-def stage_prompts(monkeypatch):
-    """Per stage: (the transformer's call count when the stage began, the tile prompts per image)."""
-    seen = []
-    original = job_module._tile_schedules
-
-    def spy(plans, stage, windows, settings, cache):
-        schedules, prompts = original(plans, stage, windows, settings, cache)
-        seen.append((stage, windows, prompts))
-        return schedules, prompts
-
-    monkeypatch.setattr(job_module, "_tile_schedules", spy)
-    return seen
-
-
 # --- method pieces ---------------------------------------------------------------------------------
 def test_text_only_softmax_is_the_joint_softmax_renormalised_over_text():
     torch.manual_seed(0)
@@ -430,31 +415,10 @@ def test_timestep_samplers_step_aside_on_flow_models_only():
     assert "'UniPC'" in flow_sampler_reason(p, flow, webui, img2img=False)
 
 
-def _stage_output_stats(monkeypatch) -> tuple[list, list]:
-    """(mean, std, output) of every restandardise_stage_output call, and the latents the job took
-    per-channel statistics of."""
-    seen, per_channel_of = [], []
-    restandardise_output, stats = job_module.restandardise_stage_output, job_module.latent_stats
-
-    def output_spy(latent, mean, std):
-        out = restandardise_output(latent, mean, std)
-        seen.append((mean, std, out))
-        return out
-
-    def stats_spy(x, per_channel=False):
-        if per_channel:
-            per_channel_of.append(x.clone())
-        return stats(x, per_channel)
-
-    monkeypatch.setattr(job_module, "restandardise_stage_output", output_spy)
-    monkeypatch.setattr(job_module, "latent_stats", stats_spy)
-    return seen, per_channel_of
-
-
-def test_flow_stage_outputs_take_the_first_pass_statistics_per_channel(flux, monkeypatch):
+def test_flow_stage_outputs_take_the_first_pass_statistics_per_channel(flux, stage_output_stats):
     """A flow model's stage output gets the first pass's mean and std per channel (measured on the
     flow toy: `toy stats --model flow`); SD keeps one mean and std per image."""
-    seen, per_channel_of = _stage_output_stats(monkeypatch)
+    seen, per_channel_of = stage_output_stats
     run(flux, hr_scale=3.0)
     assert len(seen) == 2 and len(per_channel_of) == 1
     first = per_channel_of[0]  # the first pass's latent
@@ -465,10 +429,10 @@ def test_flow_stage_outputs_take_the_first_pass_statistics_per_channel(flux, mon
         assert torch.allclose(out.float().std((2, 3)), first.std((2, 3)), rtol=1e-3)
 
 
-def test_sd_stage_outputs_keep_per_image_statistics(forge_sd1, monkeypatch):
+def test_sd_stage_outputs_keep_per_image_statistics(forge_sd1, stage_output_stats):
     from forge_standins import ForgeTxt2ImgStandIn, ForgeWebUIStandIn
 
-    seen, per_channel_of = _stage_output_stats(monkeypatch)
+    seen, per_channel_of = stage_output_stats
     webui = ForgeWebUIStandIn()
     process_images(ForgeTxt2ImgStandIn(forge_sd1, webui, [PROMPT], adapter=facade, hr_scale=2.0), ON, facade)
     assert seen and not per_channel_of

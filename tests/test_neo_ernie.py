@@ -34,20 +34,6 @@ def ernie():
     return ErnieEngineStandIn()
 
 
-@pytest.fixture
-def stage_prompts(monkeypatch):
-    seen = []
-    original = job_module._tile_schedules
-
-    def spy(plans, stage, windows, settings, cache):
-        schedules, prompts = original(plans, stage, windows, settings, cache)
-        seen.append((stage, windows, prompts))
-        return schedules, prompts
-
-    monkeypatch.setattr(job_module, "_tile_schedules", spy)
-    return seen
-
-
 def run(model, settings=ON, **kw):
     model.transformer.calls.clear()
     webui = neo_standins.KleinWebUIStandIn()  # FLUX.2's VAE: 16 px per latent pixel, 128 channels
@@ -196,24 +182,10 @@ def test_ernie_first_pass_bit_identical_and_disabled_is_not_installed(ernie):
     assert all(torch.equal(a, b) for a, b in zip(plain.images, off.images))
 
 
-def test_stage_outputs_take_the_first_pass_statistics_per_channel_on_128_channels(ernie, monkeypatch):
+def test_stage_outputs_take_the_first_pass_statistics_per_channel_on_128_channels(ernie, stage_output_stats):
     """FLUX.2's packed latents (Ernie-Image, Flux.2 Klein) have 128 channels: every stage output gets
     the first pass's mean and std of each of them (as on Flux's 16), not one per image."""
-    seen, per_channel_of = [], []
-    restandardise_output, stats = job_module.restandardise_stage_output, job_module.latent_stats
-
-    def output_spy(latent, mean, std):
-        out = restandardise_output(latent, mean, std)
-        seen.append((mean, std, out))
-        return out
-
-    def stats_spy(x, per_channel=False):
-        if per_channel:
-            per_channel_of.append(x.clone())
-        return stats(x, per_channel)
-
-    monkeypatch.setattr(job_module, "restandardise_stage_output", output_spy)
-    monkeypatch.setattr(job_module, "latent_stats", stats_spy)
+    seen, per_channel_of = stage_output_stats
     run(ernie, width=64, height=64, hr_scale=3.0)
     assert len(seen) == 2 and len(per_channel_of) == 1  # two stages (2x, 3x), one first pass
     first = per_channel_of[0]

@@ -33,20 +33,6 @@ def zimage():
     return ZImageEngineStandIn()
 
 
-@pytest.fixture
-def stage_prompts(monkeypatch):
-    seen = []
-    original = job_module._tile_schedules
-
-    def spy(plans, stage, windows, settings, cache):
-        schedules, prompts = original(plans, stage, windows, settings, cache)
-        seen.append((stage, windows, prompts))
-        return schedules, prompts
-
-    monkeypatch.setattr(job_module, "_tile_schedules", spy)
-    return seen
-
-
 def run(model, settings=ON, **kw):
     model.transformer.calls.clear()
     webui = DiTWebUIStandIn()
