@@ -34,87 +34,30 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.argv = sys.argv[:1] + ["--cpu"]                               # Neo's backend.args parses the command line
 sys.path[:0] = [NEO, os.path.join(NEO, "modules_forge", "packages")]
 
-import importlib.util  # noqa: E402
-
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
-from backend.operations import using_forge_operations  # noqa: E402
 from backend.nn.llm import llama  # noqa: E402
 from backend.nn.ernie import ErnieImageModel  # noqa: E402
 from backend.nn.vae import AutoencoderKLFlux2  # noqa: E402
 from backend.text_processing.ministral3_engine import Ministral3TextProcessingEngine  # noqa: E402
 from huggingface_guess import detection, model_list  # noqa: E402
 
-_p = importlib.util.spec_from_file_location("neo_tiny_ernie_preload", os.path.join(HERE, "neo_tiny_ernie", "preload.py"))
-preload = importlib.util.module_from_spec(_p)
-_p.loader.exec_module(preload)
+sys.path.append(HERE)
+import neo_tiny_common as common  # noqa: E402
+from neo_tiny_common import check, initialise, neo_layers, strict  # noqa: E402
+
+preload = common.load_module("neo_tiny_ernie_preload", os.path.join(HERE, "neo_tiny_ernie", "preload.py"))
 spec = preload.spec()
 
-CPU = torch.device("cpu")
 NAME = "tiny-ernie.safetensors"
 PROMPTS = ("a red cube on a table", "two blue birds in the sky")
-TORCH_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
-TORCH_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm)
 # DiT value projections x 8: the few text tokens share one attention with the image tokens and every token is
 # RMS-normed before it, so a text-side gain does nothing; with plain init another prompt moved the DiT output by 0.002
 VALUE_GAIN = 8.0
 
 
-def neo_layers():
-    """Neo's layer classes as its loader uses them, fp32 on the CPU."""
-    return using_forge_operations(device=CPU, dtype=torch.float32, manual_cast_enabled=False)
-
-
-@torch.no_grad()
-def initialise(model, seed):
-    """NaN everywhere, then: torch's own Linear/Conv init (Neo's subclasses make reset_parameters a no-op, so the
-    torch base method is called), norm gains around 1, small norm biases, token embeddings N(0.5, 1), the VAE's
-    latent batch-norm statistics a little random (torch's defaults are 0 / 1). Anything still non-finite is an
-    error."""
-    for p in model.parameters():
-        p.fill_(float("nan"))
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    for m in model.modules():
-        for base in TORCH_LAYERS:
-            if isinstance(m, base):
-                base.reset_parameters(m)
-        if isinstance(m, torch.nn.Embedding):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) + 0.5)
-        if isinstance(m, TORCH_NORMS):
-            if getattr(m, "weight", None) is not None:
-                gain = 0.0 if getattr(m, "add", False) else 1.0
-                m.weight.copy_(gain + 0.1 * torch.randn(m.weight.shape, generator=gen))
-            if getattr(m, "bias", None) is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-        if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None:
-            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
-            m.running_var.copy_(1.0 + 0.2 * torch.rand(m.running_var.shape, generator=gen))
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    assert not bad, f"parameters left uninitialised: {bad}"
-    return model
-
-
-def check(y, shape, what):
-    assert tuple(y.shape) == tuple(shape), (what, tuple(y.shape), shape)
-    assert torch.isfinite(y).all() and float(y.abs().mean()) > 1e-3, (what, float(y.abs().mean()))
-    print(f"{what}: {tuple(y.shape)}, mean |x| {float(y.abs().mean()):.3f}")
-
-
 def tokenizer_dir(tmp):
-    """Neo's ERNIE-Image tokenizer folder; Neo unpacks its tokenizer.json from ernie.tokenizer.json.xz at start,
-    so on a Neo that never started unpack it the same way into a temp copy (Neo's folder stays untouched)."""
-    src = os.path.join(spec.neo_repo_dir(NEO), "tokenizer")
-    if os.path.isfile(os.path.join(src, "tokenizer.json")):
-        return src
-    import lzma
-
-    dst = shutil.copytree(src, os.path.join(tmp, "tokenizer"))
-    with lzma.open(os.path.join(NEO, "backend", "huggingface", "ernie.tokenizer.json.xz")) as f, \
-            open(os.path.join(dst, "tokenizer.json"), "wb") as g:
-        g.write(f.read())
-    return dst
+    return common.unpacked_tokenizer_dir(NEO, os.path.join(spec.neo_repo_dir(NEO), "tokenizer"), "ernie.tokenizer.json.xz", tmp)
 
 
 def build_ministral(repo):
@@ -131,13 +74,6 @@ def load_tokenizer(repo):
     from transformers import PixtralProcessor
 
     return PixtralProcessor.from_pretrained(os.path.join(repo, "tokenizer"))
-
-
-def strict(factory, sd, what):
-    with neo_layers():
-        m = factory()
-    m.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)
-    print(f"{what}: {len(sd)} keys load strictly")
 
 
 def main():
@@ -216,13 +152,7 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    sd = {k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()}
-    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
-    os.makedirs(OUT_DIR, exist_ok=True)
-    path = os.path.join(OUT_DIR, NAME)
-    save_file(sd, path)
-    print(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, {len(sd)} tensors, "
-          f"{sum(v.numel() for v in sd.values()) / 1e6:.2f} M values")
+    common.save_checkpoint(sd, OUT_DIR, NAME)
 
 
 def _real_dit():

@@ -16,8 +16,11 @@ repo folder ``backend/huggingface/baidu/ERNIE-Image``: ``Mistral3Model`` (built 
 batch-norm) and a flow scheduler (shift 3).
 """
 
-import json
 import os
+import sys
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # tests/live/tools: the shared part
+import neo_tiny_common as common  # noqa: E402
 
 NAME = "tiny-ernie"
 REAL_REPO = ("baidu", "ERNIE-Image")             # below Neo's backend/huggingface
@@ -65,33 +68,6 @@ def neo_repo_dir(neo_dir):
     return os.path.join(neo_dir, "backend", "huggingface", *REAL_REPO)
 
 
-def _write_json(path, data):
-    text = json.dumps(data, indent=2) + "\n"
-    try:
-        with open(path) as f:
-            if f.read() == text:
-                return
-    except OSError:
-        pass
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _link(target, path):
-    if os.path.islink(path) and os.readlink(path) == target:
-        return
-    if os.path.lexists(path):
-        os.remove(path)
-    os.symlink(target, path)
-
-
 def text_encoder_config(real):
     """The real Mistral3 config with its text part shrunk and the whole config marked tiny (Neo hands the top-level
     dict to Ministral3_3B). The vision part is left as is: Neo builds no vision tower for Ernie-Image."""
@@ -103,16 +79,6 @@ def write_repo(neo_dir, dst, tokenizer_dir=None):
     encoder and VAE configs shrunk (the text encoder's marked tiny), the scheduler as is, no transformer/ folder (Neo
     builds the DiT from the guessed config) and tokenizer/ a link to Neo's own (or tokenizer_dir). Returns dst."""
     src = neo_repo_dir(neo_dir)
-    for sub in ("", "scheduler", "text_encoder", "vae"):
-        os.makedirs(os.path.join(dst, sub), exist_ok=True)
-    index = _read_json(os.path.join(src, "model_index.json"))
-    assert index["text_encoder"] == ["transformers", "Mistral3Model"], index   # "transformer" stays: Neo loads it
+    index = common.read_json(os.path.join(src, "model_index.json"))
     assert index["vae"] == ["diffusers", "AutoencoderKLFlux2"], index
-    _write_json(os.path.join(dst, "model_index.json"), index)
-    _write_json(os.path.join(dst, "scheduler", "scheduler_config.json"),
-                _read_json(os.path.join(src, "scheduler", "scheduler_config.json")))
-    _write_json(os.path.join(dst, "text_encoder", "config.json"),
-                text_encoder_config(_read_json(os.path.join(src, "text_encoder", "config.json"))))
-    _write_json(os.path.join(dst, "vae", "config.json"), {**_read_json(os.path.join(src, "vae", "config.json")), **VAE})
-    _link(os.path.abspath(tokenizer_dir or os.path.join(src, "tokenizer")), os.path.join(dst, "tokenizer"))
-    return dst
+    return common.write_component_repo(src, dst, "Mistral3Model", text_encoder_config, VAE, tokenizer_dir)

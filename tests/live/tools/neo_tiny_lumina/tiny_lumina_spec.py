@@ -14,8 +14,11 @@ from a hard-coded dataclass), ``GemmaTokenizerFast`` (its ``tokenizer.json`` is 
 ``backend/huggingface/neta.tokenizer.json.xz``), the FLUX.1 VAE (16 latent channels) and a flow scheduler.
 """
 
-import json
 import os
+import sys
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # tests/live/tools: the shared part
+import neo_tiny_common as common  # noqa: E402
 
 NAME = "tiny-lumina"
 REAL_REPO = ("neta-art", "Neta-Lumina")          # below Neo's backend/huggingface
@@ -56,47 +59,9 @@ def neo_repo_dir(neo_dir):
     return os.path.join(neo_dir, "backend", "huggingface", *REAL_REPO)
 
 
-def _write_json(path, data):
-    text = json.dumps(data, indent=2) + "\n"
-    try:
-        with open(path) as f:
-            if f.read() == text:
-                return
-    except OSError:
-        pass
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _link(target, path):
-    if os.path.islink(path) and os.readlink(path) == target:
-        return
-    if os.path.lexists(path):
-        os.remove(path)
-    os.symlink(target, path)
-
-
 def write_repo(neo_dir, dst, tokenizer_dir=None):
     """Write the component folder Neo loads the tiny checkpoint from: Neo's Neta-Lumina folder with the text
     encoder and VAE configs shrunk (the text encoder's marked tiny), the scheduler as is, no transformer/ folder (Neo
     builds the DiT from the detected config) and tokenizer/ a link to Neo's own (or tokenizer_dir). Returns dst."""
-    src = neo_repo_dir(neo_dir)
-    for sub in ("", "scheduler", "text_encoder", "vae"):
-        os.makedirs(os.path.join(dst, sub), exist_ok=True)
-    index = _read_json(os.path.join(src, "model_index.json"))
-    assert index["text_encoder"] == ["transformers", "Gemma2Model"], index   # "transformer" stays: Neo loads it
-    _write_json(os.path.join(dst, "model_index.json"), index)
-    _write_json(os.path.join(dst, "scheduler", "scheduler_config.json"),
-                _read_json(os.path.join(src, "scheduler", "scheduler_config.json")))
-    _write_json(os.path.join(dst, "text_encoder", "config.json"),
-                {**_read_json(os.path.join(src, "text_encoder", "config.json")), **GEMMA})
-    _write_json(os.path.join(dst, "vae", "config.json"), {**_read_json(os.path.join(src, "vae", "config.json")), **VAE})
-    _link(os.path.abspath(tokenizer_dir or os.path.join(src, "tokenizer")), os.path.join(dst, "tokenizer"))
-    return dst
+    return common.write_component_repo(neo_repo_dir(neo_dir), dst, "Gemma2Model", lambda real: {**real, **GEMMA},
+                                       VAE, tokenizer_dir)
