@@ -459,8 +459,8 @@ class ForgeBackend:
         if transformer is not None and joint_family(transformer) in ("qwen", "anima"):
             return None
         if transformer is not None and joint_family(transformer) == "ernie":
-            # Ernie-Image: its Ministral-3 engine tokenizes the prompt's pieces with no template
-            # (ministral3_engine.py:28-60); the words are found by their text (flows.job.word_positions)
+            # Ernie-Image: its Ministral-3 engine tokenizes the prompt after a start token, with no
+            # template (ministral3_engine.py:28-60); the words are found by their text (flows.job.word_positions)
             if not any(is_bare_llm_engine(engine) for name, engine in vars(model).items()
                        if name.startswith("text_processing_engine")):
                 return f"{type(model).__name__} models are not supported yet ({served})"

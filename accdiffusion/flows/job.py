@@ -423,7 +423,7 @@ def word_positions(embedder: Any, words: Sequence[Word], variant: str) -> list[l
     spelled, byte_level = iter(names), is_byte_level(names)
     pieces = [token_bytes(next(spelled), byte_level) if t is not None else b"" for t in ids]
     if template is None:
-        # no template: a special token (Ernie's <s> before every parsed piece) is never the prompt's text
+        # no template: a special token (Ernie's <s> before the line) is never the prompt's text
         special = set(getattr(tokenizer, "all_special_ids", None) or [])
         pieces = [b"" if t in special else piece for t, piece in zip(ids, pieces)]
     positions = align_words_by_text(words, pieces, template_spans(b"".join(pieces), template))
@@ -439,11 +439,11 @@ def is_llm_engine(embedder: Any) -> bool:
 
 
 def is_bare_llm_engine(embedder: Any) -> bool:
-    """An LLM engine that tokenizes the prompt's pieces as they are, each after a start token, with
-    no template (Neo's Ministral-3 engine for Ernie-Image, ministral3_engine.py:28-60: a
-    PixtralProcessor's tokenizer, byte-level BPE): a start token but no end token, unlike the CLIP
-    and T5 engines, which all have ``id_end``."""
-    return (not is_llm_engine(embedder) and not hasattr(embedder, "id_end") and hasattr(embedder, "id_start")
+    """An LLM engine that tokenizes the prompt as it is after a start token, with no template (Neo's
+    Ministral-3 engine for Ernie-Image, ministral3_engine.py:28-60: emphasis off, so the line is one
+    piece; a PixtralProcessor's tokenizer, byte-level BPE): a start token but no end token, unlike
+    the CLIP and T5 engines, which all have ``id_end``."""
+    return (not hasattr(embedder, "id_end") and hasattr(embedder, "id_start")
             and hasattr(text_tokenizer(embedder), "convert_ids_to_tokens"))
 
 

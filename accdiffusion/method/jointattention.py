@@ -83,7 +83,7 @@ def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
 
 def apply_rope_split_half(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, L, H, D] by pe [B|1, L, 1, D/2, 2, 2] with channel k paired with k + D/2 (the
-    split-half layout of Ernie-Image's attention, ernie.py:127), in float32, back in x's dtype."""
+    split-half layout of Ernie-Image's attention, ernie.py:128), in float32, back in x's dtype."""
     pairs = x.float().reshape(*x.shape[:-1], 2, -1).movedim(-2, -1).unsqueeze(-2)  # [..., D/2, 1, 2]
     out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]                    # [..., D/2, 2]
     return out.movedim(-1, -2).reshape(*x.shape).type_as(x)
